@@ -41,11 +41,11 @@ class DemoSettings:
     intermediate_size: int = 384
     num_layers: int = 4
     pretrain_lines: int = 6000
-    pretrain_steps: int = 400
+    pretrain_steps: int = 900
     pretrain_batch: int = 32
     train_examples: int = 4000
     eval_examples: int = 200
-    finetune_steps: int = 150
+    finetune_steps: int = 300
     num_loras: int = 8
     top_k: int = 2
     rank: int = 8
@@ -135,7 +135,7 @@ def pretrain_base(tokenizer, lines: list[str], s: DemoSettings, out_dir: Path) -
         history.append(
             {"step": step + 1, "loss": float(loss), "elapsed_s": time.perf_counter() - start}
         )
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
     model.save_pretrained(out_dir)
     return history
 
