@@ -1,0 +1,119 @@
+"""The serving layer: the ReMix term of one vLLM parallel linear, fused and tensor-parallel.
+
+A vLLM projection may be merged (qkv_proj = [q | k | v], gate_up_proj = [gate | up]); each of
+its S targeted parts has its own pool of n LoRAs and router. Per forward of T tokens:
+
+    h       = x @ [A_all ; P_all]^T          one GEMM: all S*n LoRA A's and S routers
+    (row-parallel: x holds this rank's input slice, so h is partial: one all-reduce of T x S*(n*r+n))
+    logits  = h[:, S*n*r:] (+ bias)            -> deterministic top-k per part, gates [T, S, n]
+    delta_s = (h_s * gates_s) @ B_s^T           masked pool, one GEMM per part
+    y       = base(x) + [delta_q | delta_k | delta_v]
+
+Static shapes, no host sync, no Python loop over tokens. Sharding follows the base layer:
+column-parallel layers replicate A and the router (their input is whole) and split B's rows
+like the base weight; row-parallel layers split A and the router along d_in and replicate B.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from remix_infer.config import RemixConfig
+from remix_infer.routing import dense_gates, selection_weights, topk_select
+from remix_infer.vllm_plugin.stats import RoutingCounters
+
+
+class RemixAdapter(nn.Module):
+    """Adapter tensors and routing of one (possibly merged) parallel linear, sharded for this rank."""
+
+    def __init__(
+        self,
+        config: RemixConfig,
+        part_names: list[str | None],
+        in_size: int,
+        out_sizes: list[int],
+        reduce_input: bool,
+        dtype: torch.dtype,
+        name: str,
+    ) -> None:
+        """part_names: the HF module of each output part (None = part not adapted);
+        in_size / out_sizes: this rank's input width and per-part output widths;
+        reduce_input: the input is a row-parallel slice, so partial products need an all-reduce."""
+        super().__init__()
+        self.name = name
+        self.part_names = part_names
+        self.targets = [i for i, p in enumerate(part_names) if p is not None]
+        self.out_sizes = out_sizes
+        self.reduce_input = reduce_input
+        n, r, s = config.num_loras, config.rank, len(self.targets)
+        self.num_loras, self.rank, self.top_k, self.num_parts = n, r, config.top_k, s
+        self.omega, self.weighting = config.omega, config.weighting
+        # Rows: [A of part 0 (n*r) | ... | A of part S-1 | router of part 0 (n) | ...].
+        self.a_router = nn.Parameter(
+            torch.zeros(s * n * r + s * n, in_size, dtype=dtype), requires_grad=False
+        )
+        self.router_bias = (
+            nn.Parameter(torch.zeros(s, n, dtype=dtype), requires_grad=False)
+            if config.router_bias
+            else None
+        )
+        # B of each adapted part as [d_out_local, n*r]: column j*r + c is rank c of LoRA j.
+        self.lora_b = nn.ParameterList(
+            nn.Parameter(torch.zeros(out_sizes[i], n * r, dtype=dtype), requires_grad=False)
+            for i in self.targets
+        )
+        self.counters = RoutingCounters(name, s, n)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        n, r, s = self.num_loras, self.rank, self.num_parts
+        tokens = x.shape[:-1]
+        h = F.linear(x, self.a_router)
+        if self.reduce_input:
+            from vllm.distributed import tensor_model_parallel_all_reduce
+
+            h = tensor_model_parallel_all_reduce(h)
+        lora_h, logits = h.split([s * n * r, s * n], dim=-1)
+        logits = logits.unflatten(-1, (s, n)).float()
+        if self.router_bias is not None:
+            logits = logits + self.router_bias.float()
+        selected = topk_select(logits, self.top_k)  # [..., S, k]
+        weights = selection_weights(logits, selected, self.omega, self.weighting)
+        gates = dense_gates(selected, weights, n)  # [..., S, n]
+        self.counters.record(logits, selected, weights)
+        lora_h = (lora_h.unflatten(-1, (s, n, r)) * gates.unsqueeze(-1).to(lora_h.dtype)).flatten(
+            -2
+        )
+        deltas = iter(F.linear(lora_h[..., j, :], b) for j, b in enumerate(self.lora_b))
+        parts = [
+            next(deltas) if p is not None else base_out.new_zeros(*tokens, size)
+            for p, size in zip(self.part_names, self.out_sizes, strict=True)
+        ]
+        delta = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return base_out + delta.to(base_out.dtype)
+
+    @torch.no_grad()
+    def load_part(
+        self,
+        part: int,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        router_weight: torch.Tensor,
+        router_bias: torch.Tensor | None,
+        in_slice: slice,
+        out_rows: torch.Tensor,
+    ) -> None:
+        """Copy one part's full checkpoint tensors, keeping this rank's shard.
+
+        in_slice: the input columns this rank sees; out_rows: the output rows it computes.
+        """
+        n, r = self.num_loras, self.rank
+        j = self.targets.index(part)
+        self.a_router[j * n * r : (j + 1) * n * r].copy_(lora_a.reshape(n * r, -1)[:, in_slice])
+        base = self.num_parts * n * r
+        self.a_router[base + j * n : base + (j + 1) * n].copy_(router_weight[:, in_slice])
+        if self.router_bias is not None:
+            self.router_bias[j].copy_(router_bias)
+        b = lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], n * r)  # [d_out, n*r]
+        self.lora_b[j].copy_(b[out_rows])
