@@ -65,6 +65,9 @@ class RemixAdapter(nn.Module):
             for i in self.targets
         )
         self.counters = RoutingCounters(name, s, n)
+        # Debug/test hook (eager mode): keep every forward's selections [T, S, k] while on.
+        self.capture_selections = False
+        self.captured: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         n, r, s = self.num_loras, self.rank, self.num_parts
@@ -82,6 +85,8 @@ class RemixAdapter(nn.Module):
         weights = selection_weights(logits, selected, self.omega, self.weighting)
         gates = dense_gates(selected, weights, n)  # [..., S, n]
         self.counters.record(logits, selected, weights)
+        if self.capture_selections:
+            self.captured.append(selected.detach().clone())
         lora_h = (lora_h.unflatten(-1, (s, n, r)) * gates.unsqueeze(-1).to(lora_h.dtype)).flatten(
             -2
         )

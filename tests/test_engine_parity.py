@@ -1,0 +1,149 @@
+"""Parity of the vLLM serving layer with the reference PyTorch model (the definition of correct).
+
+One engine per configuration (eager TP=1, TP=2, compiled), shared by the tests of this module.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from engine import captured_prefill_selections, greedy, make_parity_checkpoint, remix_llm
+from reference import reference_run
+
+from remix_infer.modeling import load_remix_model, remix_modules
+
+MAX_TOKENS = 8
+LOGPROB_TOL = 1e-4  # float32 engine vs float32 reference, log-probabilities
+
+
+def mixed_prompts(count: int = 10, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    lengths = [1, 3, 7, 12, 20, 33, 5, 48, 2, 64][:count]
+    return [[rng.randrange(3, 64) for _ in range(n)] for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_parity_checkpoint(tmp_path_factory.mktemp("parity") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    model, _ = load_remix_model(checkpoint)
+    return model
+
+
+@pytest.fixture(scope="module")
+def reference_runs(reference):
+    return [reference_run(reference, p, MAX_TOKENS) for p in mixed_prompts()]
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    with remix_llm(checkpoint) as engine:
+        yield engine
+
+
+def assert_parity(outputs, selections, runs, prompts) -> None:
+    """Engine outputs/selections vs reference runs: tokens, per-token top-k, prompt logprobs."""
+    for i, (out, sel, ref, prompt) in enumerate(
+        zip(outputs, selections, runs, prompts, strict=True)
+    ):
+        assert list(out.outputs[0].token_ids) == ref.tokens, f"prompt {i}: greedy tokens differ"
+        assert set(sel) == set(ref.selections)
+        for module, chosen in sel.items():
+            assert torch.equal(chosen, ref.selections[module]), (
+                f"prompt {i} {module}: top-k differs"
+            )
+        if out.prompt_logprobs is not None and len(prompt) > 1:
+            got = torch.tensor(
+                [lp[t].logprob for lp, t in zip(out.prompt_logprobs[1:], prompt[1:], strict=True)],
+                dtype=torch.float64,
+            )
+            torch.testing.assert_close(got, ref.prompt_logprobs, atol=LOGPROB_TOL, rtol=0)
+
+
+def test_parity_batch_with_reference(llm, reference_runs):
+    prompts = mixed_prompts()
+    outputs = greedy(llm, prompts, MAX_TOKENS, prompt_logprobs=True)
+    selections = captured_prefill_selections(llm, prompts)
+    assert_parity(outputs, selections, reference_runs, prompts)
+
+
+def test_parity_batch_invariance(llm):
+    """A prompt's routing and output do not depend on its batch neighbours."""
+    prompts = mixed_prompts()
+    target = prompts[5]
+    alone_out = greedy(llm, [target], MAX_TOKENS)[0].outputs[0].token_ids
+    alone_sel = captured_prefill_selections(llm, [target])[0]
+    for seed in (1, 2):
+        batch = mixed_prompts(seed=seed)
+        batch.insert(seed, target)
+        out = greedy(llm, batch, MAX_TOKENS)[seed].outputs[0].token_ids
+        sel = captured_prefill_selections(llm, batch)[seed]
+        assert out == alone_out
+        for module, chosen in sel.items():
+            assert torch.equal(chosen, alone_sel[module]), module
+
+
+def test_parity_check_catches_a_corrupted_pool(llm, checkpoint, reference_runs):
+    """Negating one LoRA's B in one module must make the parity check fail."""
+    prompts = mixed_prompts()
+    outputs = greedy(llm, prompts, MAX_TOKENS, prompt_logprobs=True)
+    selections = captured_prefill_selections(llm, prompts)
+    corrupted, _ = load_remix_model(checkpoint)
+    module_name = "model.layers.0.self_attn.o_proj"
+    module = remix_modules(corrupted)[module_name]
+    used = torch.bincount(
+        torch.cat([s[module_name].flatten() for s in selections]), minlength=module.num_loras
+    )
+    with torch.no_grad():
+        module.lora_b[int(used.argmax())].neg_()
+    runs = [reference_run(corrupted, p, MAX_TOKENS) for p in prompts]
+    with pytest.raises(AssertionError):
+        assert_parity(outputs, selections, runs, prompts)
+    assert_parity(outputs, selections, reference_runs, prompts)  # and the real one still passes
+
+
+def test_routing_stats_count_real_tokens(llm):
+    llm.collective_rpc("remix_reset_routing_stats")
+    prompts = mixed_prompts()
+    greedy(llm, prompts, max_tokens=4)
+    stats = llm.collective_rpc("remix_routing_stats")[0]
+    # every prompt token and every generated token but the last goes through the model once
+    tokens = sum(map(len, prompts)) + len(prompts) * 3
+    n, k = 4, 2
+    for module, row in stats.items():
+        assert row[n] == tokens, module
+        assert sum(row[:n]) == tokens * k, module
+        assert row[n + 2] == pytest.approx(tokens * k)  # constant weights: ESS is exactly k
+        assert 0 < row[n + 1] / tokens <= torch.log(torch.tensor(float(n))) + 1e-6
+
+
+def test_parity_tensor_parallel_2(checkpoint, reference_runs, monkeypatch):
+    """TP=2 (gloo on CPU): same greedy tokens, top-k choices and logprobs as the reference."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    prompts = mixed_prompts()
+    with remix_llm(checkpoint, tensor_parallel_size=2, distributed_executor_backend="mp") as engine:
+        outputs = greedy(engine, prompts, MAX_TOKENS, prompt_logprobs=True)
+        selections = captured_prefill_selections(engine, prompts)
+        ranks = engine.collective_rpc("remix_routing_stats")
+    assert_parity(outputs, selections, reference_runs, prompts)
+    assert len(ranks) == 2 and ranks[0] == ranks[1]  # routing is replicated, not split
+
+
+def test_parity_compiled_mode(checkpoint, reference_runs):
+    """vLLM's default compiled mode (torch.compile, inductor): same tokens and logprobs, and the
+    routing counters (a custom op inside the compiled graph) still count every token."""
+    prompts = mixed_prompts()
+    with remix_llm(checkpoint, enforce_eager=False) as engine:
+        engine.collective_rpc("remix_reset_routing_stats")  # start-up warm-up ran dummy tokens
+        outputs = greedy(engine, prompts, MAX_TOKENS, prompt_logprobs=True)
+        stats = engine.collective_rpc("remix_routing_stats")[0]
+    no_selections = [{} for _ in prompts]
+    runs = [type(r)(r.tokens, {}, r.prompt_logprobs) for r in reference_runs]
+    assert_parity(outputs, no_selections, runs, prompts)
+    tokens = sum(map(len, prompts)) + len(prompts) * (MAX_TOKENS - 1)
+    assert all(row[4] == tokens for row in stats.values())
