@@ -42,17 +42,26 @@ def make_parity_checkpoint(directory: Path, seed: int = 0, **config_overrides) -
 
 
 @contextlib.contextmanager
-def remix_llm(checkpoint: Path, **overrides) -> Iterator:
+def remix_llm(
+    checkpoint: Path, in_process: bool = True, env: dict[str, str] | None = None, **overrides
+) -> Iterator:
     """A vllm.LLM serving `checkpoint` (eager, float32, no tokenizer: prompts are token ids).
 
-    The engine core runs in this process, so the prompts of one generate() call are scheduled
-    together as one batch (with a separate core process, batches depend on arrival timing).
+    in_process: the engine core runs in this process, so the prompts of one generate() call are
+    scheduled together as one batch (with a core process, batches depend on arrival timing).
+    Only one in-process engine per test process: a second one in the same process after the
+    first (seen with compiled mode) decodes wrongly, so other engines run in their own process.
+    env: vLLM environment variables for this engine (vLLM caches them after an engine starts).
     """
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    import vllm.envs
     from vllm import LLM
 
     from remix_infer.vllm_plugin.engine import remix_engine_kwargs
 
+    vllm.envs.disable_envs_cache()
+    saved = dict(os.environ)
+    os.environ.update(env or {})
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
     kwargs = dict(
         enforce_eager=True,
         dtype="float32",
@@ -65,7 +74,11 @@ def remix_llm(checkpoint: Path, **overrides) -> Iterator:
         seed=0,
     )
     kwargs.update(overrides)
-    llm = LLM(**remix_engine_kwargs(checkpoint), **kwargs)
+    try:
+        llm = LLM(**remix_engine_kwargs(checkpoint), **kwargs)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     try:
         yield llm
     finally:

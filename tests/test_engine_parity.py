@@ -122,11 +122,13 @@ def test_routing_stats_count_real_tokens(llm):
         assert 0 < row[n + 1] / tokens <= torch.log(torch.tensor(float(n))) + 1e-6
 
 
-def test_parity_tensor_parallel_2(checkpoint, reference_runs, monkeypatch):
+def test_parity_tensor_parallel_2(checkpoint, reference_runs):
     """TP=2 (gloo on CPU): same greedy tokens, top-k choices and logprobs as the reference."""
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     prompts = mixed_prompts()
-    with remix_llm(checkpoint, tensor_parallel_size=2, distributed_executor_backend="mp") as engine:
+    tp2 = dict(tensor_parallel_size=2, distributed_executor_backend="mp")
+    with remix_llm(
+        checkpoint, in_process=False, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, **tp2
+    ) as engine:
         outputs = greedy(engine, prompts, MAX_TOKENS, prompt_logprobs=True)
         selections = captured_prefill_selections(engine, prompts)
         ranks = engine.collective_rpc("remix_routing_stats")
@@ -138,7 +140,7 @@ def test_parity_compiled_mode(checkpoint, reference_runs):
     """vLLM's default compiled mode (torch.compile, inductor): same tokens and logprobs, and the
     routing counters (a custom op inside the compiled graph) still count every token."""
     prompts = mixed_prompts()
-    with remix_llm(checkpoint, enforce_eager=False) as engine:
+    with remix_llm(checkpoint, in_process=False, enforce_eager=False) as engine:
         engine.collective_rpc("remix_reset_routing_stats")  # start-up warm-up ran dummy tokens
         outputs = greedy(engine, prompts, MAX_TOKENS, prompt_logprobs=True)
         stats = engine.collective_rpc("remix_routing_stats")[0]
