@@ -7,7 +7,7 @@ VLLM_VERSION := 0.32.0
 DEMO_DIR ?= demo-checkpoint
 export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 
-.PHONY: setup test lint format demo clean
+.PHONY: setup test lint format demo clean bench-engine
 
 setup: $(STAMP)
 
@@ -40,3 +40,6 @@ demo: setup
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
+
+bench-engine: setup
+	cd benchmarks && ../$(PY) bench_engine.py

@@ -66,6 +66,17 @@ def dense_gates(selected: torch.Tensor, weights: torch.Tensor, n: int) -> torch.
     return gates.scatter(-1, selected, weights)
 
 
+def routing_gates(
+    logits: torch.Tensor, selected: torch.Tensor, omega: float, weighting: str
+) -> torch.Tensor:
+    """Dense gates [..., n]: each selected LoRA's weight (see selection_weights), zero elsewhere."""
+    if weighting == "constant":  # the common case in one scatter, no weight tensor
+        return torch.zeros_like(logits).scatter_(-1, selected, omega)
+    return dense_gates(
+        selected, selection_weights(logits, selected, omega, weighting), logits.shape[-1]
+    )
+
+
 def effective_support_size(weights: torch.Tensor) -> torch.Tensor:
     """ESS(pi) = (sum pi)^2 / sum pi^2 over the last dim: k for k equal weights, 1 when one dominates."""
     weights = weights.float()

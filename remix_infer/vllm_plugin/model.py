@@ -150,6 +150,8 @@ class RemixForCausalLMMixin:
                     cols,
                     rows,
                 )
+        for adapter in self.remix_adapters.values():
+            adapter.prepare_kernels()  # kernels may prepack the weights just loaded
         if tensors:  # every checkpoint tensor must have found its module
             raise ValueError(
                 f"{self.remix_checkpoint}: adapter tensors not used: {sorted(tensors)[:3]}"

@@ -6,53 +6,49 @@ Each adapted (part of a) projection keeps one float64 buffer `stats` of shape [S
     stats[s, n]    tokens routed
     stats[s, n+1]  summed router entropy, nats: H(softmax(logits)) per token
     stats[s, n+2]  summed effective support size of the routing weights, ESS = (sum w)^2 / sum w^2
-                   (exactly k per token for ReMix; lower when softmax_topk weights collapse)
+                   (exactly k per token for ReMix's constant weights; lower when softmax_topk
+                   weights collapse)
 
-Padding rows (CUDA-graph padding, marked by vLLM's forward context) are excluded. The update is
-one custom op that mutates the buffer, so compiled graphs keep it and nothing syncs with the host.
+The per-token figures are plain tensor code (fused by torch.compile in compiled mode); only the
+masked sum into the buffer is a custom op, which mutates the buffer (so compiled graphs keep it)
+and reads vLLM's padding mask (CUDA-graph padding rows are not tokens). Nothing syncs with the host.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from remix_infer.routing import effective_support_size, entropy
+from vllm.forward_context import get_forward_context, is_forward_context_available
 
 EXTRA_COLUMNS = 3  # tokens, entropy sum, ESS sum
 
 
-def _real_token_weights(num_tokens: int, device: torch.device) -> torch.Tensor:
-    """1.0 for real tokens, 0.0 for padding rows, from vLLM's forward context when there is one."""
-    try:
-        from vllm.forward_context import get_forward_context, is_forward_context_available
+def per_token_figures(
+    logits: torch.Tensor, gates: torch.Tensor, constant_k: int | None
+) -> torch.Tensor:
+    """[T, S, n + 3]: selected (0/1) per LoRA, 1 (a token), router entropy, ESS of the weights.
 
-        if is_forward_context_available():
-            padding = get_forward_context().is_padding
-            if padding is not None and padding.shape[0] == num_tokens:
-                return (~padding).to(torch.float64)
-    except ImportError:
-        pass
-    return torch.ones(num_tokens, dtype=torch.float64, device=device)
-
-
-def record_routing_impl(
-    stats: torch.Tensor, logits: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor
-) -> None:
-    """stats [S, n+3] += this batch's figures. logits [T, S, n], selected/weights [T, S, k]."""
-    n = logits.shape[-1]
-    w = _real_token_weights(logits.shape[0], logits.device)
-    chosen = torch.zeros(logits.shape, dtype=torch.float64, device=logits.device)
-    chosen.scatter_(-1, selected, 1.0)
-    stats[:, :n] += torch.einsum("t,tsn->sn", w, chosen)
-    stats[:, n] += w.sum()
-    stats[:, n + 1] += torch.einsum("t,ts->s", w, entropy(torch.softmax(logits, -1)).double())
-    stats[:, n + 2] += torch.einsum("t,ts->s", w, effective_support_size(weights).double())
+    constant_k: for constant weights the ESS is k by construction and is not recomputed.
+    """
+    entropy = torch.special.entr(torch.softmax(logits, -1)).sum(-1, keepdim=True)
+    if constant_k is None:  # over the n gates equals over the k weights: zeros add nothing
+        ess = gates.sum(-1, keepdim=True) ** 2 / (gates * gates).sum(-1, keepdim=True)
+    else:
+        ess = torch.full_like(entropy, constant_k)
+    return torch.cat(
+        [(gates != 0).to(logits.dtype), torch.ones_like(entropy), entropy, ess], dim=-1
+    )
 
 
-def _record_routing_fake(
-    stats: torch.Tensor, logits: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor
-) -> None:
+def accumulate_impl(stats: torch.Tensor, figures: torch.Tensor) -> None:
+    """stats [S, n+3] += figures [T, S, n+3] summed over real (non-padding) tokens."""
+    padding = get_forward_context().is_padding if is_forward_context_available() else None
+    if padding is not None and padding.shape[0] == figures.shape[0]:
+        figures = figures * (~padding).to(figures.dtype)[:, None, None]
+    stats += figures.sum(0)
+
+
+def _accumulate_fake(stats: torch.Tensor, figures: torch.Tensor) -> None:
     return None
 
 
@@ -60,10 +56,10 @@ def _register_op() -> None:
     from vllm.utils.torch_utils import direct_register_custom_op
 
     direct_register_custom_op(
-        op_name="remix_record_routing",
-        op_func=record_routing_impl,
+        op_name="remix_accumulate_routing",
+        op_func=accumulate_impl,
         mutates_args=["stats"],
-        fake_impl=_record_routing_fake,
+        fake_impl=_accumulate_fake,
     )
 
 
@@ -73,22 +69,23 @@ _register_op()
 class RoutingCounters(nn.Module):
     """The stats buffer of one adapter and the call that updates it."""
 
-    def __init__(self, name: str, num_parts: int, num_loras: int) -> None:
+    def __init__(self, name: str, num_parts: int, num_loras: int, constant_k: int | None) -> None:
         super().__init__()
         self.name = name
+        self.constant_k = constant_k
         self.register_buffer(
             "stats", torch.zeros(num_parts, num_loras + EXTRA_COLUMNS, dtype=torch.float64)
         )
 
-    def record(self, logits: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor) -> None:
-        """logits [..., S, n], selected / weights [..., S, k]; leading dims are tokens."""
-        s = logits.shape[-2:]
-        torch.ops.vllm.remix_record_routing(
-            self.stats,
-            logits.reshape(-1, *s),
-            selected.reshape(-1, *selected.shape[-2:]),
-            weights.reshape(-1, *weights.shape[-2:]),
-        )
+    def record(self, logits: torch.Tensor, gates: torch.Tensor) -> None:
+        """logits and gates [T, S, n]."""
+        figures = per_token_figures(logits, gates, self.constant_k)
+        # Compiled graphs need the op (opaque, declared to mutate stats); eager mode calls the
+        # function directly and skips the dispatcher's overhead.
+        if torch.compiler.is_compiling():
+            torch.ops.vllm.remix_accumulate_routing(self.stats, figures)
+        else:
+            accumulate_impl(self.stats, figures)
 
     def reset(self) -> None:
         self.stats.zero_()

@@ -1,0 +1,178 @@
+"""`make bench-engine`: what ReMix costs inside vLLM, measured side by side in one run.
+
+1. Engine throughput: a ReMix checkpoint (n=8, k=4, r=8, all seven projections) against the same
+   random base model served plainly, same engine settings and prompts, runs interleaved
+   (base, remix, remix, base, ...) so machine drift cancels: batch decode and prefill-heavy.
+2. Layer microbenchmark (bench_layer.py): the fused layer vs the base linear, a naive loop and
+   the FLOP floor, across token counts.
+
+Ends with one JSON line: remix_over_base_decode, remix_over_base_prefill, layer_over_floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+
+from common import build_random_llama, build_random_remix, git_revision, machine, save_results
+from tqdm import tqdm
+
+CACHE = Path(__file__).resolve().parent.parent / ".cache" / "bench"
+
+
+def engine_settings(args: argparse.Namespace) -> dict:
+    return dict(
+        enforce_eager=not args.compiled,
+        dtype="float32",
+        max_model_len=1024,
+        max_num_seqs=64,
+        max_num_batched_tokens=4096,
+        gpu_memory_utilization=0.4,
+        skip_tokenizer_init=True,
+        enable_prefix_caching=False,
+        seed=0,
+    )
+
+
+def workloads(args: argparse.Namespace) -> dict[str, dict]:
+    rng = random.Random(0)
+
+    def prompts(count: int, length: int) -> list[dict]:
+        return [
+            {"prompt_token_ids": [rng.randrange(10, 30000) for _ in range(length)]}
+            for _ in range(count)
+        ]
+
+    return {
+        # decode: many sequences, short prompts, long outputs; throughput = output tokens / s
+        "decode": {
+            "prompts": prompts(args.batch, 16),
+            "max_tokens": args.decode_tokens,
+            "count": "output",
+        },
+        # prefill-heavy: long prompts, one output token; throughput = prompt tokens / s
+        "prefill": {
+            "prompts": prompts(args.batch // 2, args.prefill_len),
+            "max_tokens": 1,
+            "count": "prompt",
+        },
+    }
+
+
+def timed_run(llm, workload: dict) -> float:  # noqa: ANN001
+    """Tokens per second of one generate() call over the workload."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=workload["max_tokens"], ignore_eos=True)
+    start = time.perf_counter()
+    outs = llm.generate(workload["prompts"], params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    if workload["count"] == "output":
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    else:
+        tokens = sum(len(o.prompt_token_ids) for o in outs)
+    return tokens / elapsed
+
+
+def engine_benchmark(args: argparse.Namespace) -> dict:
+    from vllm import LLM
+
+    from remix_infer.vllm_plugin.engine import remix_engine_kwargs
+
+    base = build_random_llama(
+        CACHE / f"llama-d{args.hidden}", hidden=args.hidden, layers=args.layers
+    )
+    ckpt = build_random_remix(CACHE / f"remix-d{args.hidden}-n8k4r8", base)
+    settings = engine_settings(args)
+    print(f"starting engines (base model {base}, ReMix checkpoint {ckpt}) ...", flush=True)
+    engines = {
+        "base": LLM(model=str(base), **settings),
+        "remix": LLM(**remix_engine_kwargs(ckpt), **settings),
+    }
+    loads = workloads(args)
+    rates: dict[str, dict[str, list[float]]] = {w: {e: [] for e in engines} for w in loads}
+    for engine in engines.values():  # warm-up: first calls pay one-off costs
+        timed_run(engine, {**loads["decode"], "max_tokens": 4})
+    runs = [
+        (w, e)
+        for rep in range(args.repeats)
+        for w in loads
+        for e in (list(engines)[:: 1 if rep % 2 else -1])
+    ]
+    for workload, name in tqdm(runs, desc="engine runs"):
+        rates[workload][name].append(timed_run(engines[name], loads[workload]))
+    for engine in engines.values():
+        engine.llm_engine.engine_core.shutdown()
+    summary = {}
+    for workload, by_engine in rates.items():
+        base_rate, remix_rate = (
+            statistics.median(by_engine["base"]),
+            statistics.median(by_engine["remix"]),
+        )
+        summary[workload] = {
+            "base_tok_s": base_rate,
+            "remix_tok_s": remix_rate,
+            "ratio": remix_rate / base_rate,
+            "runs": by_engine,
+        }
+        print(
+            f"{workload:8s} base {base_rate:8.1f} tok/s  remix {remix_rate:8.1f} tok/s  ratio {remix_rate / base_rate:.3f}"
+        )
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=32, help="sequences in the decode workload")
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--prefill-len", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--compiled", action="store_true", help="vLLM's compiled mode instead of eager"
+    )
+    parser.add_argument("--skip-engine", action="store_true")
+    parser.add_argument("--skip-layer", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+    import bench_layer
+
+    results: dict = {"machine": machine(), "revision": git_revision(), "args": vars(args)}
+    line = {}
+    if not args.skip_layer:
+        print("== layer microbenchmark (n=8, k=4, r=8) ==", flush=True)
+        results["layer"] = bench_layer.run()
+        at = next(r for r in results["layer"] if r["d"] == 1024 and r["tokens"] == 512)
+        line["layer_over_floor"] = round(at["over_floor"], 3)
+    if not args.skip_engine:
+        print(
+            f"== engine throughput (d_model {args.hidden}, {args.layers} layers, fp32) ==",
+            flush=True,
+        )
+        results["engine"] = engine_benchmark(args)
+        line = {
+            "remix_over_base_decode": round(results["engine"]["decode"]["ratio"], 3),
+            "remix_over_base_prefill": round(results["engine"]["prefill"]["ratio"], 3),
+            **line,
+        }
+    results["summary"] = line
+    path = save_results("engine", results)
+    if "layer" in results:
+        from plot import plot_layer
+
+        plot_layer(results["layer"], path.with_suffix(".png"))
+    print(f"results: {path}", flush=True)
+    print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()

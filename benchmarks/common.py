@@ -1,0 +1,100 @@
+"""Shared pieces of the benchmarks: a realistic-width random model and its ReMix checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from datetime import date
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def build_random_llama(
+    out: Path, hidden: int = 1024, layers: int = 8, vocab: int = 32000, seed: int = 0
+) -> Path:
+    """A random Llama (head_dim 64, 4 KV heads, SwiGLU 2.75x) saved with no tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.75),
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=4,
+        head_dim=64,
+        max_position_embeddings=2048,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def build_random_remix(
+    out: Path, base: Path, n: int = 8, k: int = 4, r: int = 8, seed: int = 0
+) -> Path:
+    """A ReMix checkpoint with random adapters over `base` (all seven projections)."""
+    from remix_infer.checkpoint import BaseModelShape, expected_tensor_shapes, save_checkpoint
+    from remix_infer.config import ALL_TARGET_MODULES, RemixConfig
+
+    if (out / "remix_config.json").exists():
+        return out
+    hf = json.loads((base / "config.json").read_text())
+    config = RemixConfig(
+        base_model=str(base.resolve()),
+        architecture="llama",
+        num_layers=hf["num_hidden_layers"],
+        target_modules=list(ALL_TARGET_MODULES),
+        num_loras=n,
+        top_k=k,
+        rank=r,
+        omega=2.0 / (k * r),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    shapes = expected_tensor_shapes(config, BaseModelShape.from_hf_config(hf))
+    tensors = {name: torch.randn(shape, generator=gen) * 0.02 for name, shape in shapes.items()}
+    return save_checkpoint(out, config, tensors)
+
+
+def machine() -> str:
+    """A short description of where the numbers came from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def machine_tag() -> str:
+    """Short name for result files: the GPU's name, else the CPU architecture and core count."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name().replace(" ", "-").lower()
+    return f"{platform.machine()}-{os.cpu_count()}cpu"
+
+
+def save_results(name: str, results: dict) -> Path:
+    """benchmarks/results/<date>-<machine>-<name>.json"""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{date.today().isoformat()}-{machine_tag()}-{name}.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    return path

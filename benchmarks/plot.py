@@ -1,0 +1,48 @@
+"""Plots of benchmark results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_layer(rows: list[dict], path: Path) -> None:
+    """Layer speed relative to the base linear, per model width, against token count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, d in enumerate(sorted({r["d"] for r in rows})):
+        sub = [r for r in rows if r["d"] == d]
+        color = f"C{i}"
+        tokens = [r["tokens"] for r in sub]
+        ax.plot(
+            tokens,
+            [r["base_over_remix"] for r in sub],
+            "o-",
+            color=color,
+            label=f"ReMix layer, d={d}",
+        )
+        ax.plot(
+            tokens,
+            [r["base_over_naive"] for r in sub],
+            "x:",
+            color=color,
+            label=f"naive loop, d={d}",
+        )
+        ax.axhline(
+            sub[0]["floor_ratio"],
+            color=color,
+            linestyle="--",
+            linewidth=1,
+            label=f"FLOP floor, d={d}",
+        )
+    ax.set(
+        xscale="log", xlabel="tokens in the batch", ylabel="base time / layer time", ylim=(0, 1.05)
+    )
+    ax.set_title("ReMix layer vs plain linear (n=8, k=4, r=8); 1.0 = free")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
