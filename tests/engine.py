@@ -16,7 +16,9 @@ os.environ.setdefault(
 )
 
 
-def make_parity_checkpoint(directory: Path, seed: int = 0, **config_overrides) -> Path:
+def make_parity_checkpoint(
+    directory: Path, seed: int = 0, model_type: str = "llama", **config_overrides
+) -> Path:
     """A tiny checkpoint whose LoRAs and routing visibly matter: adapters at full LoRA scale and
     a sharpened LM head, so greedy margins are far above float32 noise and a wrong LoRA shows."""
     from conftest import make_tiny_base, tiny_remix_config
@@ -26,12 +28,14 @@ def make_parity_checkpoint(directory: Path, seed: int = 0, **config_overrides) -
     from remix_infer.modeling import adapter_tensors, inject_remix
 
     base = directory / "base"
-    make_tiny_base(base, seed=seed)
+    make_tiny_base(base, model_type=model_type, seed=seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
     model.save_pretrained(base)
-    config = tiny_remix_config(base_model="base", omega=1.0, **config_overrides)
+    config = tiny_remix_config(
+        base_model="base", omega=1.0, architecture=model_type, **config_overrides
+    )
     inject_remix(model, config)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

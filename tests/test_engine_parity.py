@@ -149,3 +149,16 @@ def test_parity_compiled_mode(checkpoint, reference_runs):
     assert_parity(outputs, no_selections, runs, prompts)
     tokens = sum(map(len, prompts)) + len(prompts) * (MAX_TOKENS - 1)
     assert all(row[4] == tokens for row in stats.values())
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_parity_other_families(family, tmp_path):
+    """Mistral and Qwen2 (q/k/v biases) through their own vLLM classes, with a router bias."""
+    ckpt = make_parity_checkpoint(tmp_path / family, seed=3, model_type=family, router_bias=True)
+    model, _ = load_remix_model(ckpt)
+    prompts = mixed_prompts(6, seed=4)
+    runs = [reference_run(model, p, MAX_TOKENS) for p in prompts]
+    with remix_llm(ckpt, in_process=False) as engine:
+        outputs = greedy(engine, prompts, MAX_TOKENS, prompt_logprobs=True)
+        selections = captured_prefill_selections(engine, prompts)
+    assert_parity(outputs, selections, runs, prompts)
