@@ -7,7 +7,7 @@ VLLM_VERSION := 0.32.0
 DEMO_DIR ?= demo-checkpoint
 export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 
-.PHONY: setup test lint format demo clean bench-engine
+.PHONY: setup test lint format demo clean bench-engine serve
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ format: setup
 
 test: setup lint
 	$(PY) -m pytest -q
+
+# Serves ./$(DEMO_DIR) on 127.0.0.1:8000; remix-serve builds the demo checkpoint first if absent.
+serve: setup
+	$(VENV)/bin/remix-serve --checkpoint $(DEMO_DIR) --host 127.0.0.1 --port 8000
 
 demo: setup
 	$(VENV)/bin/remix-train demo --out $(DEMO_DIR)

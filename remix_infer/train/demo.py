@@ -50,6 +50,8 @@ class DemoSettings:
     top_k: int = 2
     rank: int = 8
     num_samples: int = 4
+    learning_rate: float = 5e-3  # LoRA pools (all methods)
+    router_learning_rate: float = 2e-2  # routers (remix, mixlora)
 
     @classmethod
     def quick(cls) -> DemoSettings:
@@ -193,10 +195,15 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     eval_data = tokenize(tokenizer, eval_set, max_length=64)
     results: dict[str, dict] = {}
     common = dict(
-        num_loras=s.num_loras, top_k=s.top_k, rank=s.rank, max_steps=s.finetune_steps, seed=s.seed
-    )
-    common.update(
-        eval_every=max(1, s.finetune_steps // 5), warmup_steps=max(1, s.finetune_steps // 10)
+        num_loras=s.num_loras,
+        top_k=s.top_k,
+        rank=s.rank,
+        max_steps=s.finetune_steps,
+        seed=s.seed,
+        learning_rate=s.learning_rate,
+        router_learning_rate=s.router_learning_rate,
+        eval_every=max(1, s.finetune_steps // 5),
+        warmup_steps=max(1, s.finetune_steps // 10),
     )
     # The ReMix checkpoint sits at the top of `out`; baselines in baselines/<method>/.
     for method in ("lora", "mixlora", "remix"):

@@ -1,0 +1,158 @@
+"""`remix-serve`: serve a ReMix checkpoint over an OpenAI-compatible HTTP API.
+
+vLLM spawns its engine-core and worker processes, so this module only does work under
+`main()` (called from `if __name__ == "__main__"` or the console script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("remix_serve")
+
+DEFAULT_CHECKPOINT = "demo-checkpoint"
+DEMO_MODEL_NAME = "remix-demo"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="remix-serve",
+        description="Serve a ReMix checkpoint with an OpenAI-compatible API (vLLM engine).",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help=f"checkpoint directory (default: ./{DEFAULT_CHECKPOINT}, built first if absent)",
+    )
+    p.add_argument("--host", default=os.environ.get("REMIX_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("REMIX_PORT", "8000")))
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("REMIX_API_KEY") or None,
+        help="require 'Authorization: Bearer KEY' on /v1 (env REMIX_API_KEY)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help=f"model name clients use (default: '{DEMO_MODEL_NAME}' for the demo checkpoint, "
+        "else the checkpoint directory's name)",
+    )
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (tokens)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument(
+        "--kv-cache-gib",
+        type=int,
+        default=None,
+        help="KV cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE; default 4)",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization", type=float, default=None, help="fraction of device memory"
+    )
+    p.add_argument("--max-num-seqs", type=int, default=None, help="sequences batched at once")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="requests admitted at once (running + waiting); past it: 429 with Retry-After",
+    )
+    p.add_argument("--max-n", type=int, default=16, help="largest n (choices per prompt)")
+    p.add_argument("--enforce-eager", action="store_true", help="no compiled mode (faster start)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-level", default=os.environ.get("REMIX_LOG_LEVEL", "info"))
+    return p
+
+
+def resolve_checkpoint(arg: str | None) -> Path:
+    """The checkpoint to serve; with no argument ./demo-checkpoint. A demo checkpoint
+    (a directory named demo-checkpoint) that does not exist yet is built first."""
+    path = Path(arg if arg is not None else DEFAULT_CHECKPOINT)
+    if path.name == DEFAULT_CHECKPOINT and not path.exists():
+        log.info("%s is absent: building the demo checkpoint there", path)
+        log.info("(trains a small model on this machine, about 3 minutes)")
+        from remix_infer.train.demo import run_demo
+
+        run_demo(path)
+        log.info("demo checkpoint built in ./%s", path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(".cache/vllm").resolve()))
+
+    from remix_infer.checkpoint import CheckpointError
+
+    try:
+        checkpoint = resolve_checkpoint(args.checkpoint)
+        from server.engine import EngineSettings, RemixEngine
+
+        engine = RemixEngine(
+            checkpoint,
+            EngineSettings(
+                max_model_len=args.max_model_len,
+                tensor_parallel_size=args.tensor_parallel_size,
+                dtype=args.dtype,
+                kv_cache_gib=args.kv_cache_gib,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                max_num_seqs=args.max_num_seqs,
+                enforce_eager=args.enforce_eager,
+                seed=args.seed,
+            ),
+        )
+    except CheckpointError as e:
+        print(
+            f"remix-serve: cannot serve {args.checkpoint or DEFAULT_CHECKPOINT}: {e}",
+            file=sys.stderr,
+        )
+        return 2
+
+    name = args.served_model_name
+    if name is None:
+        name = engine.path.resolve().name
+        name = DEMO_MODEL_NAME if name == DEFAULT_CHECKPOINT else name
+    log.info("loaded %s", engine.describe())
+    log.info(
+        "serving it as '%s' on http://%s:%d/v1 (API key %s); starting the engine...",
+        name,
+        args.host,
+        args.port,
+        "required" if args.api_key else "not required",
+    )
+
+    import uvicorn
+
+    from server.app import ServerSettings, create_app
+
+    app = create_app(
+        engine,
+        ServerSettings(
+            served_model_name=name,
+            api_key=args.api_key,
+            max_queue=args.max_queue,
+            max_n=args.max_n,
+        ),
+        exit_on_engine_failure=True,
+    )
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        timeout_graceful_shutdown=30,
+    )
+    if engine.error is not None:
+        log.error("the engine failed to start: %s", engine.error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

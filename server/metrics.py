@@ -1,0 +1,211 @@
+"""Prometheus metrics of remix-serve: serving figures and routing diversity.
+
+Serving metrics are observed by the HTTP layer (requests, latencies, tokens) and by a vLLM stat
+logger (running / waiting requests, KV-cache usage). Routing metrics are computed at scrape time
+from the engine's device counters (see remix_infer/vllm_plugin/stats.py), accumulated since the
+engine finished starting up.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from remix_infer.config import RemixConfig
+
+
+@dataclass
+class RequestRecord:
+    """What observers (metrics) learn about one finished /v1 request."""
+
+    endpoint: str
+    status: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    e2e_s: float | None = None
+
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class ServingMetrics:
+    """The usual serving figures, each defined once here."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "remix_requests",
+            "HTTP requests by endpoint and status code",
+            ["endpoint", "status"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "remix_request_duration_seconds",
+            "End-to-end request latency, from arrival to the last byte",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.time_to_first_token = Histogram(
+            "remix_time_to_first_token_seconds",
+            "Time from the engine receiving a request to its first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inter_token_latency = Histogram(
+            "remix_inter_token_latency_seconds",
+            "Time between consecutive generated tokens of a sequence",
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "remix_prompt_tokens", "Prompt tokens processed", registry=registry
+        )
+        self.generation_tokens = Counter(
+            "remix_generation_tokens", "Tokens generated", registry=registry
+        )
+        self.requests_running = Gauge(
+            "remix_requests_running",
+            "Requests the engine is running (last scheduler step)",
+            registry=registry,
+        )
+        self.requests_waiting = Gauge(
+            "remix_requests_waiting",
+            "Requests waiting for the engine's scheduler",
+            registry=registry,
+        )
+        self.kv_cache_usage = Gauge(
+            "remix_kv_cache_usage_ratio",
+            "Fraction of KV-cache blocks in use (0 to 1)",
+            registry=registry,
+        )
+
+    def observe(self, record: RequestRecord) -> None:
+        """Count one finished request (an observer of the HTTP layer)."""
+        self.requests.labels(record.endpoint, str(record.status)).inc()
+        if record.e2e_s is not None:
+            self.request_duration.labels(record.endpoint).observe(record.e2e_s)
+        self.prompt_tokens.inc(record.prompt_tokens)
+        self.generation_tokens.inc(record.completion_tokens)
+
+
+def stat_logger_factory(metrics: ServingMetrics) -> type:
+    """A vLLM stat logger class (a StatLoggerFactory) that feeds `metrics` with the engine's
+    per-step figures: time to first token, inter-token latency, running / waiting, KV cache."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SchedulerGauges(StatLoggerBase):
+        def __init__(self, vllm_config: object, engine_index: int = 0) -> None:
+            pass
+
+        def record(
+            self,
+            scheduler_stats: object,
+            iteration_stats: object,
+            mm_cache_stats: object = None,
+            engine_idx: int = 0,
+        ) -> None:
+            if iteration_stats is not None:  # the engine's own timings, streamed or not
+                for seconds in iteration_stats.time_to_first_tokens_iter:
+                    metrics.time_to_first_token.observe(seconds)
+                for seconds in iteration_stats.inter_token_latencies_iter:
+                    metrics.inter_token_latency.observe(seconds)
+            if scheduler_stats is not None:
+                metrics.requests_running.set(scheduler_stats.num_running_reqs)
+                metrics.requests_waiting.set(scheduler_stats.num_waiting_reqs)
+                metrics.kv_cache_usage.set(scheduler_stats.kv_cache_usage)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return SchedulerGauges
+
+
+def split_module(name: str) -> tuple[str, str]:
+    """'model.layers.3.self_attn.q_proj' -> ('3', 'q_proj')."""
+    parts = name.split(".")
+    return parts[2], parts[-1]
+
+
+def routing_figures(row: list[float], num_loras: int) -> dict[str, float]:
+    """Derived figures of one module's counters row [selections per LoRA..., tokens, entropy
+    sum, ESS sum]."""
+    counts, tokens = row[:num_loras], row[num_loras]
+    total = sum(counts)
+    usage_entropy = -sum(c / total * math.log(c / total) for c in counts if c > 0) if total else 0.0
+    return {
+        "tokens": tokens,
+        # exp of the entropy of the selection shares: n when every LoRA is used equally, 1 when one takes all
+        "effective_loras": math.exp(usage_entropy) if total else 0.0,
+        "router_entropy": row[num_loras + 1] / tokens if tokens else 0.0,
+        "ess": row[num_loras + 2] / tokens if tokens else 0.0,
+    }
+
+
+def is_collapsed(figures: dict[str, float], top_k: int) -> bool:
+    """A module has collapsed when its traffic uses fewer distinct LoRAs than each token selects,
+    or its routing weights concentrate (ESS below the midpoint between 1 and k)."""
+    if not figures["tokens"]:
+        return False
+    return figures["effective_loras"] < top_k or (top_k > 1 and figures["ess"] < (top_k + 1) / 2)
+
+
+class RoutingCollector(Collector):
+    """Routing-diversity metrics from the latest snapshot of the engine's counters."""
+
+    def __init__(self, config: RemixConfig) -> None:
+        self.config = config
+        self.snapshot: dict[str, list[float]] = {}
+
+    def update(self, stats: dict[str, list[float]]) -> None:
+        self.snapshot = stats
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's Collector protocol
+        n, k = self.config.num_loras, self.config.top_k
+        labels = ["layer", "module"]
+        selections = CounterMetricFamily(
+            "remix_lora_selections",
+            "Times each LoRA of a module's pool was selected",
+            labels=[*labels, "lora"],
+        )
+        tokens = CounterMetricFamily(
+            "remix_routed_tokens", "Tokens routed through the module", labels=labels
+        )
+        effective = GaugeMetricFamily(
+            "remix_routing_effective_loras",
+            "Effective number of LoRAs in use: exp of the entropy of the selection shares (n = all used equally)",
+            labels=labels,
+        )
+        entropy = GaugeMetricFamily(
+            "remix_router_entropy_nats",
+            "Mean entropy of the router distribution per token, nats",
+            labels=labels,
+        )
+        ess = GaugeMetricFamily(
+            "remix_routing_weight_ess",
+            "Mean effective support size of the routing weights per token (k for ReMix; toward 1 when weights collapse)",
+            labels=labels,
+        )
+        collapsed = GaugeMetricFamily(
+            "remix_routing_collapsed_modules",
+            "Adapted modules whose routing has collapsed (effective LoRAs in use < k, or ESS < (k+1)/2)",
+        )
+        count = 0
+        for name, row in sorted(self.snapshot.items()):
+            layer, module = split_module(name)
+            fig = routing_figures(row, n)
+            for lora in range(n):
+                selections.add_metric([layer, module, str(lora)], row[lora])
+            tokens.add_metric([layer, module], fig["tokens"])
+            effective.add_metric([layer, module], fig["effective_loras"])
+            entropy.add_metric([layer, module], fig["router_entropy"])
+            ess.add_metric([layer, module], fig["ess"])
+            count += is_collapsed(fig, k)
+        collapsed.add_metric([], count)
+        yield from (selections, tokens, effective, entropy, ess, collapsed)

@@ -1,0 +1,492 @@
+"""The HTTP server end to end: one real `remix-serve` process (vLLM engine, quick demo
+checkpoint) for the module, driven with the official `openai` client and raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "test-key"
+MODEL = "remix-test"
+MAX_MODEL_LEN = 128
+MAX_QUEUE = 24
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
+    env["HF_HUB_OFFLINE"] = "1"
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    from remix_infer.train.demo import DemoSettings, run_demo
+
+    out = tmp_path_factory.mktemp("server") / "ckpt"
+    run_demo(out, DemoSettings.quick())
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("server-log") / "server.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "--checkpoint",
+        str(checkpoint),
+        "--port",
+        str(port),
+        "--api-key",
+        API_KEY,
+        "--served-model-name",
+        MODEL,
+        "--enforce-eager",
+        "--dtype",
+        "float32",
+        "--kv-cache-gib",
+        "1",
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--max-num-seqs",
+        "32",
+        "--max-queue",
+        str(MAX_QUEUE),
+        "--max-n",
+        "4",
+    ]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    seen: list[tuple[int, int]] = []  # (health, ready) statuses while starting
+    deadline = time.time() + 180
+    try:
+        while True:
+            assert proc.poll() is None, "server exited:\n" + log_path.read_text()[-3000:]
+            assert time.time() < deadline, "server not ready:\n" + log_path.read_text()[-3000:]
+            try:
+                h = httpx.get(base + "/health", timeout=2).status_code
+                r = httpx.get(base + "/ready", timeout=2).status_code
+                seen.append((h, r))
+                if r == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        yield {"base": base, "seen": seen, "log": log_path, "proc": proc}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server["base"] + "/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def prompts(checkpoint) -> list[str]:
+    lines = (checkpoint / "data" / "eval.jsonl").read_text().splitlines()
+    return [json.loads(line)["prompt"] for line in lines]
+
+
+def greedy(client, prompt, max_tokens=10, **extra):
+    return client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body={"ignore_eos": True, **extra},
+    )
+
+
+def post(server, path, body, key=API_KEY, raw=None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if raw is not None:
+        headers["Content-Type"] = "application/json"
+        return httpx.post(server["base"] + path, content=raw, headers=headers, timeout=30)
+    return httpx.post(server["base"] + path, json=body, headers=headers, timeout=30)
+
+
+def assert_openai_error(resp, status, param=None):
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    assert "Traceback" not in resp.text
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    return body["error"]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_health_and_readiness(server):
+    # While the engine loaded, liveness answered 200 and readiness 503.
+    assert (200, 503) in server["seen"]
+    assert httpx.get(server["base"] + "/health").status_code == 200
+    ready = httpx.get(server["base"] + "/ready")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def test_models(client, server):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert httpx.get(server["base"] + "/v1/models").status_code == 401  # key required
+
+
+def test_completion_and_usage(client):
+    ids = [5, 6, 7, 8, 9, 10]
+    r = client.completions.create(
+        model=MODEL, prompt=ids, max_tokens=7, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert r.object == "text_completion" and r.model == MODEL
+    (choice,) = r.choices
+    assert choice.index == 0 and choice.finish_reason == "length" and choice.text
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.usage.completion_tokens == 7
+    assert r.usage.total_tokens == len(ids) + 7
+
+
+def test_streaming_matches_non_streaming(client, prompts):
+    full = greedy(client, prompts[0], max_tokens=12)
+    stream = client.completions.create(
+        model=MODEL,
+        prompt=prompts[0],
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert len(chunks) > 3
+    assert text == full.choices[0].text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and all(f is None for f in finishes[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_stream_ends_with_done(server):
+    body = {"model": MODEL, "prompt": "add 1 2 =", "max_tokens": 3, "stream": True}
+    with httpx.stream(
+        "POST",
+        server["base"] + "/v1/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert all(json.loads(e[6:])["object"] == "text_completion" for e in events[:-1])
+
+
+def test_n_and_prompt_lists(client, prompts):
+    r = client.completions.create(
+        model=MODEL, prompt=prompts[:2], n=3, max_tokens=5, temperature=1.0, seed=1
+    )
+    assert sorted(c.index for c in r.choices) == list(range(6))
+    assert 6 <= r.usage.completion_tokens <= 30
+    # a list of prompts: one greedy choice each, equal to that prompt's solo output
+    g = greedy(client, prompts[:3], max_tokens=6)
+    assert [c.index for c in g.choices] == [0, 1, 2] and g.usage.completion_tokens == 18
+    for i in range(3):
+        assert g.choices[i].text == greedy(client, prompts[i], max_tokens=6).choices[0].text
+    # the same seed gives the same samples
+    again = client.completions.create(
+        model=MODEL, prompt=prompts[:2], n=3, max_tokens=5, temperature=1.0, seed=1
+    )
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]
+
+
+def test_logprobs(client, prompts):
+    r = greedy(client, prompts[1], max_tokens=6, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    # tokens decode one by one: special tokens show, a multi-byte character's parts do not join
+    if "\ufffd" not in r.choices[0].text:
+        assert "".join(t for t in lp.tokens if t != "</s>") == r.choices[0].text
+    assert all(x <= 0 for x in lp.token_logprobs)
+    for top, x in zip(lp.top_logprobs, lp.token_logprobs, strict=True):
+        assert 1 <= len(top) <= 3
+        assert all(v <= x + 1e-5 for v in top.values())  # greedy picks the most likely token
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+
+
+def test_stop(client, prompts):
+    text = greedy(client, prompts[2], max_tokens=12).choices[0].text
+    stop = text[len(text) // 2 :][:2]
+    r = client.completions.create(
+        model=MODEL, prompt=prompts[2], max_tokens=12, temperature=0, stop=[stop],
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == text[: text.index(stop)]
+
+
+def test_echo(client, prompts):
+    plain = greedy(client, prompts[3], max_tokens=5).choices[0].text
+    r = greedy(client, prompts[3], max_tokens=5, echo=True, logprobs=1)
+    assert r.choices[0].text == prompts[3] + plain
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens).startswith(prompts[3])
+    assert lp.token_logprobs[0] is None and all(x is not None for x in lp.token_logprobs[1:])
+
+
+def test_chat(client):
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "add 2 3 ="}],
+        max_tokens=6,
+        temperature=0,
+    )
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert isinstance(r.choices[0].message.content, str)  # the tiny model may stop at once
+    assert 1 <= r.usage.completion_tokens <= 6 and r.usage.prompt_tokens > 0
+    assert r.choices[0].finish_reason in ("stop", "length")
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "add 2 3 ="}],
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == r.choices[0].message.content
+
+
+def test_concurrent_requests_match_solo_greedy(server, client, prompts):
+    chosen = prompts[4:24]
+    solo = [greedy(client, p, max_tokens=8).choices[0].text for p in chosen]
+    aclient = openai.AsyncOpenAI(base_url=server["base"] + "/v1", api_key=API_KEY, max_retries=0)
+
+    async def one(p, stream):
+        if not stream:
+            r = await aclient.completions.create(
+                model=MODEL, prompt=p, max_tokens=8, temperature=0,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            return r.choices[0].text
+        s = await aclient.completions.create(
+            model=MODEL, prompt=p, max_tokens=8, temperature=0, stream=True,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        return "".join([c.choices[0].text async for c in s])
+
+    async def all_of():
+        try:
+            return await asyncio.gather(*(one(p, i % 2 == 1) for i, p in enumerate(chosen)))
+        finally:
+            await aclient.close()
+
+    assert asyncio.run(all_of()) == solo
+
+
+def test_overload_gives_429_and_health_answers(server):
+    body = {
+        "model": MODEL,
+        "prompt": "sort 31 =",
+        "max_tokens": 100,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server["base"], timeout=60) as c:
+
+            async def one():
+                async with c.stream("POST", "/v1/completions", json=body, headers=headers) as r:
+                    if r.status_code != 200:
+                        await r.aread()
+                        return r.status_code, r.headers.get("retry-after"), r.json()
+                    async for _ in r.aiter_lines():
+                        pass
+                    return 200, None, None
+
+            tasks = [asyncio.create_task(one()) for _ in range(MAX_QUEUE + 8)]
+            await asyncio.sleep(0.3)
+            health = (await c.get("/health")).status_code
+            return health, await asyncio.gather(*tasks)
+
+    health, results = asyncio.run(run())
+    assert health == 200
+    refused = [r for r in results if r[0] == 429]
+    assert sum(r[0] == 200 for r in results) >= MAX_QUEUE - 2 and len(refused) >= 6
+    for _, retry_after, err in refused:
+        assert retry_after is not None and int(retry_after) >= 1
+        assert err["error"]["type"] == "rate_limit_error"
+
+
+def test_disconnect_mid_stream_aborts(server):
+    body = {"model": MODEL, "prompt": "add 4 5 =", "max_tokens": 100, "ignore_eos": True}
+    with httpx.stream(
+        "POST",
+        server["base"] + "/v1/completions",
+        json={**body, "stream": True},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+    deadline = time.time() + 10
+    while True:
+        state = httpx.get(server["base"] + "/ready").json()
+        if state["requests_in_flight"] == 0 and state["engine_unfinished_requests"] == 0:
+            break
+        assert time.time() < deadline, state
+        time.sleep(0.1)
+
+
+def test_wrong_or_missing_api_key(server, client):
+    bad = openai.OpenAI(base_url=server["base"] + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.completions.create(model=MODEL, prompt="add 1 1 =", max_tokens=2)
+    assert e.value.status_code == 401
+    assert e.value.body["code"] == "invalid_api_key"
+    err = assert_openai_error(post(server, "/v1/completions", {"prompt": "x"}, key=None), 401)
+    assert err["code"] == "invalid_api_key"
+
+
+LONG = [3] * (MAX_MODEL_LEN + 5)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": MODEL, "prompt": "add 1 2 =", "max_tokens": "many"}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": 12}, 400, "prompt"),
+        ({"model": MODEL, "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+        ({"model": "gpt-4", "prompt": "add 1 2 ="}, 404, "model"),
+        ({"model": MODEL, "prompt": LONG}, 400, "prompt"),
+        ({"model": MODEL, "prompt": "add 1 2 =", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": "add 1 2 =", "max_tokens": 10_000}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": "add 1 2 =", "n": 50}, 400, "n"),
+        ({"model": MODEL, "prompt": "add 1 2 =", "n": 2, "temperature": 0}, 400, "n"),
+        ({"model": MODEL, "prompt": ""}, 400, "prompt"),
+        ({"model": MODEL, "prompt": []}, 400, "prompt"),
+        ({"model": MODEL, "prompt": [[]]}, 400, "prompt"),
+        ({"model": MODEL, "prompt": [10**9]}, 400, "prompt"),
+        ({"model": MODEL, "prompt": "x", "suffix": "y"}, 400, "suffix"),
+        ({"model": MODEL, "prompt": "x", "best_of": 3}, 400, "best_of"),
+        ({"model": MODEL, "prompt": "x", "logit_bias": {"5": 1.0}}, 400, "logit_bias"),
+        ({"model": MODEL, "prompt": "x", "frobnicate": True}, 400, "frobnicate"),
+        ({"model": MODEL, "prompt": "x", "logprobs": 99}, 400, "logprobs"),
+        ({"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
+        ({"model": MODEL, "messages": []}, 400, None),
+    ],
+)
+def test_bad_completion_input(server, body, status, param):
+    err = assert_openai_error(post(server, "/v1/completions", body), status, param)
+    if status == 404:
+        assert err["code"] == "model_not_found"
+
+
+def test_bad_json_and_bad_chat(server):
+    assert_openai_error(post(server, "/v1/completions", None, raw=b'{"prompt": "x",'), 400)
+    assert_openai_error(post(server, "/v1/completions", None, raw=b"[1, 2]"), 400)
+    assert_openai_error(post(server, "/v1/chat/completions", {"model": MODEL, "messages": []}), 400)
+    bad_role = {"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}
+    assert_openai_error(post(server, "/v1/chat/completions", bad_role), 400)
+    assert_openai_error(post(server, "/v1/nothing-here", {}), 404)
+
+
+def test_cli_refuses_bad_checkpoint(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "remix_config.json").write_text('{"format_version": 1, "architecture": "llama"')
+    r = subprocess.run(
+        [sys.executable, "-m", "server.cli", "--checkpoint", str(bad), "--port", "1"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "remix_config.json" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def scrape(server) -> dict:
+    """All samples of GET /metrics, parsed with prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    resp = httpx.get(server["base"] + "/metrics", timeout=30)
+    assert resp.status_code == 200
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(resp.text)
+        for s in family.samples
+    }
+
+
+def sample(samples, name, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_follow_requests_tokens_and_routing(server, client, prompts):
+    before = scrape(server)
+    outs = [greedy(client, p, max_tokens=6) for p in prompts[:4]]
+    bad = post(server, "/v1/completions", {"model": MODEL, "prompt": "", "max_tokens": 4})
+    after = scrape(server)
+
+    def delta(name, **labels):
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    endpoint = "/v1/completions"
+    assert delta("remix_requests_total", endpoint=endpoint, status="200") == 4
+    assert delta("remix_requests_total", endpoint=endpoint, status=str(bad.status_code)) == 1
+    assert delta("remix_prompt_tokens_total") == sum(o.usage.prompt_tokens for o in outs)
+    assert delta("remix_generation_tokens_total") == sum(o.usage.completion_tokens for o in outs)
+    assert delta("remix_request_duration_seconds_count", endpoint=endpoint) == 5
+    assert delta("remix_time_to_first_token_seconds_count") == 4
+    assert 0 <= sample(after, "remix_kv_cache_usage_ratio") <= 1
+    # Routing: each module saw the tokens the model computed (prefix caching may skip some
+    # prompt tokens), and every token selected exactly k LoRAs with ReMix's constant weights.
+    n, k = 8, 2
+    for module in ({"layer": "0", "module": "q_proj"}, {"layer": "3", "module": "down_proj"}):
+        routed = delta("remix_routed_tokens_total", **module)
+        assert (
+            0 < routed <= sum(o.usage.prompt_tokens + o.usage.completion_tokens - 1 for o in outs)
+        )
+        selected = sum(
+            delta("remix_lora_selections_total", lora=str(i), **module) for i in range(n)
+        )
+        assert selected == k * routed
+        assert sample(after, "remix_routing_weight_ess", **module) == pytest.approx(k)
+        assert 1 <= sample(after, "remix_routing_effective_loras", **module) <= n
+        assert 0 < sample(after, "remix_router_entropy_nats", **module) <= math.log(n) + 1e-9
+    assert ("remix_routing_collapsed_modules", ()) in after
