@@ -135,7 +135,11 @@ def pretrain_base(tokenizer, lines: list[str], s: DemoSettings, out_dir: Path) -
         opt.step()
         sched.step()
         history.append(
-            {"step": step + 1, "loss": float(loss.detach()), "elapsed_s": time.perf_counter() - start}
+            {
+                "step": step + 1,
+                "loss": float(loss.detach()),
+                "elapsed_s": time.perf_counter() - start,
+            }
         )
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
     model.save_pretrained(out_dir)
