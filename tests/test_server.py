@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -490,3 +491,30 @@ def test_metrics_follow_requests_tokens_and_routing(server, client, prompts):
         assert 1 <= sample(after, "remix_routing_effective_loras", **module) <= n
         assert 0 < sample(after, "remix_router_entropy_nats", **module) <= math.log(n) + 1e-9
     assert ("remix_routing_collapsed_modules", ()) in after
+
+
+def test_sigterm_drains_in_flight_requests(server):
+    """The module's last test: SIGTERM lets an in-flight stream finish, then the process exits."""
+    body = {
+        "model": MODEL,
+        "prompt": "sort 123 =",
+        "max_tokens": 60,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream(
+        "POST", server["base"] + "/v1/completions", json=body, headers=headers, timeout=60
+    ) as resp:
+        lines = (line for line in resp.iter_lines() if line.startswith("data: "))
+        first = next(lines)
+        server["proc"].send_signal(signal.SIGTERM)
+        rest = list(lines)
+    assert rest[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: ") :]) for line in [first, *rest[:-1]]]
+    assert chunks[-1]["usage"]["completion_tokens"] == 60  # finished, not cut short
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    # uvicorn drains, shuts down, then re-raises the signal: the exit status says "SIGTERM"
+    assert server["proc"].wait(timeout=40) in (0, -signal.SIGTERM)
