@@ -264,6 +264,14 @@ def _finish(o: Any) -> str | None:
 # The app
 
 
+def usage_chunk_maker(req: Any, chunk_cls: type, **header: Any) -> Callable[[Any], Any] | None:
+    """The stream's final usage chunk (no choices), when the client asked for it with
+    stream_options.include_usage."""
+    if not (req.stream_options and req.stream_options.include_usage):
+        return None
+    return lambda usage: chunk_cls(**header, choices=[], usage=usage)
+
+
 def create_app(
     engine: RemixEngine,
     settings: ServerSettings | None = None,
@@ -569,15 +577,8 @@ def create_app(
                     CompletionStreamChunk(id=rid, created=created, model=model, choices=choices)
                 ]
 
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            usage_chunk = (
-                (
-                    lambda u: CompletionStreamChunk(
-                        id=rid, created=created, model=model, choices=[], usage=u
-                    )
-                )
-                if include_usage
-                else None
+            usage_chunk = usage_chunk_maker(
+                req, CompletionStreamChunk, id=rid, created=created, model=model
             )
             return start_stream(prompts, params, rid, make_chunks, usage_chunk, record)
 
@@ -733,15 +734,8 @@ def create_app(
                     ChatCompletionStreamChunk(id=rid, created=created, model=model, choices=choices)
                 ]
 
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            usage_chunk = (
-                (
-                    lambda u: ChatCompletionStreamChunk(
-                        id=rid, created=created, model=model, choices=[], usage=u
-                    )
-                )
-                if include_usage
-                else None
+            usage_chunk = usage_chunk_maker(
+                req, ChatCompletionStreamChunk, id=rid, created=created, model=model
             )
             return start_stream(prompts, params, rid, make_chunks, usage_chunk, record)
 

@@ -200,15 +200,8 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
-class CompletionStreamChunk(BaseModel):
+class CompletionStreamChunk(CompletionResponse):
     """One SSE `data:` event of a streamed completion (choices empty in the usage chunk)."""
-
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
 
 
 class ChatResponseMessage(BaseModel):
