@@ -434,7 +434,7 @@ def create_app(
                 code="invalid_value",
             )
 
-    async def run_to_end(
+    async def collect_final_outputs(
         request: Request, prompts: list[list[int]], params: Any, rid: str
     ) -> list[Any]:
         """Final RequestOutput per prompt; aborts in the engine if the client goes away."""
@@ -463,6 +463,19 @@ def create_app(
             if not task.done():
                 task.cancel()
             raise
+
+    async def run_to_end(
+        request: Request, prompts: list[list[int]], params: Any, rid: str
+    ) -> list[Any]:
+        """A non-streamed request: admitted against the queue bound, engine failures mapped to
+        OpenAI errors."""
+        with admitted():
+            try:
+                return await collect_final_outputs(request, prompts, params, rid)
+            except APIError:
+                raise
+            except Exception as e:
+                raise engine_error(e) from None
 
     def engine_error(e: Exception) -> APIError:
         from vllm.exceptions import VLLMClientError
@@ -582,13 +595,7 @@ def create_app(
             )
             return start_stream(prompts, params, rid, make_chunks, usage_chunk, record)
 
-        with admitted():
-            try:
-                finals = await run_to_end(request, prompts, params, rid)
-            except APIError:
-                raise
-            except Exception as e:
-                raise engine_error(e) from None
+        finals = await run_to_end(request, prompts, params, rid)
         choices = []
         completion_tokens = 0
         for i, out in enumerate(finals):
@@ -739,13 +746,7 @@ def create_app(
             )
             return start_stream(prompts, params, rid, make_chunks, usage_chunk, record)
 
-        with admitted():
-            try:
-                (out,) = await run_to_end(request, prompts, params, rid)
-            except APIError:
-                raise
-            except Exception as e:
-                raise engine_error(e) from None
+        (out,) = await run_to_end(request, prompts, params, rid)
         outputs = sorted(out.outputs, key=lambda o: o.index)
         completion_tokens = sum(len(o.token_ids) for o in outputs)
         prompt_tokens = len(prompts[0])
