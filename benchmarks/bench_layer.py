@@ -22,7 +22,7 @@ from remix_infer.vllm_plugin.layer import RemixAdapter, linear_kernel
 
 
 def make_layer(
-    d_in: int, d_out: int, n: int, k: int, r: int, seed: int = 0
+    d_in: int, d_out: int, n: int, k: int, r: int, max_tokens: int, seed: int = 0
 ) -> tuple[Callable, RemixAdapter]:
     """The base product (with the kernel vLLM uses for it) and a ReMix adapter over it."""
     torch.manual_seed(seed)
@@ -31,7 +31,9 @@ def make_layer(
         base_model="bench", architecture="llama", num_layers=1, target_modules=["o_proj"],
         num_loras=n, top_k=k, rank=r, omega=2.0 / (k * r),
     )  # fmt: skip
-    adapter = RemixAdapter(config, ["bench"], d_in, [d_out], False, torch.float32, "bench")
+    adapter = RemixAdapter(
+        config, ["bench"], d_in, [d_out], False, torch.float32, "bench", max_tokens
+    )
     with torch.no_grad():
         adapter.a_router.normal_(0, d_in**-0.5)
         adapter.lora_b[0].normal_(0, 0.02)
@@ -78,7 +80,7 @@ def run(
 ) -> list[dict]:
     rows = []
     for d in dims:
-        base, adapter = make_layer(d, d, n, k, r)
+        base, adapter = make_layer(d, d, n, k, r, max(token_counts))
         floor = n * r * (d + d) / (d * d)
         for tokens in token_counts:
             x = torch.randn(tokens, d)

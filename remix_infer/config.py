@@ -103,6 +103,12 @@ def module_path(layer: int, name: str) -> str:
     return f"model.layers.{layer}.{MODULE_PARENTS[name]}.{name}"
 
 
+def split_module_path(path: str) -> tuple[int, str]:
+    """'model.layers.3.self_attn.q_proj' -> (3, 'q_proj'); the inverse of module_path."""
+    parts = path.split(".")
+    return int(parts[2]), parts[-1]
+
+
 def tensor_name(module: str, suffix: str) -> str:
     return f"{module}.{suffix}"
 

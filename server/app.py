@@ -28,6 +28,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from remix_infer.config import RemixConfig, split_module_path
+from remix_infer.vllm_plugin.worker import ROUTING_KEY
 from server.engine import RemixEngine
 from server.metrics import RequestRecord, RoutingCollector, ServingMetrics, stat_logger_factory
 from server.protocol import (
@@ -46,10 +48,13 @@ from server.protocol import (
     CompletionStreamChunk,
     ModelCard,
     ModelList,
+    RemixInfo,
+    RoutingSummary,
     SamplingFields,
     Usage,
     new_id,
     now,
+    response_json,
     unsupported_field,
 )
 
@@ -183,21 +188,17 @@ def _sampling_params(
     logprobs: int | None,
     prompt_logprobs: int | None,
     stream: bool,
+    routing_key: str,
 ) -> Any:
+    """The SamplingParams of one choice (the server fans out n choices itself: see
+    _engine_requests)."""
     from vllm import SamplingParams
     from vllm.exceptions import VLLMClientError
     from vllm.sampling_params import RequestOutputKind
 
-    if req.n > 1 and req.temperature == 0:
-        raise APIError(
-            400,
-            f"n must be 1 when temperature is 0 (greedy sampling gives one answer), got {req.n}",
-            param="n",
-            code="invalid_value",
-        )
     try:
         return SamplingParams(
-            n=req.n,
+            n=1,
             temperature=req.temperature,
             top_p=req.top_p,
             top_k=req.top_k,
@@ -213,9 +214,40 @@ def _sampling_params(
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+            extra_args={ROUTING_KEY: routing_key} if req.return_routing else None,
         )
     except (ValueError, TypeError, VLLMClientError) as e:
         raise APIError(400, str(e), code="invalid_value") from None
+
+
+def _engine_requests(prompts: list[list[int]], params: Any, n: int) -> list[tuple[list[int], Any]]:
+    """One engine request per (prompt, choice), choice index = position in the list. Choice c of
+    a seeded request samples with seed + c, as vLLM's own parallel sampling does; at temperature
+    0 the n choices are the same greedy answer, as OpenAI returns them."""
+    calls = []
+    for prompt in prompts:
+        for c in range(n):
+            copy = params
+            if c and params.seed is not None:
+                copy = params.clone()
+                copy.seed = params.seed + c
+            calls.append((prompt, copy))
+    return calls
+
+
+def _routing_summary(raw: dict[str, Any] | None, config: RemixConfig) -> RemixInfo | None:
+    """The engine's per-request selections, as the response's `remix.routing`."""
+    if raw is None:
+        return None
+    layers: list[dict[str, list[int]]] = [{} for _ in range(config.num_layers)]
+    for path, counts in sorted(raw["modules"].items()):
+        layer, module = split_module_path(path)
+        layers[layer][module] = counts
+    return RemixInfo(
+        routing=RoutingSummary(
+            tokens=raw["tokens"], num_loras=config.num_loras, top_k=config.top_k, layers=layers
+        )
+    )
 
 
 def _decode_token(engine: RemixEngine, token_id: int, lp: Any) -> str:
@@ -264,12 +296,21 @@ def _finish(o: Any) -> str | None:
 # The app
 
 
-def usage_chunk_maker(req: Any, chunk_cls: type, **header: Any) -> Callable[[Any], Any] | None:
-    """The stream's final usage chunk (no choices), when the client asked for it with
-    stream_options.include_usage."""
-    if not (req.stream_options and req.stream_options.include_usage):
-        return None
-    return lambda usage: chunk_cls(**header, choices=[], usage=usage)
+FinalChunk = Callable[[Usage, RemixInfo | None], BaseModel | None]
+
+
+def final_chunk_maker(req: SamplingFields, chunk_cls: type, **header: Any) -> FinalChunk:
+    """The stream's last chunk (no choices): usage when the client asked for it with
+    stream_options.include_usage, the routing summary when it asked with remix.return_routing;
+    None when it asked for neither."""
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def make(usage: Usage, remix: RemixInfo | None) -> BaseModel | None:
+        if not include_usage and remix is None:
+            return None
+        return chunk_cls(**header, choices=[], usage=usage if include_usage else None, remix=remix)
+
+    return make
 
 
 def create_app(
@@ -435,14 +476,14 @@ def create_app(
             )
 
     async def collect_final_outputs(
-        request: Request, prompts: list[list[int]], params: Any, rid: str
+        request: Request, calls: list[tuple[list[int], Any]], rid: str
     ) -> list[Any]:
-        """Final RequestOutput per prompt; aborts in the engine if the client goes away."""
+        """Final RequestOutput per engine request; aborts them if the client goes away."""
         from vllm.utils.async_utils import merge_async_iterators
 
         async def collect() -> list[Any]:
-            finals: list[Any] = [None] * len(prompts)
-            gens = [engine.generate(p, params, f"{rid}-{i}") for i, p in enumerate(prompts)]
+            finals: list[Any] = [None] * len(calls)
+            gens = [engine.generate(p, ps, f"{rid}-{i}") for i, (p, ps) in enumerate(calls)]
             async for i, out in merge_async_iterators(*gens):
                 finals[i] = out
             return finals
@@ -465,17 +506,22 @@ def create_app(
             raise
 
     async def run_to_end(
-        request: Request, prompts: list[list[int]], params: Any, rid: str
-    ) -> list[Any]:
+        request: Request, calls: list[tuple[list[int], Any]], rid: str, return_routing: bool
+    ) -> tuple[list[Any], RemixInfo | None]:
         """A non-streamed request: admitted against the queue bound, engine failures mapped to
-        OpenAI errors."""
+        OpenAI errors. Returns the final outputs and, when asked, the routing summary."""
         with admitted():
             try:
-                return await collect_final_outputs(request, prompts, params, rid)
+                finals = await collect_final_outputs(request, calls, rid)
+                return finals, await take_routing(rid) if return_routing else None
             except APIError:
                 raise
             except Exception as e:
                 raise engine_error(e) from None
+
+    async def take_routing(rid: str) -> RemixInfo | None:
+        raw = await engine.take_request_routing(rid)
+        return _routing_summary(raw, engine.checkpoint.config)
 
     def engine_error(e: Exception) -> APIError:
         from vllm.exceptions import VLLMClientError
@@ -486,38 +532,30 @@ def create_app(
         return APIError(500, "The engine failed to process the request", "server_error")
 
     def sse(payload: BaseModel | dict) -> str:
-        data = payload if isinstance(payload, dict) else payload.model_dump(exclude_none=False)
+        data = payload if isinstance(payload, dict) else response_json(payload)
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     async def stream_events(
-        prompts: list[list[int]],
-        params: Any,
+        calls: list[tuple[list[int], Any]],
         rid: str,
         make_chunks: Callable[[int, Any], list[BaseModel]],
-        usage_chunk: Callable[[Usage], BaseModel] | None,
+        final_chunk: FinalChunk,
+        return_routing: bool,
         record: RequestRecord,
     ) -> AsyncIterator[str]:
         from vllm.utils.async_utils import merge_async_iterators
 
-        prompt_tokens = sum(len(p) for p in prompts)
         completion_tokens = 0
-        record.prompt_tokens = prompt_tokens
         try:
-            gens = [engine.generate(p, params, f"{rid}-{i}") for i, p in enumerate(prompts)]
+            gens = [engine.generate(p, ps, f"{rid}-{i}") for i, (p, ps) in enumerate(calls)]
             async for i, out in merge_async_iterators(*gens):
                 completion_tokens += sum(len(o.token_ids) for o in out.outputs)
                 for chunk in make_chunks(i, out):
                     yield sse(chunk)
-            if usage_chunk is not None:
-                yield sse(
-                    usage_chunk(
-                        Usage(
-                            prompt_tokens=prompt_tokens,
-                            completion_tokens=completion_tokens,
-                            total_tokens=prompt_tokens + completion_tokens,
-                        )
-                    )
-                )
+            usage = Usage.of(record.prompt_tokens, completion_tokens)
+            last = final_chunk(usage, await take_routing(rid) if return_routing else None)
+            if last is not None:
+                yield sse(last)
         except Exception as e:  # sent as an error event, then [DONE]
             err = e if isinstance(e, APIError) else engine_error(e)
             record.status = err.status
@@ -550,94 +588,64 @@ def create_app(
         prompts = _tokenize_prompts(req, engine)
         max_tokens = _max_tokens(req, req.max_tokens, prompts, engine.max_model_len)
         want_prompt_lp = req.echo and req.logprobs is not None
-        params = _sampling_params(
-            req, max_tokens, req.logprobs, req.logprobs if want_prompt_lp else None, req.stream
-        )
         rid = new_id("cmpl")
+        params = _sampling_params(
+            req, max_tokens, req.logprobs, req.logprobs if want_prompt_lp else None, req.stream, rid
+        )
+        calls = _engine_requests(prompts, params, req.n)  # choice j answers prompt j // n
         created = now()
+        record.prompt_tokens = sum(len(p) for p in prompts)
         prompt_texts = [engine.tokenizer.decode(p) for p in prompts] if req.echo else None
 
+        def choice(j: int, out: Any, offset: int, first: bool) -> CompletionChoice:
+            """Choice j from its engine output (the whole answer, or a streamed delta whose
+            text starts at `offset`; the echoed prompt goes before the first one)."""
+            (o,) = out.outputs
+            i = j // req.n
+            echo = prompt_texts is not None and first
+            text = prompt_texts[i] + o.text if echo else o.text
+            lp = None
+            if req.logprobs is not None:
+                start = offset + (len(prompt_texts[i]) if echo else 0)
+                lp = _completion_logprobs(engine, list(o.token_ids), o.logprobs, start)
+                if echo:
+                    plp = _completion_logprobs(engine, prompts[i], out.prompt_logprobs, offset)
+                    lp = _merge_logprobs(plp, lp)
+            return CompletionChoice(text=text, index=j, logprobs=lp, finish_reason=_finish(o))
+
         if req.stream:
-            sent_prompt: set[int] = set()
             offsets: dict[int, int] = {}
 
-            def make_chunks(i: int, out: Any) -> list[BaseModel]:
-                choices = []
-                for o in out.outputs:
-                    index = i * req.n + o.index
-                    text = o.text
-                    lp = None
-                    if req.logprobs is not None:
-                        lp = _completion_logprobs(
-                            engine, list(o.token_ids), o.logprobs, offsets.get(index, 0)
-                        )
-                    if prompt_texts is not None and index not in sent_prompt:
-                        sent_prompt.add(index)
-                        if lp is not None:
-                            plp = _completion_logprobs(engine, prompts[i], out.prompt_logprobs, 0)
-                            lp = _completion_logprobs(
-                                engine, list(o.token_ids), o.logprobs, len(prompt_texts[i])
-                            )
-                            lp = _merge_logprobs(plp, lp)
-                        text = prompt_texts[i] + text
-                    offsets[index] = offsets.get(index, 0) + len(text)
-                    choices.append(
-                        CompletionChoice(
-                            text=text, index=index, logprobs=lp, finish_reason=_finish(o)
-                        )
-                    )
-                return [
-                    CompletionStreamChunk(id=rid, created=created, model=model, choices=choices)
-                ]
+            def make_chunks(j: int, out: Any) -> list[BaseModel]:
+                c = choice(j, out, offsets.get(j, 0), j not in offsets)
+                offsets[j] = offsets.get(j, 0) + len(c.text)
+                return [CompletionStreamChunk(id=rid, created=created, model=model, choices=[c])]
 
-            usage_chunk = usage_chunk_maker(
+            final_chunk = final_chunk_maker(
                 req, CompletionStreamChunk, id=rid, created=created, model=model
             )
-            return start_stream(prompts, params, rid, make_chunks, usage_chunk, record)
+            return start_stream(calls, rid, make_chunks, final_chunk, req.return_routing, record)
 
-        finals = await run_to_end(request, prompts, params, rid)
-        choices = []
-        completion_tokens = 0
-        for i, out in enumerate(finals):
-            for o in sorted(out.outputs, key=lambda o: o.index):
-                completion_tokens += len(o.token_ids)
-                text = o.text
-                lp = None
-                if req.logprobs is not None:
-                    offset = len(prompt_texts[i]) if prompt_texts is not None else 0
-                    lp = _completion_logprobs(engine, list(o.token_ids), o.logprobs, offset)
-                    if prompt_texts is not None:
-                        plp = _completion_logprobs(engine, prompts[i], out.prompt_logprobs, 0)
-                        lp = _merge_logprobs(plp, lp)
-                if prompt_texts is not None:
-                    text = prompt_texts[i] + text
-                choices.append(
-                    CompletionChoice(
-                        text=text, index=i * req.n + o.index, logprobs=lp, finish_reason=_finish(o)
-                    )
-                )
-        prompt_tokens = sum(len(p) for p in prompts)
-        record.prompt_tokens, record.completion_tokens = prompt_tokens, completion_tokens
+        finals, remix = await run_to_end(request, calls, rid, req.return_routing)
+        choices = [choice(j, out, 0, True) for j, out in enumerate(finals)]
+        record.completion_tokens = sum(len(out.outputs[0].token_ids) for out in finals)
         observe(record)
         body = CompletionResponse(
             id=rid,
             created=created,
             model=model,
             choices=choices,
-            usage=Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            ),
+            usage=Usage.of(record.prompt_tokens, record.completion_tokens),
+            remix=remix,
         )
-        return JSONResponse(body.model_dump())
+        return JSONResponse(response_json(body))
 
     def start_stream(
-        prompts: list[list[int]],
-        params: Any,
+        calls: list[tuple[list[int], Any]],
         rid: str,
         make_chunks: Callable[[int, Any], list[BaseModel]],
-        usage_chunk: Callable[[Usage], BaseModel] | None,
+        final_chunk: FinalChunk,
+        return_routing: bool,
         record: RequestRecord,
     ) -> StreamingResponse:
         # Admission: the slot is released by stream_events when the stream ends (or the
@@ -647,7 +655,7 @@ def create_app(
                 pass  # raises the 429
         app.state.inflight += 1
         return StreamingResponse(
-            stream_events(prompts, params, rid, make_chunks, usage_chunk, record),
+            stream_events(calls, rid, make_chunks, final_chunk, return_routing, record),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -717,40 +725,44 @@ def create_app(
         requested = req.max_completion_tokens or req.max_tokens
         max_tokens = _max_tokens(req, requested, prompts, engine.max_model_len)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = _sampling_params(req, max_tokens, logprobs, None, req.stream)
         rid = new_id("chatcmpl")
+        params = _sampling_params(req, max_tokens, logprobs, None, req.stream, rid)
+        calls = _engine_requests(prompts, params, req.n)  # choice j = calls[j]
         created = now()
+        record.prompt_tokens = len(prompts[0])
 
         if req.stream:
             started: set[int] = set()
 
-            def make_chunks(i: int, out: Any) -> list[BaseModel]:
-                choices = []
-                for o in out.outputs:
-                    first = o.index not in started
-                    started.add(o.index)
-                    choices.append(
-                        ChatStreamChoice(
-                            index=o.index,
-                            delta=ChatDelta(role="assistant" if first else None, content=o.text),
-                            logprobs=chat_logprobs(o),
-                            finish_reason=_finish(o),
-                        )
-                    )
+            def make_chunks(j: int, out: Any) -> list[BaseModel]:
+                (o,) = out.outputs
+                first = j not in started
+                started.add(j)
+                delta = ChatDelta(role="assistant" if first else None, content=o.text)
                 return [
-                    ChatCompletionStreamChunk(id=rid, created=created, model=model, choices=choices)
+                    ChatCompletionStreamChunk(
+                        id=rid,
+                        created=created,
+                        model=model,
+                        choices=[
+                            ChatStreamChoice(
+                                index=j,
+                                delta=delta,
+                                logprobs=chat_logprobs(o),
+                                finish_reason=_finish(o),
+                            )
+                        ],
+                    )
                 ]
 
-            usage_chunk = usage_chunk_maker(
+            final_chunk = final_chunk_maker(
                 req, ChatCompletionStreamChunk, id=rid, created=created, model=model
             )
-            return start_stream(prompts, params, rid, make_chunks, usage_chunk, record)
+            return start_stream(calls, rid, make_chunks, final_chunk, req.return_routing, record)
 
-        (out,) = await run_to_end(request, prompts, params, rid)
-        outputs = sorted(out.outputs, key=lambda o: o.index)
-        completion_tokens = sum(len(o.token_ids) for o in outputs)
-        prompt_tokens = len(prompts[0])
-        record.prompt_tokens, record.completion_tokens = prompt_tokens, completion_tokens
+        finals, remix = await run_to_end(request, calls, rid, req.return_routing)
+        outputs = [out.outputs[0] for out in finals]
+        record.completion_tokens = sum(len(o.token_ids) for o in outputs)
         observe(record)
         body = ChatCompletionResponse(
             id=rid,
@@ -758,19 +770,16 @@ def create_app(
             model=model,
             choices=[
                 ChatChoice(
-                    index=o.index,
+                    index=j,
                     message=ChatResponseMessage(content=o.text),
                     logprobs=chat_logprobs(o),
                     finish_reason=_finish(o),
                 )
-                for o in outputs
+                for j, o in enumerate(outputs)
             ],
-            usage=Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            ),
+            usage=Usage.of(record.prompt_tokens, record.completion_tokens),
+            remix=remix,
         )
-        return JSONResponse(body.model_dump())
+        return JSONResponse(response_json(body))
 
     return app

@@ -134,6 +134,7 @@ class RemixEngine:
             self.vocab_size = engine.model_config.get_vocab_size()
             self.engine = engine
             await self.reset_routing_stats()
+            await engine.collective_rpc("remix_track_request_routing")
         except BaseException as e:
             self.error = e
             raise
@@ -164,6 +165,18 @@ class RemixEngine:
         results = await self.engine.collective_rpc("remix_routing_stats")
         first = results[0] if results else {}
         return {name: [float(x) for x in row] for name, row in first.items()}
+
+    async def take_request_routing(self, key: str) -> dict[str, Any] | None:
+        """The routing summary of the requests sent with extra_args[ROUTING_KEY] = key, once they
+        have finished: {"tokens": n, "modules": {hf module: selections per LoRA}}."""
+        merged: dict[str, Any] | None = None
+        for part in await self.engine.collective_rpc("remix_take_request_routing", args=(key,)):
+            if part is None:
+                continue
+            if merged is None:
+                merged = {"tokens": part["tokens"], "modules": {}}
+            merged["modules"].update(part["modules"])  # TP ranks agree; PP stages add layers
+        return merged
 
     async def reset_routing_stats(self) -> None:
         await self.engine.collective_rpc("remix_reset_routing_stats")

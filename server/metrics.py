@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from remix_infer.config import RemixConfig
+from remix_infer.config import RemixConfig, split_module_path
 
 
 @dataclass
@@ -127,12 +127,6 @@ def stat_logger_factory(metrics: ServingMetrics) -> type:
     return SchedulerGauges
 
 
-def split_module(name: str) -> tuple[str, str]:
-    """'model.layers.3.self_attn.q_proj' -> ('3', 'q_proj')."""
-    parts = name.split(".")
-    return parts[2], parts[-1]
-
-
 def routing_figures(row: list[float], num_loras: int) -> dict[str, float]:
     """Derived figures of one module's counters row [selections per LoRA..., tokens, entropy
     sum, ESS sum]."""
@@ -198,7 +192,8 @@ class RoutingCollector(Collector):
         )
         count = 0
         for name, row in sorted(self.snapshot.items()):
-            layer, module = split_module(name)
+            index, module = split_module_path(name)
+            layer = str(index)
             fig = routing_figures(row, n)
             for lora in range(n):
                 selections.add_metric([layer, module, str(lora)], row[lora])

@@ -68,6 +68,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class RemixOptions(BaseModel):
+    """The ReMix extension of a request (`"remix": {...}`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    return_routing: bool = False  # add this request's routing summary to the response
+
+
 class SamplingFields(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -91,6 +99,7 @@ class SamplingFields(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
     ignore_eos: bool = False
     stop_token_ids: list[StrictInt] | None = None
+    remix: RemixOptions | None = None
     # unsupported OpenAI fields, accepted only at their neutral values (see _refuse_unsupported)
     logit_bias: dict[str, float] | None = None
 
@@ -99,6 +108,10 @@ class SamplingFields(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
+
+    @property
+    def return_routing(self) -> bool:
+        return self.remix is not None and self.remix.return_routing
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -168,10 +181,34 @@ def now() -> int:
     return int(time.time())
 
 
+class RoutingSummary(BaseModel):
+    """Which LoRAs one request's tokens selected, per layer and adapted module."""
+
+    tokens: int  # tokens routed through each adapted module (see docs/engine.md)
+    num_loras: int
+    top_k: int
+    # layers[i][module]: times each of the module's LoRAs was selected (each token selects top_k)
+    layers: list[dict[str, list[int]]]
+
+
+class RemixInfo(BaseModel):
+    """The ReMix extension of a response; present only when the request asked for it."""
+
+    routing: RoutingSummary
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
 
 
 class CompletionLogprobs(BaseModel):
@@ -198,10 +235,12 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    remix: RemixInfo | None = None
 
 
 class CompletionStreamChunk(CompletionResponse):
-    """One SSE `data:` event of a streamed completion (choices empty in the usage chunk)."""
+    """One SSE `data:` event of a streamed completion (choices empty in the final chunk that
+    carries usage and/or the routing summary)."""
 
 
 class ChatResponseMessage(BaseModel):
@@ -223,6 +262,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+    remix: RemixInfo | None = None
 
 
 class ChatDelta(BaseModel):
@@ -244,6 +284,16 @@ class ChatCompletionStreamChunk(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: Usage | None = None
+    remix: RemixInfo | None = None
+
+
+def response_json(body: BaseModel) -> dict[str, Any]:
+    """A response or chunk as JSON, without the `remix` extension when the client did not ask for
+    it (so plain OpenAI clients see plain OpenAI bodies)."""
+    data = body.model_dump()
+    if data.get("remix", 0) is None:
+        del data["remix"]
+    return data
 
 
 class ModelCard(BaseModel):

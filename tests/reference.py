@@ -14,6 +14,8 @@ class ReferenceRun:
     tokens: list[int]  # greedy continuation
     selections: dict[str, torch.Tensor]  # per module: top-k of each prompt token [len, k]
     prompt_logprobs: torch.Tensor  # log p(prompt[i] | prompt[:i]) for i >= 1
+    # per module: top-k of every token of prompt + continuation [len + max_tokens, k]
+    sequence_selections: dict[str, torch.Tensor]
 
 
 @torch.no_grad()
@@ -29,4 +31,5 @@ def reference_run(model: torch.nn.Module, prompt: list[int], max_tokens: int = 8
         tokens.append(nxt)
         ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
         logits = model(input_ids=ids).logits[0]
-    return ReferenceRun(tokens, selections, logprobs)
+    sequence = {name: sel[0] for name, sel in routing_selections(model).items()}
+    return ReferenceRun(tokens, selections, logprobs, sequence)

@@ -5,6 +5,7 @@ One engine per configuration (eager TP=1, TP=2, compiled), shared by the tests o
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -122,6 +123,47 @@ def test_routing_stats_count_real_tokens(llm):
         assert 0 < row[n + 1] / tokens <= torch.log(torch.tensor(float(n))) + 1e-6
 
 
+def assert_request_routing(engine, runs, prompts) -> None:
+    """Requests that ask (extra_args key) get the selections of exactly their own tokens: every
+    prompt token and every generated token but the last, summed over requests sharing a key."""
+    from vllm import SamplingParams
+
+    from remix_infer.vllm_plugin.worker import ROUTING_KEY
+
+    engine.collective_rpc("remix_track_request_routing")
+    keys = ["a", None, "a", "b"]  # "a" spans two requests; the unkeyed one is not tracked
+    prompts, runs = prompts[: len(keys)], runs[: len(keys)]
+    params = [
+        SamplingParams(
+            temperature=0.0,
+            max_tokens=MAX_TOKENS,
+            ignore_eos=True,
+            extra_args={ROUTING_KEY: key} if key else None,
+        )
+        for key in keys
+    ]
+    engine.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    n = 4
+    for key in ("a", "b"):
+        summary = engine.collective_rpc("remix_take_request_routing", args=(key,))[0]
+        mine = [i for i, k in enumerate(keys) if k == key]
+        lengths = [len(prompts[i]) + MAX_TOKENS - 1 for i in mine]
+        assert summary["tokens"] == sum(lengths)
+        assert set(summary["modules"]) == set(runs[0].sequence_selections)
+        for module, counts in summary["modules"].items():
+            expected = sum(
+                torch.bincount(runs[i].sequence_selections[module][:length].flatten(), minlength=n)
+                for i, length in zip(mine, lengths, strict=True)
+            )
+            assert counts == expected.tolist(), (key, module)
+        assert engine.collective_rpc("remix_take_request_routing", args=(key,))[0] is None
+    assert engine.collective_rpc("remix_take_request_routing", args=("nobody",))[0] is None
+
+
+def test_request_routing_summary_matches_reference(llm, reference_runs):
+    assert_request_routing(llm, reference_runs[3:], mixed_prompts()[3:])
+
+
 def test_parity_tensor_parallel_2(checkpoint, reference_runs):
     """TP=2 (gloo on CPU): same greedy tokens, top-k choices and logprobs as the reference."""
     prompts = mixed_prompts()
@@ -132,20 +174,23 @@ def test_parity_tensor_parallel_2(checkpoint, reference_runs):
         outputs = greedy(engine, prompts, MAX_TOKENS, prompt_logprobs=True)
         selections = captured_prefill_selections(engine, prompts)
         ranks = engine.collective_rpc("remix_routing_stats")
+        assert_request_routing(engine, reference_runs[3:], prompts[3:])
     assert_parity(outputs, selections, reference_runs, prompts)
     assert len(ranks) == 2 and ranks[0] == ranks[1]  # routing is replicated, not split
 
 
 def test_parity_compiled_mode(checkpoint, reference_runs):
     """vLLM's default compiled mode (torch.compile, inductor): same tokens and logprobs, and the
-    routing counters (a custom op inside the compiled graph) still count every token."""
+    routing counters (a custom op inside the compiled graph) still count every token and give
+    each request its own selections."""
     prompts = mixed_prompts()
     with remix_llm(checkpoint, in_process=False, enforce_eager=False) as engine:
         engine.collective_rpc("remix_reset_routing_stats")  # start-up warm-up ran dummy tokens
         outputs = greedy(engine, prompts, MAX_TOKENS, prompt_logprobs=True)
         stats = engine.collective_rpc("remix_routing_stats")[0]
+        assert_request_routing(engine, reference_runs[3:], prompts[3:])
     no_selections = [{} for _ in prompts]
-    runs = [type(r)(r.tokens, {}, r.prompt_logprobs) for r in reference_runs]
+    runs = [dataclasses.replace(r, selections={}) for r in reference_runs]
     assert_parity(outputs, no_selections, runs, prompts)
     tokens = sum(map(len, prompts)) + len(prompts) * (MAX_TOKENS - 1)
     assert all(row[4] == tokens for row in stats.values())

@@ -229,6 +229,11 @@ def test_n_and_prompt_lists(client, prompts):
         model=MODEL, prompt=prompts[:2], n=3, max_tokens=5, temperature=1.0, seed=1
     )
     assert [c.text for c in again.choices] == [c.text for c in r.choices]
+    # n > 1 at temperature 0: n copies of the greedy answer, as OpenAI returns them
+    copies = greedy(client, prompts[:2], max_tokens=6, n=3)
+    assert [c.index for c in copies.choices] == list(range(6))
+    assert [c.text for c in copies.choices] == [g.choices[0].text] * 3 + [g.choices[1].text] * 3
+    assert copies.usage.completion_tokens == 36
 
 
 def test_logprobs(client, prompts):
@@ -395,7 +400,12 @@ LONG = [3] * (MAX_MODEL_LEN + 5)
         ({"model": MODEL, "prompt": "add 1 2 =", "max_tokens": 0}, 400, "max_tokens"),
         ({"model": MODEL, "prompt": "add 1 2 =", "max_tokens": 10_000}, 400, "max_tokens"),
         ({"model": MODEL, "prompt": "add 1 2 =", "n": 50}, 400, "n"),
-        ({"model": MODEL, "prompt": "add 1 2 =", "n": 2, "temperature": 0}, 400, "n"),
+        (
+            {"model": MODEL, "prompt": "x", "remix": {"return_routing": "please"}},
+            400,
+            "remix.return_routing",
+        ),
+        ({"model": MODEL, "prompt": "x", "remix": {"routing": True}}, 400, "remix.routing"),
         ({"model": MODEL, "prompt": ""}, 400, "prompt"),
         ({"model": MODEL, "prompt": []}, 400, "prompt"),
         ({"model": MODEL, "prompt": [[]]}, 400, "prompt"),
@@ -491,6 +501,49 @@ def test_metrics_follow_requests_tokens_and_routing(server, client, prompts):
         assert 1 <= sample(after, "remix_routing_effective_loras", **module) <= n
         assert 0 < sample(after, "remix_router_entropy_nats", **module) <= math.log(n) + 1e-9
     assert ("remix_routing_collapsed_modules", ()) in after
+
+
+def test_request_routing_summary(server, client, prompts):
+    """remix.return_routing adds the request's own selections per layer and module; they are
+    what the engine counted for it (the /metrics counters move by exactly as much)."""
+    n, k, layers = 8, 2, 4
+    plain = greedy(client, prompts[-1], max_tokens=6)
+    assert "remix" not in plain.model_dump()  # clients that do not ask see plain OpenAI bodies
+    before = scrape(server)
+    r = greedy(client, prompts[-1], max_tokens=6, remix={"return_routing": True})
+    after = scrape(server)
+    assert r.choices[0].text == plain.choices[0].text
+    routing = r.model_extra["remix"]["routing"]
+    assert (routing["num_loras"], routing["top_k"], len(routing["layers"])) == (n, k, layers)
+    assert 0 < routing["tokens"] <= r.usage.prompt_tokens + r.usage.completion_tokens - 1
+    for index, modules in enumerate(routing["layers"]):
+        assert set(modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                "up_proj", "down_proj"}  # fmt: skip
+        for module, counts in modules.items():
+            assert len(counts) == n and sum(counts) == k * routing["tokens"]
+            labels = {"layer": str(index), "module": module}
+            moved = [
+                sample(after, "remix_lora_selections_total", lora=str(i), **labels)
+                - sample(before, "remix_lora_selections_total", lora=str(i), **labels)
+                for i in range(n)
+            ]
+            assert counts == moved, (index, module)
+    # streamed: the summary comes in the last chunk, with usage; chat has it too
+    events = list(
+        client.completions.create(
+            model=MODEL, prompt=prompts[-1], max_tokens=6, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True, "remix": {"return_routing": True}},
+        )
+    )  # fmt: skip
+    assert events[-1].choices == [] and events[-1].usage.completion_tokens == 6
+    assert events[-1].model_extra["remix"]["routing"]["layers"] == routing["layers"]
+    assert all("remix" not in e.model_extra for e in events[:-1])
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "add 2 3 ="}], max_tokens=4,
+        temperature=0, extra_body={"remix": {"return_routing": True}},
+    )  # fmt: skip
+    assert chat.model_extra["remix"]["routing"]["tokens"] > 0
 
 
 def test_sigterm_drains_in_flight_requests(server):

@@ -51,10 +51,12 @@ class RemixAdapter(nn.Module):
         reduce_input: bool,
         dtype: torch.dtype,
         name: str,
+        max_step_tokens: int,
     ) -> None:
         """part_names: the HF module of each output part (None = part not adapted);
         in_size / out_sizes: this rank's input width and per-part output widths;
-        reduce_input: the input is a row-parallel slice, so partial products need an all-reduce."""
+        reduce_input: the input is a row-parallel slice, so partial products need an all-reduce;
+        max_step_tokens: the most tokens one forward carries (vLLM's max_num_batched_tokens)."""
         super().__init__()
         self.name = name
         self.part_names = part_names
@@ -82,7 +84,7 @@ class RemixAdapter(nn.Module):
         self._part_columns = [slice(offsets[i], offsets[i] + out_sizes[i]) for i in self.targets]
         self.prepare_kernels()
         self.counters = RoutingCounters(
-            name, s, n, config.top_k if config.weighting == "constant" else None
+            name, s, n, config.top_k if config.weighting == "constant" else None, max_step_tokens
         )
         # Debug/test hook (eager mode): keep every forward's selections [T, S, k] while on.
         self.capture_selections = False

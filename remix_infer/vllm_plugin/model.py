@@ -114,6 +114,7 @@ class RemixForCausalLMMixin:
         self.remix_adapters: dict[str, RemixAdapter] = {}
         self._remix_shards: dict[str, list] = {}
         dtype = vllm_config.model_config.dtype
+        max_step_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         for index, layer in enumerate(self.model.layers):
             if isinstance(layer, PPMissingLayer):
                 continue
@@ -126,7 +127,9 @@ class RemixForCausalLMMixin:
                 linear = getattr(getattr(layer, parent_name), proj)
                 width, out_sizes, reduce_input, shards = _shard_layout(linear, parts)
                 name = f"model.layers.{index}.{parent_name}.{proj}"
-                adapter = RemixAdapter(config, names, width, out_sizes, reduce_input, dtype, name)
+                adapter = RemixAdapter(
+                    config, names, width, out_sizes, reduce_input, dtype, name, max_step_tokens
+                )
                 linear.remix = adapter
                 linear.__class__ = _remix_linear_class(type(linear))
                 self.remix_adapters[name] = adapter

@@ -9,9 +9,13 @@ Each adapted (part of a) projection keeps one float64 buffer `stats` of shape [S
                    (exactly k per token for ReMix's constant weights; lower when softmax_topk
                    weights collapse)
 
+A second buffer, `step_selected` [max tokens per step, S, n] (uint8), keeps the latest forward's
+per-token selections, so that the worker can attribute them to the requests of that step (see
+worker.py; only when a request asked for its routing summary).
+
 The per-token figures are plain tensor code (fused by torch.compile in compiled mode); only the
-masked sum into the buffer is a custom op, which mutates the buffer (so compiled graphs keep it)
-and reads vLLM's padding mask (CUDA-graph padding rows are not tokens). Nothing syncs with the host.
+writes into the buffers are a custom op, which mutates them (so compiled graphs keep it) and reads
+vLLM's padding mask (CUDA-graph padding rows are not tokens). Nothing syncs with the host.
 """
 
 from __future__ import annotations
@@ -40,15 +44,22 @@ def per_token_figures(
     )
 
 
-def accumulate_impl(stats: torch.Tensor, figures: torch.Tensor) -> None:
-    """stats [S, n+3] += figures [T, S, n+3] summed over real (non-padding) tokens."""
+def accumulate_impl(
+    stats: torch.Tensor, step_selected: torch.Tensor, figures: torch.Tensor
+) -> None:
+    """stats [S, n+3] += figures [T, S, n+3] summed over real (non-padding) tokens;
+    step_selected[:T] = this forward's selections."""
     padding = get_forward_context().is_padding if is_forward_context_available() else None
     if padding is not None and padding.shape[0] == figures.shape[0]:
         figures = figures * (~padding).to(figures.dtype)[:, None, None]
     stats += figures.sum(0)
+    rows = min(figures.shape[0], step_selected.shape[0])
+    step_selected[:rows] = figures[:rows, :, : step_selected.shape[-1]]
 
 
-def _accumulate_fake(stats: torch.Tensor, figures: torch.Tensor) -> None:
+def _accumulate_fake(
+    stats: torch.Tensor, step_selected: torch.Tensor, figures: torch.Tensor
+) -> None:
     return None
 
 
@@ -58,7 +69,7 @@ def _register_op() -> None:
     direct_register_custom_op(
         op_name="remix_accumulate_routing",
         op_func=accumulate_impl,
-        mutates_args=["stats"],
+        mutates_args=["stats", "step_selected"],
         fake_impl=_accumulate_fake,
     )
 
@@ -69,12 +80,24 @@ _register_op()
 class RoutingCounters(nn.Module):
     """The stats buffer of one adapter and the call that updates it."""
 
-    def __init__(self, name: str, num_parts: int, num_loras: int, constant_k: int | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        num_parts: int,
+        num_loras: int,
+        constant_k: int | None,
+        max_step_tokens: int,
+    ) -> None:
         super().__init__()
         self.name = name
         self.constant_k = constant_k
         self.register_buffer(
             "stats", torch.zeros(num_parts, num_loras + EXTRA_COLUMNS, dtype=torch.float64)
+        )
+        self.register_buffer(
+            "step_selected",
+            torch.zeros(max_step_tokens, num_parts, num_loras, dtype=torch.uint8),
+            persistent=False,
         )
 
     def record(self, logits: torch.Tensor, gates: torch.Tensor) -> None:
@@ -83,9 +106,9 @@ class RoutingCounters(nn.Module):
         # Compiled graphs need the op (opaque, declared to mutate stats); eager mode calls the
         # function directly and skips the dispatcher's overhead.
         if torch.compiler.is_compiling():
-            torch.ops.vllm.remix_accumulate_routing(self.stats, figures)
+            torch.ops.vllm.remix_accumulate_routing(self.stats, self.step_selected, figures)
         else:
-            accumulate_impl(self.stats, figures)
+            accumulate_impl(self.stats, self.step_selected, figures)
 
     def reset(self) -> None:
         self.stats.zero_()

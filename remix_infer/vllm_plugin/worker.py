@@ -1,8 +1,89 @@
-"""Worker extension: lets the serving process read and reset routing statistics over RPC."""
+"""Worker extension: lets the serving process read routing statistics over RPC, overall and
+per request.
+
+Per-request routing: a request whose SamplingParams.extra_args carry ROUTING_KEY has the
+selections of every token the engine runs for it (prompt tokens not served from the prefix cache,
+and each generated token fed back) summed under that key, after each forward step. Requests with
+the same key (the choices and prompts of one HTTP request) share one summary. Steps in which no
+request asked cost nothing extra.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+ROUTING_KEY = "remix_routing_key"
+MAX_PENDING_SUMMARIES = 4096  # summaries nobody took (client gone) are dropped, oldest first
+
+
+class RequestRoutingTracker:
+    """Sums each keyed request's per-token selections ([parts, n] counts) after every step."""
+
+    def __init__(self, adapters: list) -> None:
+        self.adapters = adapters
+        # the HF module of each row of the [P, n] totals, in adapter and part order
+        self.part_names = [p for adapter in adapters for p in adapter.part_names if p is not None]
+        self.keys: dict[str, str] = {}  # engine request id -> routing key, while it runs
+        self.totals: dict[str, torch.Tensor] = {}  # key -> selections, all parts, [P, n]
+        self.tokens: dict[str, int] = {}
+
+    def after_step(self, runner: Any, scheduler_output: Any) -> None:
+        for new in scheduler_output.scheduled_new_reqs:
+            extra = new.sampling_params.extra_args if new.sampling_params is not None else None
+            if extra and ROUTING_KEY in extra:
+                self.keys[new.req_id] = str(extra[ROUTING_KEY])
+        if self.keys and scheduler_output.total_num_scheduled_tokens > 0:
+            self._attribute(runner.input_batch.req_ids, scheduler_output.num_scheduled_tokens)
+        for req_id in scheduler_output.finished_req_ids:
+            self.keys.pop(req_id, None)
+
+    def _attribute(self, req_ids: list[str], num_scheduled: dict[str, int]) -> None:
+        """Tokens sit in the step's batch in input-batch order, each request's contiguously."""
+        spans: dict[str, list[tuple[int, int]]] = {}
+        start = 0
+        for req_id in req_ids:
+            count = num_scheduled.get(req_id, 0)
+            key = self.keys.get(req_id)
+            if key is not None and count:
+                spans.setdefault(key, []).append((start, start + count))
+            start += count
+        if not spans:
+            return
+        device = self.adapters[0].counters.step_selected.device
+        membership = torch.zeros(len(spans), start, device=device)  # [keys, tokens]
+        for row, key_spans in enumerate(spans.values()):
+            for a, b in key_spans:
+                membership[row, a:b] = 1
+        counts = torch.cat(
+            [
+                membership @ adapter.counters.step_selected[:start].flatten(1).float()
+                for adapter in self.adapters
+            ],
+            dim=1,
+        ).cpu()  # [keys, P * n]
+        for row, (key, key_spans) in enumerate(spans.items()):
+            step = counts[row].view(-1, self.adapters[0].num_loras)
+            if key in self.totals:
+                self.totals[key] += step
+            else:
+                self.totals[key] = step.clone()
+                while len(self.totals) > MAX_PENDING_SUMMARIES:
+                    dropped = next(iter(self.totals))
+                    del self.totals[dropped], self.tokens[dropped]
+            self.tokens[key] = self.tokens.get(key, 0) + sum(b - a for a, b in key_spans)
+
+    def take(self, key: str) -> dict[str, Any] | None:
+        """{"tokens": routed tokens, "modules": {hf module: selections per LoRA}}; forgets it."""
+        totals = self.totals.pop(key, None)
+        if totals is None:
+            return None
+        rows = totals.round().long().tolist()
+        return {
+            "tokens": self.tokens.pop(key),
+            "modules": dict(zip(self.part_names, rows, strict=True)),
+        }
 
 
 class RemixWorkerExtension:
@@ -24,6 +105,27 @@ class RemixWorkerExtension:
     def remix_reset_routing_stats(self) -> None:
         for adapter in self._remix_adapters():
             adapter.counters.reset()
+
+    def remix_track_request_routing(self) -> None:
+        """Start attributing selections to requests that ask (ROUTING_KEY); idempotent."""
+        runner = self.model_runner
+        if getattr(runner, "remix_request_routing", None) is not None or not self._remix_adapters():
+            return
+        tracker = RequestRoutingTracker(self._remix_adapters())
+        execute_model = runner.execute_model
+
+        def execute_and_attribute(scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+            out = execute_model(scheduler_output, *args, **kwargs)
+            tracker.after_step(runner, scheduler_output)
+            return out
+
+        runner.execute_model = execute_and_attribute
+        runner.remix_request_routing = tracker
+
+    def remix_take_request_routing(self, key: str) -> dict[str, Any] | None:
+        """The routing summary of requests with this key (see RequestRoutingTracker.take)."""
+        tracker = getattr(self.model_runner, "remix_request_routing", None)
+        return tracker.take(key) if tracker is not None else None
 
     def remix_capture_selections(self, enable: bool) -> None:
         """Keep each forward's top-k choices (eager mode only; for parity tests and debugging)."""
