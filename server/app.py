@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from remix_infer.config import RemixConfig, split_module_path
+from remix_infer.config import ALL_TARGET_MODULES, RemixConfig, split_module_path
 from remix_infer.vllm_plugin.worker import ROUTING_KEY
 from server.engine import RemixEngine
 from server.metrics import RequestRecord, RoutingCollector, ServingMetrics, stat_logger_factory
@@ -239,10 +239,11 @@ def _routing_summary(raw: dict[str, Any] | None, config: RemixConfig) -> RemixIn
     """The engine's per-request selections, as the response's `remix.routing`."""
     if raw is None:
         return None
-    layers: list[dict[str, list[int]]] = [{} for _ in range(config.num_layers)]
-    for path, counts in sorted(raw["modules"].items()):
-        layer, module = split_module_path(path)
-        layers[layer][module] = counts
+    by_module = {split_module_path(path): counts for path, counts in raw["modules"].items()}
+    layers = [  # modules in model order: q, k, v, o, gate, up, down
+        {m: by_module[(i, m)] for m in ALL_TARGET_MODULES if (i, m) in by_module}
+        for i in range(config.num_layers)
+    ]
     return RemixInfo(
         routing=RoutingSummary(
             tokens=raw["tokens"], num_loras=config.num_loras, top_k=config.top_k, layers=layers
@@ -352,8 +353,9 @@ def create_app(
     # Metrics: HTTP observations, the engine scheduler's gauges, routing diversity at scrape time.
     registry = CollectorRegistry()
     serving_metrics = ServingMetrics(registry)
-    routing_metrics = RoutingCollector(engine.checkpoint.config)
-    registry.register(routing_metrics)
+    routing_metrics = RoutingCollector(engine.remix_config) if engine.remix_config else None
+    if routing_metrics is not None:
+        registry.register(routing_metrics)
     app.state.observers.append(serving_metrics.observe)
     engine.stat_loggers.append(stat_logger_factory(serving_metrics))
 
@@ -404,7 +406,7 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        if engine.ready:
+        if engine.ready and routing_metrics is not None:
             routing_metrics.update(await engine.routing_stats())
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -466,12 +468,20 @@ def create_app(
         finally:
             app.state.inflight -= 1
 
-    def check_n(n: int) -> None:
-        if n > settings.max_n:
+    def check_limits(req: SamplingFields) -> None:
+        """What this server can do for a well-formed request: n, and routing only with adapters."""
+        if req.n > settings.max_n:
             raise APIError(
                 400,
-                f"n is too large: {n} (at most {settings.max_n})",
+                f"n is too large: {req.n} (at most {settings.max_n})",
                 param="n",
+                code="invalid_value",
+            )
+        if req.return_routing and engine.remix_config is None:
+            raise APIError(
+                400,
+                "remix.return_routing: this server serves a base model without ReMix adapters",
+                param="remix.return_routing",
                 code="invalid_value",
             )
 
@@ -521,7 +531,7 @@ def create_app(
 
     async def take_routing(rid: str) -> RemixInfo | None:
         raw = await engine.take_request_routing(rid)
-        return _routing_summary(raw, engine.checkpoint.config)
+        return _routing_summary(raw, engine.remix_config)
 
     def engine_error(e: Exception) -> APIError:
         from vllm.exceptions import VLLMClientError
@@ -584,7 +594,7 @@ def create_app(
         req: CompletionRequest = await _parse(request, CompletionRequest)
         model = _check_model(req, settings)
         require_ready()
-        check_n(req.n)
+        check_limits(req)
         prompts = _tokenize_prompts(req, engine)
         max_tokens = _max_tokens(req, req.max_tokens, prompts, engine.max_model_len)
         want_prompt_lp = req.echo and req.logprobs is not None
@@ -700,7 +710,7 @@ def create_app(
         req: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
         model = _check_model(req, settings)
         require_ready()
-        check_n(req.n)
+        check_limits(req)
         tok = engine.tokenizer
         if not getattr(tok, "chat_template", None):
             raise APIError(

@@ -23,10 +23,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="remix-serve",
         description="Serve a ReMix checkpoint with an OpenAI-compatible API (vLLM engine).",
     )
-    p.add_argument(
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
         "--checkpoint",
         default=None,
         help=f"checkpoint directory (default: ./{DEFAULT_CHECKPOINT}, built first if absent)",
+    )
+    source.add_argument(
+        "--base-model",
+        default=None,
+        help="instead of a checkpoint: serve this Hugging Face model directory plainly, with no "
+        "adapters (the same server without ReMix, for comparisons)",
     )
     p.add_argument("--host", default=os.environ.get("REMIX_HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("REMIX_PORT", "8000")))
@@ -54,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpu-memory-utilization", type=float, default=None, help="fraction of device memory"
     )
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequences batched at once")
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=None, help="tokens in one engine step"
+    )
     p.add_argument(
         "--max-queue",
         type=int,
@@ -90,8 +100,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from remix_infer.checkpoint import CheckpointError
 
+    if args.base_model and not (Path(args.base_model) / "config.json").is_file():
+        print(
+            f"remix-serve: cannot serve {args.base_model}: no config.json "
+            "(--base-model takes a Hugging Face model directory)",
+            file=sys.stderr,
+        )
+        return 2
     try:
-        checkpoint = resolve_checkpoint(args.checkpoint)
+        checkpoint = None if args.base_model else resolve_checkpoint(args.checkpoint)
         from server.engine import EngineSettings, RemixEngine
 
         engine = RemixEngine(
@@ -103,9 +120,11 @@ def main(argv: list[str] | None = None) -> int:
                 kv_cache_gib=args.kv_cache_gib,
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
                 enforce_eager=args.enforce_eager,
                 seed=args.seed,
             ),
+            base_model=args.base_model,
         )
     except CheckpointError as e:
         print(

@@ -1,4 +1,5 @@
-"""A small wrapper around vLLM's AsyncLLM serving one ReMix checkpoint.
+"""A small wrapper around vLLM's AsyncLLM serving one ReMix checkpoint (or, for comparisons, a
+plain base model with no adapters).
 
 The checkpoint is validated (`remix_engine_kwargs`) when the wrapper is built, so a bad
 checkpoint is refused before any engine process is spawned. `start()` builds the engine in a
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from remix_infer.checkpoint import RemixCheckpoint, load_checkpoint
+from remix_infer.config import RemixConfig
 from remix_infer.vllm_plugin.engine import remix_engine_kwargs
 
 log = logging.getLogger("remix_serve.engine")
@@ -32,6 +34,7 @@ class EngineSettings:
     kv_cache_gib: int | None = None  # CPU: VLLM_CPU_KVCACHE_SPACE (whole GiB); GPU: ignored
     gpu_memory_utilization: float | None = None
     max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
     enforce_eager: bool = False
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # any further AsyncEngineArgs
@@ -50,11 +53,24 @@ class RemixEngine:
     """One AsyncLLM over a ReMix checkpoint, with the routing statistics of its workers."""
 
     def __init__(
-        self, checkpoint: str | os.PathLike, settings: EngineSettings | None = None
+        self,
+        checkpoint: str | os.PathLike | None,
+        settings: EngineSettings | None = None,
+        base_model: str | os.PathLike | None = None,
     ) -> None:
-        self.checkpoint: RemixCheckpoint = load_checkpoint(checkpoint)  # raises CheckpointError
+        """Serve `checkpoint`, or (checkpoint None) the plain Hugging Face model `base_model`
+        with no adapters: the same server without ReMix, to compare against."""
+        if (checkpoint is None) == (base_model is None):
+            raise ValueError("give either a ReMix checkpoint or a base model")
         self.settings = settings or EngineSettings()
-        self.engine_kwargs = remix_engine_kwargs(self.checkpoint)
+        self.checkpoint: RemixCheckpoint | None = None
+        if checkpoint is not None:
+            self.checkpoint = load_checkpoint(checkpoint)  # raises CheckpointError
+            self.engine_kwargs = remix_engine_kwargs(self.checkpoint)
+            self.path = Path(self.checkpoint.path)
+        else:
+            self.path = Path(base_model)
+            self.engine_kwargs = {"model": str(self.path), "tokenizer": str(self.path)}
         self.engine: Any = None  # vllm.v1.engine.async_llm.AsyncLLM once started
         self.tokenizer: Any = None
         self.max_model_len: int = 0
@@ -64,14 +80,17 @@ class RemixEngine:
         self.stat_loggers: list[Any] = []  # vLLM StatLoggerFactory's, given to the engine at start
 
     @property
-    def path(self) -> Path:
-        return Path(self.checkpoint.path)
+    def remix_config(self) -> RemixConfig | None:
+        """The served checkpoint's ReMix configuration; None for a plain base model."""
+        return self.checkpoint.config if self.checkpoint is not None else None
 
     @property
     def ready(self) -> bool:
         return self.engine is not None and self.error is None and not self.engine.errored
 
     def describe(self) -> str:
+        if self.checkpoint is None:
+            return f"base model {self.path} (no ReMix adapters)"
         cfg = self.checkpoint.config
         return (
             f"ReMix checkpoint {self.path} ({cfg.architecture}, {cfg.num_layers} layers, "
@@ -86,7 +105,7 @@ class RemixEngine:
         kwargs: dict[str, Any] = dict(self.engine_kwargs)
         kwargs.update(
             # "auto": the checkpoint's own dtype (vLLM's auto picks bfloat16 on CPU)
-            dtype=self.checkpoint.config.dtype if s.dtype == "auto" else s.dtype,
+            dtype=self.remix_config.dtype if s.dtype == "auto" and self.remix_config else s.dtype,
             tensor_parallel_size=s.tensor_parallel_size,
             enforce_eager=s.enforce_eager,
             seed=s.seed,
@@ -96,6 +115,8 @@ class RemixEngine:
             kwargs["max_model_len"] = s.max_model_len
         if s.max_num_seqs is not None:
             kwargs["max_num_seqs"] = s.max_num_seqs
+        if s.max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = s.max_num_batched_tokens
         if _on_cpu():
             # The CPU backend checks against one NUMA node's free memory: stay well below it.
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization or 0.5
@@ -133,8 +154,9 @@ class RemixEngine:
             self.max_model_len = engine.model_config.max_model_len
             self.vocab_size = engine.model_config.get_vocab_size()
             self.engine = engine
-            await self.reset_routing_stats()
-            await engine.collective_rpc("remix_track_request_routing")
+            if self.checkpoint is not None:
+                await self.reset_routing_stats()
+                await engine.collective_rpc("remix_track_request_routing")
         except BaseException as e:
             self.error = e
             raise
@@ -161,7 +183,10 @@ class RemixEngine:
 
     async def routing_stats(self) -> dict[str, list[float]]:
         """{hf module name: [count per LoRA..., tokens, entropy sum, ess sum]} summed over
-        workers (TP ranks route identically, so rank 0's figures are taken)."""
+        workers (TP ranks route identically, so rank 0's figures are taken); {} without
+        adapters."""
+        if self.checkpoint is None:
+            return {}
         results = await self.engine.collective_rpc("remix_routing_stats")
         first = results[0] if results else {}
         return {name: [float(x) for x in row] for name, row in first.items()}
