@@ -7,7 +7,7 @@ VLLM_VERSION := 0.32.0
 DEMO_DIR ?= demo-checkpoint
 export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 
-.PHONY: setup test lint format demo clean bench-engine serve
+.PHONY: setup test lint format demo clean bench-engine bench-serve serve
 
 setup: $(STAMP)
 
@@ -47,3 +47,7 @@ clean:
 
 bench-engine: setup
 	cd benchmarks && ../$(PY) bench_engine.py
+
+# remix-serve (ReMix and base) against vLLM's own server (one rank-32 LoRA, and base), over HTTP.
+bench-serve: setup
+	cd benchmarks && ../$(PY) bench_serve.py
