@@ -50,4 +50,4 @@ bench-engine: setup
 
 # remix-serve (ReMix and base) against vLLM's own server (one rank-32 LoRA, and base), over HTTP.
 bench-serve: setup
-	cd benchmarks && ../$(PY) bench_serve.py
+	cd benchmarks && ../$(PY) profile_layer.py && ../$(PY) bench_serve.py

@@ -263,6 +263,20 @@ async def open_loop(server: Server, work: list[Request], rate: float, seed: int,
         return await asyncio.gather(*(one(c, d, r) for d, r in zip(delays, work, strict=True)))
 
 
+def cpu_seconds(server: Server) -> tuple[float, float]:
+    """CPU seconds used so far by the HTTP server process and by its children (vLLM's engine
+    core and workers): their split shows what the HTTP layer costs."""
+    import psutil
+
+    proc = psutil.Process(server.process.pid)
+
+    def used(p: psutil.Process) -> float:
+        t = p.cpu_times()
+        return t.user + t.system
+
+    return used(proc), sum(used(c) for c in proc.children(recursive=True))
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -310,8 +324,14 @@ def run_rounds(servers: dict[str, Server], args: argparse.Namespace) -> dict:
             order = names if rnd % 2 == 0 else names[::-1]
             for n in order:
                 bar.set_postfix_str(f"round {rnd + 1} closed loop {n}")
+                cpu_before = cpu_seconds(servers[n])
                 results = asyncio.run(closed_loop(servers[n], closed_work, args.clients, bar))
-                runs[n]["closed"].append(summarize(results))
+                cpu_after = cpu_seconds(servers[n])
+                http, engine = (cpu_after[i] - cpu_before[i] for i in (0, 1))
+                summary = summarize(results)
+                summary["http_cpu_share"] = http / (http + engine)
+                summary["http_cpu_ms_per_request"] = http / len(results) * 1e3
+                runs[n]["closed"].append(summary)
             if not rates:  # open-loop rates: fractions of remix-serve base's saturation rate
                 saturation = runs["base"]["closed"][0]["requests_per_s"]
                 rates = [round(f * saturation, 3) for f in args.rate_fractions]
@@ -375,6 +395,12 @@ def print_table(table: dict) -> None:
             row(name, f"{rate} req/s", s)
         row(name, "closed loop", t["closed"])
     print("(latencies in ms; medians over rounds)")
+    for name, t in table.items():
+        c = t["closed"]
+        print(
+            f"{name:<10} HTTP server process: {c['http_cpu_share']:.1%} of the server's CPU time, "
+            f"{c['http_cpu_ms_per_request']:.1f} ms CPU per request (closed loop)"
+        )
 
 
 def plot(table: dict, path: Path) -> None:

@@ -99,21 +99,33 @@ class RemixAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """base_out + the ReMix term, added in place into each adapted part's output columns."""
-        n, r, s = self.num_loras, self.rank, self.num_parts
-        h = self._product_a_router(x)
-        if self.reduce_input:
-            from vllm.distributed import tensor_model_parallel_all_reduce
-
-            h = tensor_model_parallel_all_reduce(h)
-        lora_h, logits = h.split([s * n * r, s * n], dim=-1)
-        logits = logits.unflatten(-1, (s, n)).float()
-        if self.router_bias is not None:
-            logits = logits + self.router_bias.float()
+        lora_h, logits = self.project(x)
         selected = topk_select(logits, self.top_k)  # [T, S, k]
         gates = routing_gates(logits, selected, self.omega, self.weighting)  # [T, S, n]
         self.counters.record(logits, gates)
         if self.capture_selections:
             self.captured.append(selected.detach().clone())
+        return self.add_pool_outputs(lora_h, gates, base_out)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One GEMM for every LoRA A and router: hidden states [T, S*n*r], logits [T, S, n]."""
+        n, s = self.num_loras, self.num_parts
+        h = self._product_a_router(x)
+        if self.reduce_input:
+            from vllm.distributed import tensor_model_parallel_all_reduce
+
+            h = tensor_model_parallel_all_reduce(h)
+        lora_h, logits = h.split([s * n * self.rank, s * n], dim=-1)
+        logits = logits.unflatten(-1, (s, n)).float()
+        if self.router_bias is not None:
+            logits = logits + self.router_bias.float()
+        return lora_h, logits
+
+    def add_pool_outputs(
+        self, lora_h: torch.Tensor, gates: torch.Tensor, base_out: torch.Tensor
+    ) -> torch.Tensor:
+        """base_out += each part's gated pool output (its B GEMM over the gated hidden states)."""
+        n, r, s = self.num_loras, self.rank, self.num_parts
         # Gate the pool's hidden states, written part-major ([S, T, n*r]) so that each part's
         # B product reads a contiguous matrix.
         tokens = lora_h.shape[0]

@@ -1,0 +1,89 @@
+"""Where a ReMix layer's time goes: each stage of RemixAdapter.forward timed on its own.
+
+One d x d projection with a pool of n = 8 LoRAs, k = 4, r = 8 (the serving benchmark's
+configuration), float32, one torch thread (as in vLLM's CPU worker), interleaved medians. The
+stages are the layer's own methods, called in the order forward calls them:
+
+    A + router GEMM   RemixAdapter.project      one GEMM for all LoRA A's and the router
+    top-k             routing.topk_select       deterministic top-k (stable sort)
+    gates             routing.routing_gates     constant omega on the k chosen
+    counters          RoutingCounters.record    routing statistics and the per-step selections
+    gated B GEMM      add_pool_outputs          gate the hidden states, B GEMM, add in place
+
+"other" is the forward's time less the stages' sum (call and dispatch overhead between them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from bench_layer import make_layer, time_interleaved
+from common import machine, save_results
+
+from remix_infer.routing import routing_gates, topk_select
+
+
+def profile(d: int, tokens: int, n: int, k: int, r: int, repeats: int) -> dict[str, float]:
+    """Microseconds per call of the base GEMM, each adapter stage and the whole adapter."""
+    base, adapter = make_layer(d, d, n, k, r, max_tokens=tokens)
+    x = torch.randn(tokens, d)
+    with torch.no_grad():
+        base_out = base(x)
+        lora_h, logits = adapter.project(x)
+        selected = topk_select(logits, k)
+        gates = routing_gates(logits, selected, adapter.omega, adapter.weighting)
+    stages = {
+        "base GEMM": lambda x: base(x),
+        "adapter (whole)": lambda x: adapter(x, base_out),
+        "A + router GEMM": lambda x: adapter.project(x),
+        "top-k": lambda x: topk_select(logits, k),
+        "gates": lambda x: routing_gates(logits, selected, adapter.omega, adapter.weighting),
+        "counters": lambda x: adapter.counters.record(logits, gates),
+        "gated B GEMM": lambda x: adapter.add_pool_outputs(lora_h, gates, base_out),
+    }
+    t = {name: s * 1e6 for name, s in time_interleaved(stages, x, repeats).items()}
+    parts = [name for name in stages if name not in ("base GEMM", "adapter (whole)")]
+    t["other"] = max(0.0, t["adapter (whole)"] - sum(t[p] for p in parts))
+    return t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--tokens", type=int, nargs="+", default=(1, 16, 64, 512))
+    parser.add_argument("--repeats", type=int, default=200)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = {}
+    for tokens in args.tokens:
+        rows[tokens] = profile(args.hidden, tokens, n=8, k=4, r=8, repeats=args.repeats)
+    names = list(rows[args.tokens[0]])
+    print(f"d={args.hidden}, n=8 k=4 r=8, one thread; microseconds per call (share of adapter)")
+    print(f"{'stage':<17}" + "".join(f"{f'{t} tokens':>22}" for t in args.tokens))
+    for name in names:
+        cells = ""
+        for tokens in args.tokens:
+            us, whole = rows[tokens][name], rows[tokens]["adapter (whole)"]
+            share = "" if name in ("base GEMM", "adapter (whole)") else f"({us / whole:4.0%})"
+            cells += f"{us:14.1f} {share:>7}"
+        print(f"{name:<17}{cells}")
+    path = save_results(
+        "profile", {"machine": machine(), "hidden": args.hidden, "microseconds": rows}
+    )
+    print(f"results: {path}")
+    print(
+        json.dumps(
+            {
+                f"adapter_over_base_{t}": round(
+                    rows[t]["adapter (whole)"] / rows[t]["base GEMM"], 3
+                )
+                for t in args.tokens
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
