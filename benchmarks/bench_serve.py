@@ -374,6 +374,27 @@ def report(measured: dict) -> dict:
     return {"table": table, "ratios": ratios}
 
 
+def flop_floors(base: Path, n: int = 8, k: int = 4, r: int = 8) -> dict[str, float]:
+    """Throughput ceilings relative to the base model if time followed multiply-adds per token
+    (projections and LM head; attention is left out, which only raises them): ReMix as served
+    (every LoRA A and B of the pool, gated: (n*r + n) * d_in + n*r * d_out per projection), ReMix
+    at its minimum (only the k chosen: k*r*(d_in + d_out) + n*d_in), and one rank-k*r LoRA."""
+    from remix_infer.checkpoint import BaseModelShape
+    from remix_infer.config import ALL_TARGET_MODULES
+
+    hf = json.loads((base / "config.json").read_text())
+    shape = BaseModelShape.from_hf_config(hf)
+    dims = [shape.linear_shape(m) for m in ALL_TARGET_MODULES]
+    layers = hf["num_hidden_layers"]
+    base_macs = layers * sum(i * o for i, o in dims) + hf["hidden_size"] * hf["vocab_size"]
+    extra = {
+        "remix_dense": sum((n * r + n) * i + n * r * o for i, o in dims),
+        "remix_minimum": sum(k * r * (i + o) + n * i for i, o in dims),
+        "lora_rank_kr": sum(k * r * (i + o) for i, o in dims),
+    }
+    return {name: round(base_macs / (base_macs + layers * e), 3) for name, e in extra.items()}
+
+
 def print_table(table: dict) -> None:
     head = f"{'server':<10} {'load':>12} {'req/s':>7} {'tok/s':>7} "
     head += " ".join(f"{m + '_' + q:>9}" for m in ("ttft", "itl") for q in ("p50", "p90", "p99"))
@@ -477,11 +498,13 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k != "work_dir"},
         "wall_s": round(time.time() - started, 1),
         **summary,
+        "flop_floors": flop_floors(base),
         "runs": measured["runs"],
         "rates": measured["rates"],
     }
     path = save_results("serve", results)
     plot(summary["table"], path.with_suffix(".png"))
+    print(f"FLOP ceilings relative to base: {results['flop_floors']}")
     print(f"results: {path} (+ .png)")
     print(json.dumps(summary["ratios"]))
 
