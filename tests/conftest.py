@@ -127,3 +127,14 @@ def checkpoint_dir(tmp_path: Path, _checkpoint_template: Path) -> Path:
     """A valid ReMix checkpoint (TINY_REMIX, seed 0) at tmp_path/ckpt, its base model at
     tmp_path/ckpt/base (base_model "base"). A private copy: tests may edit or break it."""
     return Path(shutil.copytree(_checkpoint_template, tmp_path / "ckpt"))
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo pipeline's checkpoint at its quick settings (about a minute), built once for the
+    session and shared by the tests that start a real server: do not modify it."""
+    from remix_infer.train.demo import DemoSettings, run_demo
+
+    out = tmp_path_factory.mktemp("demo") / "ckpt"
+    run_demo(out, DemoSettings.quick())
+    return out

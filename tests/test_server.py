@@ -6,105 +6,42 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from serving import ROOT, SMALL_ENGINE, running_server, scrape, server_env
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key"
 MODEL = "remix-test"
 MAX_MODEL_LEN = 128
 MAX_QUEUE = 24
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
-    env["HF_HUB_OFFLINE"] = "1"
-    env["PYTHONPATH"] = str(ROOT)
-    return env
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    from remix_infer.train.demo import DemoSettings, run_demo
-
-    out = tmp_path_factory.mktemp("server") / "ckpt"
-    run_demo(out, DemoSettings.quick())
-    return out
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    port = _free_port()
+def server(demo_checkpoint, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("server-log") / "server.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "server.cli",
-        "--checkpoint",
-        str(checkpoint),
-        "--port",
-        str(port),
+    args = [
         "--api-key",
         API_KEY,
         "--served-model-name",
         MODEL,
-        "--enforce-eager",
-        "--dtype",
-        "float32",
-        "--kv-cache-gib",
-        "1",
+        *SMALL_ENGINE,
         "--max-model-len",
         str(MAX_MODEL_LEN),
-        "--max-num-seqs",
-        "32",
         "--max-queue",
         str(MAX_QUEUE),
         "--max-n",
         "4",
     ]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    seen: list[tuple[int, int]] = []  # (health, ready) statuses while starting
-    deadline = time.time() + 180
-    try:
-        while True:
-            assert proc.poll() is None, "server exited:\n" + log_path.read_text()[-3000:]
-            assert time.time() < deadline, "server not ready:\n" + log_path.read_text()[-3000:]
-            try:
-                h = httpx.get(base + "/health", timeout=2).status_code
-                r = httpx.get(base + "/ready", timeout=2).status_code
-                seen.append((h, r))
-                if r == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        yield {"base": base, "seen": seen, "log": log_path, "proc": proc}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with running_server(demo_checkpoint, log_path, args) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +50,8 @@ def client(server) -> openai.OpenAI:
 
 
 @pytest.fixture(scope="module")
-def prompts(checkpoint) -> list[str]:
-    lines = (checkpoint / "data" / "eval.jsonl").read_text().splitlines()
+def prompts(demo_checkpoint) -> list[str]:
+    lines = (demo_checkpoint / "data" / "eval.jsonl").read_text().splitlines()
     return [json.loads(line)["prompt"] for line in lines]
 
 
@@ -441,7 +378,7 @@ def test_cli_refuses_bad_checkpoint(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "server.cli", "--checkpoint", str(bad), "--port", "1"],
         cwd=ROOT,
-        env=_env(),
+        env=server_env(),
         capture_output=True,
         text=True,
         timeout=60,
@@ -449,19 +386,6 @@ def test_cli_refuses_bad_checkpoint(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "remix_config.json" in r.stderr
     assert "Traceback" not in r.stderr
-
-
-def scrape(server) -> dict:
-    """All samples of GET /metrics, parsed with prometheus_client's own parser."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    resp = httpx.get(server["base"] + "/metrics", timeout=30)
-    assert resp.status_code == 200
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(resp.text)
-        for s in family.samples
-    }
 
 
 def sample(samples, name, **labels) -> float:

@@ -1,0 +1,112 @@
+"""A real `remix-serve` process for tests (test_server.py, test_deploy.py): start it on a free
+loopback port, wait until it is ready, scrape its /metrics."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A small engine that starts fast on CPU; tests add --max-model-len and their own flags.
+SMALL_ENGINE = (
+    "--enforce-eager",
+    "--dtype",
+    "float32",
+    "--kv-cache-gib",
+    "1",
+    "--max-num-seqs",
+    "32",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env() -> dict[str, str]:
+    """The environment of a server subprocess: this checkout's code, no network."""
+    env = dict(os.environ)
+    env.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
+    env["HF_HUB_OFFLINE"] = "1"
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+@contextmanager
+def running_process(
+    cmd: Sequence[str],
+    log_path: Path,
+    ready: Callable[[], bool],
+    timeout: float,
+    **popen: object,
+) -> Iterator[subprocess.Popen]:
+    """Start `cmd` (its output in `log_path`) and wait until `ready()` is true (an HTTP check;
+    connection errors count as not yet); terminate the process on exit."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, **popen)
+    deadline = time.time() + timeout
+    try:
+        while True:
+            assert proc.poll() is None, f"{cmd[0]} exited:\n" + log_path.read_text()[-3000:]
+            assert time.time() < deadline, f"{cmd[0]} not ready:\n" + log_path.read_text()[-3000:]
+            try:
+                if ready():
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextmanager
+def running_server(
+    checkpoint: Path, log_path: Path, args: Sequence[str] = (), timeout: float = 180
+) -> Iterator[dict]:
+    """`python -m server.cli --checkpoint CHECKPOINT --port FREE ARGS...`, its output in
+    `log_path`, once /ready answers 200. Yields {"base": URL, "seen": [(health, ready) statuses
+    while starting], "log": log_path, "proc": Popen}."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "server.cli", "--checkpoint", str(checkpoint)]
+    cmd += ["--port", str(port), *args]
+    base = f"http://127.0.0.1:{port}"
+    seen: list[tuple[int, int]] = []
+
+    def ready() -> bool:
+        h = httpx.get(base + "/health", timeout=2).status_code
+        r = httpx.get(base + "/ready", timeout=2).status_code
+        seen.append((h, r))
+        return r == 200
+
+    with running_process(cmd, log_path, ready, timeout, cwd=ROOT, env=server_env()) as proc:
+        yield {"base": base, "seen": seen, "log": log_path, "proc": proc}
+
+
+def scrape(server: dict) -> dict:
+    """All samples of the server's GET /metrics, parsed with prometheus_client's own parser:
+    {(sample name, sorted label items): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    resp = httpx.get(server["base"] + "/metrics", timeout=30)
+    assert resp.status_code == 200
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(resp.text)
+        for s in family.samples
+    }
