@@ -77,14 +77,16 @@ def running_process(
 
 @contextmanager
 def running_server(
-    checkpoint: Path, log_path: Path, args: Sequence[str] = (), timeout: float = 180
+    checkpoint: Path | None, log_path: Path, args: Sequence[str] = (), timeout: float = 180
 ) -> Iterator[dict]:
-    """`python -m server.cli --checkpoint CHECKPOINT --port FREE ARGS...`, its output in
-    `log_path`, once /ready answers 200. Yields {"base": URL, "seen": [(health, ready) statuses
-    while starting], "log": log_path, "proc": Popen}."""
+    """`python -m server.cli --checkpoint CHECKPOINT --port FREE ARGS...` (no --checkpoint when
+    None: ARGS name the model), its output in `log_path`, once /ready answers 200. Yields
+    {"base": URL, "seen": [(health, ready) statuses while starting], "log": log_path, "proc":
+    Popen}."""
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "--checkpoint", str(checkpoint)]
-    cmd += ["--port", str(port), *args]
+    cmd = [sys.executable, "-m", "server.cli", "--port", str(port), *args]
+    if checkpoint is not None:
+        cmd += ["--checkpoint", str(checkpoint)]
     base = f"http://127.0.0.1:{port}"
     seen: list[tuple[int, int]] = []
 

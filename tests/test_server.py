@@ -14,6 +14,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 from serving import ROOT, SMALL_ENGINE, running_server, scrape, server_env
 
 pytestmark = pytest.mark.slow
@@ -371,12 +372,14 @@ def test_bad_json_and_bad_chat(server):
     assert_openai_error(post(server, "/v1/nothing-here", {}), 404)
 
 
-def test_cli_refuses_bad_checkpoint(tmp_path):
+@pytest.mark.parametrize("flag, named", [("--checkpoint", "remix_config.json"),
+                                         ("--base-model", "config.json")])  # fmt: skip
+def test_cli_refuses_bad_checkpoint(tmp_path, flag, named):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "remix_config.json").write_text('{"format_version": 1, "architecture": "llama"')
     r = subprocess.run(
-        [sys.executable, "-m", "server.cli", "--checkpoint", str(bad), "--port", "1"],
+        [sys.executable, "-m", "server.cli", flag, str(bad), "--port", "1"],
         cwd=ROOT,
         env=server_env(),
         capture_output=True,
@@ -384,8 +387,30 @@ def test_cli_refuses_bad_checkpoint(tmp_path):
         timeout=60,
     )
     assert r.returncode == 2, r.stderr
-    assert "remix_config.json" in r.stderr
+    assert named in r.stderr and str(bad) in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_base_model_server(demo_checkpoint, tmp_path):
+    """--base-model: the same server over the plain base model (what bench-serve compares
+    against). Its greedy answer is transformers' own; it has no routing to report."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = demo_checkpoint / "base"
+    args = ["--base-model", str(base), "--served-model-name", "base", *SMALL_ENGINE]
+    with running_server(None, tmp_path / "base.log", [*args, "--max-model-len", "128"]) as srv:
+        client = openai.OpenAI(base_url=srv["base"] + "/v1", api_key="none", max_retries=0)
+        r = client.completions.create(model="base", prompt="add 1 2 =", max_tokens=6, temperature=0)
+        refused = post(srv, "/v1/completions", {"prompt": "x", "remix": {"return_routing": True}})
+        samples = scrape(srv)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    ids = tokenizer("add 1 2 =", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1] :]
+    assert r.choices[0].text == tokenizer.decode(out, skip_special_tokens=True)
+    assert_openai_error(refused, 400, "remix.return_routing")
+    assert sample(samples, "remix_requests_total", endpoint="/v1/completions", status="200") == 1
+    assert not any(name.startswith(("remix_lora", "remix_rout")) for name, _ in samples)
 
 
 def sample(samples, name, **labels) -> float:
