@@ -9,9 +9,9 @@
 All four start once and stay up (an idle vLLM server uses no CPU); the measurements then take
 turns, server by server, in an order that reverses every round, so drift of the (shared) machine
 falls on all of them alike. Each round runs, per server, a closed-loop run (a fixed number of
-clients, each sending its next request when the last one ends: saturation throughput) and
-open-loop runs (Poisson arrivals at fixed rates, chosen from the base server's first closed-loop
-throughput). Requests stream (`stream_options.include_usage`), ignore EOS, and use token-id
+clients, each sending its next request when the last one ends: saturation throughput); the first
+round also runs open-loop runs (Poisson arrivals at fixed rates, chosen from the base server's
+first closed-loop throughput). Requests stream (`stream_options.include_usage`), ignore EOS, and use token-id
 prompts; lengths come from a seeded distribution, identical for every server.
 
 Prints a table, then one JSON line with the saturation throughput ratios; writes
@@ -315,8 +315,9 @@ def run_rounds(servers: dict[str, Server], args: argparse.Namespace) -> dict:
     names = list(servers)
     runs: dict[str, dict] = {n: {"closed": [], "open": {}} for n in names}
     rates: list[float] = []
-    per_round = len(names) * (len(closed_work) + len(args.rate_fractions) * len(open_work))
-    with tqdm(total=args.rounds * per_round, desc="requests", unit="req") as bar:
+    total = args.rounds * len(names) * len(closed_work)
+    total += args.open_rounds * len(names) * len(args.rate_fractions) * len(open_work)
+    with tqdm(total=total, desc="requests", unit="req") as bar:
         for n in names:  # warm-up: first requests take slower, one-time paths
             asyncio.run(closed_loop(servers[n], make_workload(2, args, seed=9), 2, bar))
         bar.total += 2 * len(names)
@@ -332,6 +333,8 @@ def run_rounds(servers: dict[str, Server], args: argparse.Namespace) -> dict:
                 summary["http_cpu_share"] = http / (http + engine)
                 summary["http_cpu_ms_per_request"] = http / len(results) * 1e3
                 runs[n]["closed"].append(summary)
+            if rnd >= args.open_rounds:
+                continue
             if not rates:  # open-loop rates: fractions of remix-serve base's saturation rate
                 saturation = runs["base"]["closed"][0]["requests_per_s"]
                 rates = [round(f * saturation, 3) for f in args.rate_fractions]
@@ -461,8 +464,8 @@ def main() -> None:
         "--prompt-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX")
     )
     parser.add_argument("--output-len", type=int, nargs=2, default=(32, 96), metavar=("MIN", "MAX"))
-    parser.add_argument("--requests", type=int, default=32, help="closed-loop requests per run")
-    parser.add_argument("--clients", type=int, default=16, help="closed-loop concurrency")
+    parser.add_argument("--requests", type=int, default=64, help="closed-loop requests per run")
+    parser.add_argument("--clients", type=int, default=32, help="closed-loop concurrency")
     parser.add_argument("--open-requests", type=int, default=16, help="requests per open run")
     parser.add_argument(
         "--rate-fractions",
@@ -471,9 +474,10 @@ def main() -> None:
         default=(0.25, 0.5, 0.75),
         help="open-loop rates, as fractions of the base server's closed-loop request rate",
     )
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="closed-loop rounds")
+    parser.add_argument("--open-rounds", type=int, default=1, help="rounds with open-loop runs")
     parser.add_argument("--max-model-len", type=int, default=512)
-    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--kv-cache-gib", type=int, default=1)
     parser.add_argument("--compiled", action="store_true", help="vLLM's compiled mode for all")
