@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
 # ---------------------------------------------------------------------------------------------
 # Errors
@@ -65,7 +65,7 @@ UNSUPPORTED_FIELDS = ("suffix", "logit_bias", "best_of")
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class RemixOptions(BaseModel):
@@ -73,7 +73,7 @@ class RemixOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    return_routing: bool = False  # add this request's routing summary to the response
+    return_routing: StrictBool = False  # add this request's routing summary to the response
 
 
 class SamplingFields(BaseModel):
@@ -86,7 +86,7 @@ class SamplingFields(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: StrictInt = Field(default=1, ge=1)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = None
@@ -97,7 +97,7 @@ class SamplingFields(BaseModel):
     top_k: StrictInt = Field(default=0, ge=-1)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
     stop_token_ids: list[StrictInt] | None = None
     remix: RemixOptions | None = None
     # unsupported OpenAI fields, accepted only at their neutral values (see _refuse_unsupported)
@@ -125,7 +125,7 @@ Prompt = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 class CompletionRequest(SamplingFields):
     prompt: Prompt
     logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
-    echo: bool = False
+    echo: StrictBool = False
     suffix: str | None = None
     best_of: StrictInt | None = None
 
@@ -151,7 +151,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: bool = False
+    logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
 

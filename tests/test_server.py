@@ -339,10 +339,11 @@ LONG = [3] * (MAX_MODEL_LEN + 5)
         ({"model": MODEL, "prompt": "add 1 2 =", "max_tokens": 10_000}, 400, "max_tokens"),
         ({"model": MODEL, "prompt": "add 1 2 =", "n": 50}, 400, "n"),
         (
-            {"model": MODEL, "prompt": "x", "remix": {"return_routing": "please"}},
+            {"model": MODEL, "prompt": "x", "remix": {"return_routing": "yes"}},
             400,
             "remix.return_routing",
         ),
+        ({"model": MODEL, "prompt": "x", "stream": "true"}, 400, "stream"),
         ({"model": MODEL, "prompt": "x", "remix": {"routing": True}}, 400, "remix.routing"),
         ({"model": MODEL, "prompt": ""}, 400, "prompt"),
         ({"model": MODEL, "prompt": []}, 400, "prompt"),
