@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="sequences batched at once",
     )
     p.add_argument(
-        "--max-num-batched-tokens", type=int, default=None, help="tokens in one engine step"
+        "--max-num-batched-tokens",
+        type=int,
+        default=os.environ.get("REMIX_MAX_NUM_BATCHED_TOKENS") or None,
+        help="tokens in one engine step",
     )
     p.add_argument(
         "--max-queue",
