@@ -590,15 +590,22 @@ def create_app(
 
     # -----------------------------------------------------------------------------------------
 
-    @app.post("/v1/completions", response_model=None)
-    async def completions(request: Request) -> JSONResponse | StreamingResponse:
-        record = RequestRecord(endpoint="/v1/completions", status=200)
+    async def recorded(
+        endpoint: str, handler: Callable, request: Request
+    ) -> JSONResponse | StreamingResponse:
+        """Run an endpoint's handler with its RequestRecord; a refused request is observed here
+        (handlers observe the requests they serve)."""
+        record = RequestRecord(endpoint=endpoint, status=200)
         try:
-            return await _completions(request, record)
+            return await handler(request, record)
         except APIError as e:
             record.status = e.status
             observe(record)
             raise
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> JSONResponse | StreamingResponse:
+        return await recorded("/v1/completions", _completions, request)
 
     async def _completions(
         request: Request, record: RequestRecord
@@ -686,13 +693,7 @@ def create_app(
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
-        record = RequestRecord(endpoint="/v1/chat/completions", status=200)
-        try:
-            return await _chat(request, record)
-        except APIError as e:
-            record.status = e.status
-            observe(record)
-            raise
+        return await recorded("/v1/chat/completions", _chat, request)
 
     def chat_logprobs(o: Any) -> dict[str, Any] | None:
         if o.logprobs is None:
