@@ -8,7 +8,7 @@ VLLM_VERSION := 0.32.0
 DEMO_DIR ?= demo-checkpoint
 export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 
-.PHONY: setup test lint format demo clean bench-engine bench-serve serve
+.PHONY: setup test lint format demo clean bench-engine bench-serve bench-gpu serve
 
 setup: $(STAMP) $(TOOLS_STAMP)
 
@@ -65,6 +65,11 @@ clean:
 
 bench-engine: setup
 	cd benchmarks && ../$(PY) bench_engine.py
+
+# The serving layer on a GPU without vLLM (remix_infer.ops; on a machine without one, a small CPU
+# shape). Needs torch and Triton only: `python benchmarks/bench_gpu.py` runs where vLLM is absent.
+bench-gpu: setup
+	cd benchmarks && ../$(PY) bench_gpu.py
 
 # remix-serve (ReMix and base) against vLLM's own server (one rank-32 LoRA, and base), over HTTP.
 bench-serve: setup

@@ -17,42 +17,43 @@ import torch
 import torch.nn.functional as F
 
 from remix_infer.config import RemixConfig
+from remix_infer.ops import PoolLayout, RemixPool
 from remix_infer.routing import topk_select
-from remix_infer.vllm_plugin.layer import RemixAdapter, linear_kernel
+from remix_infer.vllm_plugin.layer import linear_kernel
 
 
 def make_layer(
     d_in: int, d_out: int, n: int, k: int, r: int, max_tokens: int, seed: int = 0
-) -> tuple[Callable, RemixAdapter]:
-    """The base product (with the kernel vLLM uses for it) and a ReMix adapter over it."""
+) -> tuple[Callable, RemixPool, Callable]:
+    """The base product (with the kernel vLLM uses for it), a ReMix pool over it, and the
+    pool's one GEMM (the same kernel on the folded weight), as the engine binds them."""
     torch.manual_seed(seed)
-    base = linear_kernel(torch.randn(d_out, d_in) * d_in**-0.5)
+    weight = torch.randn(d_out, d_in) * d_in**-0.5
     config = RemixConfig(
         base_model="bench", architecture="llama", num_layers=1, target_modules=["o_proj"],
         num_loras=n, top_k=k, rank=r, omega=2.0 / (k * r),
     )  # fmt: skip
-    adapter = RemixAdapter(
-        config, ["bench"], d_in, [d_out], False, torch.float32, "bench", max_tokens
-    )
+    layout = PoolLayout.from_config(config, d_in, [d_out], [0])
+    pool = RemixPool(layout, torch.float32, max_tokens, kernel="torch", device="cpu")
     with torch.no_grad():
-        adapter.a_router.normal_(0, d_in**-0.5)
-        adapter.lora_b[0].normal_(0, 0.02)
-    adapter.prepare_kernels()
-    return base, adapter
+        pool.lora_a.normal_(0, d_in**-0.5)
+        pool.router.normal_(0, d_in**-0.5)
+        pool.lora_b[0].normal_(0, 0.02)
+    pool.prepare(linear_kernel)
+    return linear_kernel(weight), pool, linear_kernel(pool.fold_base_weight(weight))
 
 
-def naive_remix(base: Callable, adapter: RemixAdapter, x: torch.Tensor) -> torch.Tensor:
+def naive_remix(base: Callable, pool: RemixPool, x: torch.Tensor) -> torch.Tensor:
     """The obvious implementation: route, then loop over the pool, gathering each LoRA's tokens."""
-    n, r = adapter.num_loras, adapter.rank
+    n, r = pool.layout.num_loras, pool.layout.rank
     y = base(x)
-    logits = F.linear(x, adapter.a_router[n * r :])
-    selected = topk_select(logits, adapter.top_k)
-    a = adapter.a_router[: n * r].view(n, r, -1)
-    b = adapter.lora_b[0].view(-1, n, r)
+    selected = topk_select(F.linear(x, pool.router), pool.layout.top_k)
+    a = pool.lora_a.view(n, r, -1)
+    b = pool.lora_b[0].view(-1, n, r)
     for i in range(n):
         rows = (selected == i).any(-1).nonzero().squeeze(1)
         if rows.numel():
-            y.index_add_(0, rows, adapter.omega * (x[rows] @ a[i].T) @ b[:, i].T)
+            y.index_add_(0, rows, pool.layout.omega * (x[rows] @ a[i].T) @ b[:, i].T)
     return y
 
 
@@ -80,14 +81,14 @@ def run(
 ) -> list[dict]:
     rows = []
     for d in dims:
-        base, adapter = make_layer(d, d, n, k, r, max(token_counts))
+        base, pool, gemm = make_layer(d, d, n, k, r, max(token_counts))
         floor = n * r * (d + d) / (d * d)
         for tokens in token_counts:
             x = torch.randn(tokens, d)
             fns = {
                 "base": base,
-                "remix": lambda x, base=base, adapter=adapter: adapter(x, base(x)),
-                "naive": lambda x, base=base, adapter=adapter: naive_remix(base, adapter, x),
+                "remix": lambda x, pool=pool, gemm=gemm: pool(x, gemm),
+                "naive": lambda x, base=base, pool=pool: naive_remix(base, pool, x),
             }
             probe = time_interleaved(fns, x, 1)
             repeats = max(3, min(50, int(budget_s / max(sum(probe.values()), 1e-6))))

@@ -145,9 +145,9 @@ def machine_tag() -> str:
     return f"{platform.machine()}-{os.cpu_count()}cpu"
 
 
-def save_results(name: str, results: dict) -> Path:
-    """benchmarks/results/<date>-<machine>-<name>.json"""
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{date.today().isoformat()}-{machine_tag()}-{name}.json"
+def save_results(name: str, results: dict, directory: Path = RESULTS) -> Path:
+    """<directory, default benchmarks/results>/<date>-<machine>-<name>.json"""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{date.today().isoformat()}-{machine_tag()}-{name}.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
     return path

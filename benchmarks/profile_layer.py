@@ -1,14 +1,14 @@
-"""Where a ReMix layer's time goes: each stage of RemixAdapter.forward timed on its own.
+"""Where a ReMix layer's time goes: each stage of RemixPool's torch forward timed on its own.
 
 One d x d projection with a pool of n = 8 LoRAs, k = 4, r = 8 (the serving benchmark's
 configuration), float32, one torch thread (as in vLLM's CPU worker), interleaved medians. The
-stages are the layer's own methods, called in the order forward calls them:
+stages are the pool's own calls, in the order its forward makes them:
 
-    A + router GEMM   RemixAdapter.project      one GEMM for all LoRA A's and the router
+    stacked GEMM      gemm(x)                   one GEMM for the base rows, all A's and the router
     top-k             routing.topk_select       deterministic top-k (stable sort)
     gates             routing.routing_gates     constant omega on the k chosen
-    counters          RoutingCounters.record    routing statistics and the per-step selections
-    gated B GEMM      add_pool_outputs          gate the hidden states, B GEMM, add in place
+    counters          stats.record_routing      routing statistics and the per-step selections
+    gated B GEMM      _add_pool_outputs         gate the hidden states, B GEMM, add to the base
 
 "other" is the forward's time less the stages' sum (call and dispatch overhead between them).
 """
@@ -22,26 +22,28 @@ import torch
 from bench_layer import make_layer, time_interleaved
 from common import machine, save_results
 
+from remix_infer.ops.stats import record_routing
 from remix_infer.routing import routing_gates, topk_select
 
 
 def profile(d: int, tokens: int, n: int, k: int, r: int, repeats: int) -> dict[str, float]:
     """Microseconds per call of the base GEMM, each adapter stage and the whole adapter."""
-    base, adapter = make_layer(d, d, n, k, r, max_tokens=tokens)
+    base, pool, gemm = make_layer(d, d, n, k, r, max_tokens=tokens)
     x = torch.randn(tokens, d)
     with torch.no_grad():
-        base_out = base(x)
-        lora_h, logits = adapter.project(x)
+        y = gemm(x)
+        base_out, lora_h = y[:, :d], y[:, d : d + n * r]
+        logits = y[:, d + n * r :].unflatten(-1, (1, n))
         selected = topk_select(logits, k)
-        gates = routing_gates(logits, selected, adapter.omega, adapter.weighting)
+        gates = routing_gates(logits, selected, pool.layout.omega, pool.layout.weighting)
     stages = {
         "base GEMM": lambda x: base(x),
-        "adapter (whole)": lambda x: adapter(x, base_out),
-        "A + router GEMM": lambda x: adapter.project(x),
+        "adapter (whole)": lambda x: pool(x, gemm),
+        "stacked GEMM": lambda x: gemm(x),
         "top-k": lambda x: topk_select(logits, k),
-        "gates": lambda x: routing_gates(logits, selected, adapter.omega, adapter.weighting),
-        "counters": lambda x: adapter.counters.record(logits, gates),
-        "gated B GEMM": lambda x: adapter.add_pool_outputs(lora_h, gates, base_out),
+        "gates": lambda x: routing_gates(logits, selected, pool.layout.omega, "constant"),
+        "counters": lambda x: record_routing(pool.stats, pool.step_selected, logits, gates, k),
+        "gated B GEMM": lambda x: pool._add_pool_outputs(base_out, lora_h, gates),
     }
     t = {name: s * 1e6 for name, s in time_interleaved(stages, x, repeats).items()}
     parts = [name for name in stages if name not in ("base GEMM", "adapter (whole)")]

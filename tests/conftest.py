@@ -13,6 +13,10 @@ import shutil
 # transformers retry the hub for ~20 s before giving up. Must be set before huggingface_hub
 # is imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels (remix_infer.ops) run in Triton's interpreter where there is no GPU; it is
+# chosen when a kernel is defined, so before remix_infer.ops.triton_route is imported.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pathlib import Path  # noqa: E402
 

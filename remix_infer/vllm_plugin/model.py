@@ -1,5 +1,5 @@
 """ReMix model classes for vLLM: the family's own vLLM model with every targeted projection
-carrying a RemixAdapter.
+carrying a RemixPool (remix_infer.ops), bound to it by layer.RemixLinearMethod.
 
 The engine is pointed at the base model directory (so base weights load as usual, uncopied) with
 `hf_overrides={"architectures": [RemixXForCausalLM], "remix_checkpoint": DIR}`; see engine.py.
@@ -7,7 +7,6 @@ The engine is pointed at the base model directory (so base weights load as usual
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 
 import torch
@@ -33,7 +32,8 @@ from remix_infer.config import (
     module_path,
     tensor_name,
 )
-from remix_infer.vllm_plugin.layer import RemixAdapter
+from remix_infer.ops import PoolLayout, RemixPool
+from remix_infer.vllm_plugin.layer import RemixLinearMethod
 
 # vLLM projection -> (parent module, HF projections stacked in its output, in order)
 PROJECTIONS = {
@@ -42,27 +42,6 @@ PROJECTIONS = {
     "gate_up_proj": ("mlp", ["gate_proj", "up_proj"]),
     "down_proj": ("mlp", ["down_proj"]),
 }
-
-
-class RemixLinearMixin:
-    """Mixed into a vLLM parallel linear instance: its output plus the ReMix term.
-
-    The instance keeps its class's weights, names and weight loaders, so vLLM loads the base
-    weights exactly as for the plain model.
-    """
-
-    remix: RemixAdapter
-
-    def forward(self, x: torch.Tensor):  # noqa: ANN201 - same return as the base layer
-        out = super().forward(x)
-        if isinstance(out, tuple):
-            return self.remix(x, out[0]), out[1]
-        return self.remix(x, out)
-
-
-@functools.cache
-def _remix_linear_class(base_cls: type) -> type:
-    return type(f"Remix{base_cls.__name__}", (RemixLinearMixin, base_cls), {})
 
 
 def _shard_layout(
@@ -111,7 +90,7 @@ class RemixForCausalLMMixin:
         self.remix_checkpoint = vllm_config.model_config.hf_config.remix_checkpoint
         config = read_config(self.remix_checkpoint)
         self.remix_config: RemixConfig = config
-        self.remix_adapters: dict[str, RemixAdapter] = {}
+        self.remix_adapters: dict[str, RemixPool] = {}
         self._remix_shards: dict[str, list] = {}
         dtype = vllm_config.model_config.dtype
         max_step_tokens = vllm_config.scheduler_config.max_num_batched_tokens
@@ -119,42 +98,43 @@ class RemixForCausalLMMixin:
             if isinstance(layer, PPMissingLayer):
                 continue
             for proj, (parent_name, parts) in PROJECTIONS.items():
-                names = [
-                    module_path(index, p) if p in config.target_modules else None for p in parts
-                ]
-                if not any(names):
+                adapted = [i for i, p in enumerate(parts) if p in config.target_modules]
+                if not adapted:
                     continue
                 linear = getattr(getattr(layer, parent_name), proj)
                 width, out_sizes, reduce_input, shards = _shard_layout(linear, parts)
                 name = f"model.layers.{index}.{parent_name}.{proj}"
-                adapter = RemixAdapter(
-                    config, names, width, out_sizes, reduce_input, dtype, name, max_step_tokens
+                pool = RemixPool(
+                    PoolLayout.from_config(config, width, out_sizes, adapted),
+                    dtype,
+                    max_step_tokens,
+                    router_bias=config.router_bias,
+                    count_b=not (reduce_input and linear.tp_rank > 0),
+                    device=linear.weight.device,
+                    name=name,
+                    part_names=[module_path(index, parts[i]) for i in adapted],
                 )
-                linear.remix = adapter
-                linear.__class__ = _remix_linear_class(type(linear))
-                self.remix_adapters[name] = adapter
-                self._remix_shards[name] = shards
+                linear.remix = pool
+                linear.quant_method = RemixLinearMethod(linear.quant_method, pool, reduce_input)
+                self.remix_adapters[name] = pool
+                self._remix_shards[name] = [shards[i] for i in adapted]
 
     def _load_remix_weights(self) -> set[str]:
         """Load the (validated) adapter file into every adapter; returns the parameter names."""
         ckpt = load_checkpoint(self.remix_checkpoint)
         tensors = ckpt.tensors
-        for name, adapter in self.remix_adapters.items():
-            for part, module in enumerate(adapter.part_names):
-                if module is None:
-                    continue
-                cols, rows = self._remix_shards[name][part]
-                adapter.load_part(
+        for name, pool in self.remix_adapters.items():
+            for part, module, (cols, rows) in zip(
+                pool.layout.adapted, pool.part_names, self._remix_shards[name], strict=True
+            ):
+                bias = tensors.pop(tensor_name(module, ROUTER_BIAS), None)
+                pool.load_part(
                     part,
-                    tensors.pop(tensor_name(module, LORA_A)),
-                    tensors.pop(tensor_name(module, LORA_B)),
-                    tensors.pop(tensor_name(module, ROUTER_WEIGHT)),
-                    tensors.pop(tensor_name(module, ROUTER_BIAS), None),
-                    cols,
-                    rows,
+                    tensors.pop(tensor_name(module, LORA_A))[:, :, cols],
+                    tensors.pop(tensor_name(module, LORA_B))[:, rows, :],
+                    tensors.pop(tensor_name(module, ROUTER_WEIGHT))[:, cols],
+                    bias,
                 )
-        for adapter in self.remix_adapters.values():
-            adapter.prepare_kernels()  # kernels may prepack the weights just loaded
         held = {
             f"model.layers.{i}."
             for i, layer in enumerate(self.model.layers)

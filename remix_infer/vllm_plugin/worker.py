@@ -24,7 +24,7 @@ class RequestRoutingTracker:
     def __init__(self, adapters: list) -> None:
         self.adapters = adapters
         # the HF module of each row of the [P, n] totals, in adapter and part order
-        self.part_names = [p for adapter in adapters for p in adapter.part_names if p is not None]
+        self.part_names = [p for adapter in adapters for p in adapter.part_names]
         self.keys: dict[str, str] = {}  # engine request id -> routing key, while it runs
         self.totals: dict[str, torch.Tensor] = {}  # key -> selections, all parts, [P, n]
         self.tokens: dict[str, int] = {}
@@ -51,20 +51,20 @@ class RequestRoutingTracker:
             start += count
         if not spans:
             return
-        device = self.adapters[0].counters.step_selected.device
+        device = self.adapters[0].step_selected.device
         membership = torch.zeros(len(spans), start, device=device)  # [keys, tokens]
         for row, key_spans in enumerate(spans.values()):
             for a, b in key_spans:
                 membership[row, a:b] = 1
         counts = torch.cat(
             [
-                membership @ adapter.counters.step_selected[:start].flatten(1).float()
+                membership @ adapter.step_selected[:start].flatten(1).float()
                 for adapter in self.adapters
             ],
             dim=1,
         ).cpu()  # [keys, P * n]
         for row, (key, key_spans) in enumerate(spans.items()):
-            step = counts[row].view(-1, self.adapters[0].num_loras)
+            step = counts[row].view(-1, self.adapters[0].layout.num_loras)
             if key in self.totals:
                 self.totals[key] += step
             else:
@@ -94,17 +94,17 @@ class RemixWorkerExtension:
 
     def remix_routing_stats(self) -> dict[str, list[list[float]]]:
         """Per HF module (model.layers.{i}.self_attn.q_proj ...): its stats row [n + 3]
-        (see stats.py for the columns). Copies a few KB from the device."""
+        (remix_infer.ops.stats.StatsRow reads it). Copies a few KB from the device."""
         out = {}
         for adapter in self._remix_adapters():
-            stats = adapter.counters.stats.cpu()
-            for row, part in enumerate(p for p in adapter.part_names if p is not None):
+            stats = adapter.stats.cpu()
+            for row, part in enumerate(adapter.part_names):
                 out[part] = stats[row].tolist()
         return out
 
     def remix_reset_routing_stats(self) -> None:
         for adapter in self._remix_adapters():
-            adapter.counters.reset()
+            adapter.stats.zero_()
 
     def remix_track_request_routing(self) -> None:
         """Start attributing selections to requests that ask (ROUTING_KEY); idempotent."""
@@ -140,6 +140,6 @@ class RemixWorkerExtension:
             if not adapter.captured:
                 continue
             selected = torch.cat(adapter.captured)
-            for row, part in enumerate(p for p in adapter.part_names if p is not None):
+            for row, part in enumerate(adapter.part_names):
                 out[part] = selected[:, row].tolist()
         return out

@@ -1,0 +1,362 @@
+"""`make bench-gpu`: the ReMix serving layer (remix_infer.ops) on a GPU, without vLLM.
+
+A decoder stack without attention (RMSNorm, qkv, o, RMSNorm, gate_up, SiLU-and-mul, down,
+residuals) at Llama-3-8B and Llama-3.2-1B shapes, bf16, every projection carrying a pool of
+n = 8 LoRAs, k = 4, r = 8, against the same stack without adapters (base) and with one plain
+rank-32 LoRA per projection (two extra GEMMs each). Token counts 1 to 8192; eager, eager
+captured in a CUDA graph, and torch.compile (dynamic) captured in a CUDA graph (as vLLM runs
+on GPU); variants interleaved within each repeat so drift cancels; kernel launches per layer.
+
+Before timing, it checks on the device that the fast path (the Triton routing kernel, bf16)
+chooses the top-k the plain-torch float32 path chooses (except on true ties) and that their
+outputs agree within bf16 tolerance, and stops with an error if not: there is no other GPU test.
+
+Without a GPU it runs a small CPU shape (eager, float32, the torch kernel; the Triton kernel's
+check runs in Triton's interpreter) and says so. Ends with one JSON line; results JSON + PNG go
+to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # the Triton kernel can only run in its interpreter here
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+from common import RESULTS, git_revision, machine, save_results  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from remix_infer.config import RemixConfig  # noqa: E402
+from remix_infer.ops import FusedRemixLinear, PoolLayout, RemixPool  # noqa: E402
+
+SHAPES = {  # hidden, q width, kv width, intermediate
+    "llama3-8b": (4096, 4096, 1024, 14336),
+    "llama3.2-1b": (2048, 2048, 512, 8192),
+    "cpu-small": (512, 512, 128, 1408),
+}
+N, K, R = 8, 4, 8
+LORA_RANK = 32
+VARIANTS = ("base", "remix", "lora32")
+
+
+def pool_config() -> RemixConfig:
+    return RemixConfig(
+        base_model="bench", architecture="llama", num_layers=1, target_modules=["q_proj"],
+        num_loras=N, top_k=K, rank=R, omega=2.0 / (K * R),
+    )  # fmt: skip
+
+
+def projection_shapes(shape: str) -> dict[str, tuple[int, list[int]]]:
+    """Each projection of a decoder layer: input width and the output widths of its parts."""
+    hidden, q, kv, inter = SHAPES[shape]
+    return {
+        "qkv": (hidden, [q, kv, kv]),
+        "o": (q, [hidden]),
+        "gate_up": (hidden, [inter, inter]),
+        "down": (inter, [hidden]),
+    }
+
+
+def random_pool(
+    d_in: int, widths: list[int], dtype: torch.dtype, device: str, kernel: str, seed: int
+) -> RemixPool:
+    gen = torch.Generator().manual_seed(seed)
+    layout = PoolLayout.from_config(pool_config(), d_in, widths, list(range(len(widths))))
+    pool = RemixPool(layout, dtype, 8192, kernel=kernel, device=device)
+    with torch.no_grad():
+        pool.lora_a.copy_(torch.randn(pool.lora_a.shape, generator=gen) * d_in**-0.5)
+        pool.router.copy_(torch.randn(pool.router.shape, generator=gen) * d_in**-0.5)
+        for b in pool.lora_b:
+            b.copy_(torch.randn(b.shape, generator=gen) * 0.02)
+    return pool
+
+
+class LoraLinear(nn.Module):
+    """A base linear plus one plain LoRA: x W^T + (x A^T) B^T."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, seed: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        d_out, d_in = weight.shape
+        self.weight = weight
+        self.a = (torch.randn(rank, d_in, generator=gen) * d_in**-0.5).to(weight)
+        self.b = (torch.randn(d_out, rank, generator=gen) * 0.02).to(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight) + F.linear(F.linear(x, self.a), self.b)
+
+
+class PlainLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class DecoderStack(nn.Module):
+    """Decoder layers without attention (the q part of qkv stands in for attention's output)."""
+
+    def __init__(
+        self, shape: str, layers: int, variant: str, dtype: torch.dtype, device: str, kernel: str
+    ) -> None:
+        super().__init__()
+        self.q_width = SHAPES[shape][1]
+        self.layers = nn.ModuleList()
+        for i in range(layers):
+            projections = nn.ModuleDict()
+            for j, (name, (d_in, widths)) in enumerate(projection_shapes(shape).items()):
+                seed = 1000 * i + j
+                gen = torch.Generator().manual_seed(seed)
+                weight = (torch.randn(sum(widths), d_in, generator=gen) * d_in**-0.5).to(
+                    device=device, dtype=dtype
+                )
+                if variant == "remix":
+                    pool = random_pool(d_in, widths, dtype, device, kernel, seed)
+                    projections[name] = FusedRemixLinear(weight, pool)
+                elif variant == "lora32":
+                    projections[name] = LoraLinear(weight, LORA_RANK, seed)
+                else:
+                    projections[name] = PlainLinear(weight)
+            self.layers.append(projections)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for p in self.layers:
+            h = F.rms_norm(x, x.shape[-1:])
+            x = x + p["o"](p["qkv"](h)[:, : self.q_width])
+            gate, up = p["gate_up"](F.rms_norm(x, x.shape[-1:])).chunk(2, dim=-1)
+            x = x + p["down"](F.silu(gate) * up)
+        return x
+
+
+# --- the check on the device -------------------------------------------------------------
+
+
+def check_fast_path(device: str, dtype: torch.dtype, tokens: int, shape: str) -> dict:
+    """The fast kernel (triton, serving dtype) against the torch kernel in float32 on the same
+    weights and inputs: top-k sets equal except on true ties, outputs within tolerance."""
+    report = {}
+    for name, (d_in, widths) in projection_shapes(shape).items():
+        fast = random_pool(d_in, widths, dtype, device, "triton", seed=7)
+        oracle = random_pool(d_in, widths, torch.float32, device, "torch", seed=7)
+        with torch.no_grad():  # the oracle holds the serving dtype's values, in float32
+            oracle.lora_a.copy_(fast.lora_a.float())
+            for b_oracle, b_fast in zip(oracle.lora_b, fast.lora_b, strict=True):
+                b_oracle.copy_(b_fast.float())
+            weight = torch.randn(sum(widths), d_in, device=device) * d_in**-0.5
+            x = torch.randn(tokens, d_in, device=device).to(dtype)
+            got = FusedRemixLinear(weight.to(dtype), fast)(x).float()
+            oracle_layer = FusedRemixLinear(weight.to(dtype).float(), oracle)
+            want = oracle_layer(x.float())
+            logits = F.linear(x.float(), oracle.router).unflatten(-1, (len(widths), N))
+        differ = (fast.step_selected[:tokens] != oracle.step_selected[:tokens]).any(-1)
+        # a true tie: the k-th and (k+1)-th float32 logits within float32 rounding of each other
+        top = logits.sort(-1, descending=True).values
+        margin = (top[..., K - 1] - top[..., K]).abs()
+        tied = margin <= 1e-6 * top.abs().amax(-1).clamp_min(1.0)
+        error = ((got - want).norm() / want.norm()).item()
+        report[name] = {
+            "topk_disagreement": differ.float().mean().item(),
+            "disagreement_not_tie": (differ & ~tied).float().mean().item(),
+            "relative_error": error,
+        }
+        if (differ & ~tied).any() or error > 2e-2:
+            raise SystemExit(f"bench-gpu: the fast path disagrees with float32 on {name}: {report}")
+        del fast, oracle
+    return report
+
+
+# --- timing --------------------------------------------------------------------------------
+
+
+def timer(device: str) -> Callable[[Callable[[], object]], float]:
+    """Seconds per call of fn, synchronised with the device."""
+
+    def run(fn: Callable[[], object]) -> float:
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    return run
+
+
+def runner(stack: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], object]:
+    """A zero-argument call of the stack on x in this mode (graphs captured here)."""
+    if mode == "eager":
+        return lambda: stack(x)
+    fn = torch.compile(stack, dynamic=True) if mode == "compiled+graph" else stack
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up: compile, autotune, allocate
+            fn(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(x)
+    return graph.replay
+
+
+def launches_per_layer(stack: nn.Module, x: torch.Tensor, compiled: bool) -> float:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn = torch.compile(stack, dynamic=True) if compiled else stack
+    fn(x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(x)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return len(kernels) / len(stack.layers)
+
+
+def time_shape(args: argparse.Namespace, shape: str, device: str, dtype, kernel, modes) -> list:
+    stacks = {v: DecoderStack(shape, args.layers, v, dtype, device, kernel) for v in VARIANTS}
+    clock = timer(device)
+    rows = []
+    hidden = SHAPES[shape][0]
+    for mode in modes:
+        for tokens in tqdm(args.tokens, desc=f"{shape} {mode}", leave=False):
+            x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+            with torch.no_grad():
+                calls = {v: runner(stacks[v], x, mode) for v in VARIANTS}
+                for call in calls.values():
+                    call()
+                times = {v: [] for v in VARIANTS}
+                for _ in range(args.repeats):
+                    for v, call in calls.items():
+                        times[v].append(clock(call))
+            t = {v: statistics.median(times[v]) for v in VARIANTS}
+            rows.append(
+                {
+                    "shape": shape, "mode": mode, "tokens": tokens,
+                    **{f"{v}_ms": t[v] * 1e3 for v in VARIANTS},
+                    "remix_over_base": t["base"] / t["remix"],
+                    "lora32_over_base": t["base"] / t["lora32"],
+                    "remix_over_lora32": t["lora32"] / t["remix"],
+                }
+            )  # fmt: skip
+            del calls
+    if device == "cuda":
+        x = torch.randn(32, hidden, device=device, dtype=dtype)
+        with torch.no_grad():
+            for v in VARIANTS:
+                for compiled in (False, True):
+                    key = f"launches_{'compiled' if compiled else 'eager'}"
+                    rows.append(
+                        {"shape": shape, "variant": v, key: launches_per_layer(stacks[v], x, compiled)}
+                    )  # fmt: skip
+    return rows
+
+
+def plot(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if "mode" in r]
+    shapes = sorted({r["shape"] for r in timed})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes, strict=True):
+        for i, mode in enumerate(sorted({r["mode"] for r in timed if r["shape"] == shape})):
+            sub = [r for r in timed if r["shape"] == shape and r["mode"] == mode]
+            tokens = [r["tokens"] for r in sub]
+            ax.plot(tokens, [r["remix_over_base"] for r in sub], "o-", color=f"C{i}",
+                    label=f"ReMix, {mode}")  # fmt: skip
+            ax.plot(tokens, [r["lora32_over_base"] for r in sub], "x:", color=f"C{i}",
+                    label=f"rank-32 LoRA, {mode}")  # fmt: skip
+        ax.axhline(0.85, color="grey", linewidth=0.8, linestyle="--")
+        ax.set(xscale="log", xlabel="tokens", ylabel="base time / variant time", ylim=(0, 1.05),
+               title=f"{shape}: n={N} k={K} r={R}")  # fmt: skip
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def summary(rows: list[dict], shape: str, mode: str, device_name: str, check: dict) -> dict:
+    timed = {r["tokens"]: r for r in rows if r.get("shape") == shape and r.get("mode") == mode}
+    decode = timed[min(timed, key=lambda t: abs(t - 32))]
+    prefill = timed[min(timed, key=lambda t: abs(t - 4096))]
+    return {
+        "device": device_name,
+        "shape": shape,
+        "mode": mode,
+        "remix_over_base_decode": round(decode["remix_over_base"], 3),
+        "decode_tokens": decode["tokens"],
+        "remix_over_base_prefill": round(prefill["remix_over_base"], 3),
+        "prefill_tokens": prefill["tokens"],
+        "remix_over_lora32": round(min(r["remix_over_lora32"] for r in timed.values()), 3),
+        "bf16_topk_disagreement": max(c["topk_disagreement"] for c in check.values()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--tokens", type=int, nargs="+")
+    parser.add_argument("--shapes", nargs="+")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where results go")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        device, dtype, kernel = "cuda", torch.bfloat16, "triton"
+        shapes, modes = (
+            args.shapes or ["llama3-8b", "llama3.2-1b"],
+            ["eager", "graph", "compiled+graph"],
+        )
+        args.tokens = args.tokens or [1, 8, 32, 128, 256, 512, 2048, 4096, 8192]
+        device_name = torch.cuda.get_device_name()
+        check = check_fast_path(device, dtype, 4096, shapes[0])
+    else:
+        print("bench-gpu: no GPU here; running the small CPU shape (eager, float32, torch kernel)"
+              " and the Triton kernel's check in its interpreter", file=sys.stderr)  # fmt: skip
+        device, dtype, kernel = "cpu", torch.float32, "torch"
+        shapes, modes = args.shapes or ["cpu-small"], ["eager"]
+        args.tokens = args.tokens or [1, 8, 32, 128, 512, 4096]
+        args.repeats = min(args.repeats, 5)
+        device_name = f"cpu ({machine()}): no GPU, small shape"
+        check = check_fast_path("cpu", torch.bfloat16, 64, "cpu-small")
+    print(f"check on {device}: {json.dumps(check)}", file=sys.stderr)
+    rows = []
+    for shape in shapes:
+        rows += time_shape(args, shape, device, dtype, kernel, modes)
+    for r in rows:
+        if "mode" in r:
+            print(f"{r['shape']:12s} {r['mode']:15s} {r['tokens']:5d} tokens  remix/base "
+                  f"{r['remix_over_base']:.3f}  lora32/base {r['lora32_over_base']:.3f}  "
+                  f"remix/lora32 {r['remix_over_lora32']:.3f}", file=sys.stderr)  # fmt: skip
+        else:
+            print(f"{r['shape']:12s} launches per layer {r}", file=sys.stderr)
+    line = summary(rows, shapes[0], modes[-1], device_name, check)
+    results = {"summary": line, "check": check, "rows": rows, "revision": git_revision(),
+               "machine": machine(), "layers": args.layers, "pool": {"n": N, "k": K, "r": R}}  # fmt: skip
+    path = save_results("gpu", results, args.results)
+    plot(rows, path.with_suffix(".png"))
+    print(f"results: {path} (+ .png)", file=sys.stderr)
+    print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Routing statistics, accumulated on the device inside the forward, and their row layout.
+
+Each adapted projection keeps one float64 buffer `stats` [S, n + 3], one row per adapted part:
+
+    row[:n]        selections of each LoRA (a token choosing k LoRAs adds 1 to k of them)
+    row[TOKENS]    tokens routed                                   (TOKENS = n)
+    row[ENTROPY]   summed router entropy, nats: H(softmax(logits))  (ENTROPY = n + 1)
+    row[ESS]       summed effective support size of the routing weights, (sum w)^2 / sum w^2:
+                   exactly k per token for ReMix's constant weights, lower when softmax_topk
+                   weights collapse                                 (ESS = n + 2)
+
+`StatsRow` reads one row by these names; the engine writes it here and the server reads it with
+the same class. A second buffer, `step_selected` [max tokens per step, S, n] (uint8), keeps the
+latest forward's per-token selections, so that requests can be given their own routing.
+
+Padding rows (a CUDA graph's batch padded to its captured size) are not tokens. The engine says
+which rows they are through `set_padding_provider`, read when the op runs, not when it is traced,
+so compiled graphs see the mask of each step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+EXTRA_COLUMNS = 3  # tokens, entropy sum, ESS sum
+
+
+def stats_width(num_loras: int) -> int:
+    return num_loras + EXTRA_COLUMNS
+
+
+@dataclass(frozen=True)
+class StatsRow:
+    """One part's accumulated row, by name."""
+
+    selections: list[float]
+    tokens: float
+    entropy_sum: float
+    ess_sum: float
+
+    @classmethod
+    def parse(cls, row: list[float]) -> StatsRow:
+        n = len(row) - EXTRA_COLUMNS
+        return cls(list(row[:n]), row[n], row[n + 1], row[n + 2])
+
+
+_padding_provider: Callable[[], torch.Tensor | None] = lambda: None  # noqa: E731
+
+
+def set_padding_provider(provider: Callable[[], torch.Tensor | None]) -> None:
+    """provider() -> bool [T] (True = padding row) for the forward being run, or None."""
+    global _padding_provider
+    _padding_provider = provider
+
+
+def padding_mask(num_rows: int) -> torch.Tensor | None:
+    """The current forward's padding mask when it covers these rows, else None."""
+    padding = _padding_provider()
+    return padding if padding is not None and padding.shape[0] == num_rows else None
+
+
+def per_token_figures(
+    logits: torch.Tensor, gates: torch.Tensor, constant_k: int | None
+) -> torch.Tensor:
+    """[T, S, n + 3]: selected (0/1) per LoRA, 1 (a token), router entropy, ESS of the weights.
+
+    constant_k: for constant weights the ESS is k by construction and is not recomputed.
+    """
+    # exp(x - max) / sum: torch's CPU softmax over a last dim as short as n is several times
+    # slower than these three ops.
+    shifted = logits - logits.amax(-1, keepdim=True)
+    exp = shifted.exp()
+    total = exp.sum(-1, keepdim=True)
+    entropy = total.log() - (exp * shifted).sum(-1, keepdim=True) / total
+    if constant_k is None:  # over the n gates equals over the k weights: zeros add nothing
+        ess = gates.sum(-1, keepdim=True) ** 2 / (gates * gates).sum(-1, keepdim=True)
+    else:
+        ess = torch.full_like(entropy, constant_k)
+    return torch.cat(
+        [(gates != 0).to(logits.dtype), torch.ones_like(entropy), entropy, ess], dim=-1
+    )
+
+
+def accumulate_figures(
+    stats: torch.Tensor, step_selected: torch.Tensor, figures: torch.Tensor
+) -> None:
+    """stats [S, n+3] += figures [T, S, n+3] summed over real (non-padding) rows;
+    step_selected[:T] = this forward's selections."""
+    padding = padding_mask(figures.shape[0])
+    if padding is not None:
+        figures = figures * (~padding).to(figures.dtype)[:, None, None]
+    stats += figures.sum(0)
+    rows = min(figures.shape[0], step_selected.shape[0])
+    step_selected[:rows] = figures[:rows, :, : step_selected.shape[-1]]
+
+
+# Opaque to torch.compile (it mutates buffers and reads the padding mask at run time).
+torch.library.custom_op("remix::accumulate_figures", mutates_args=("stats", "step_selected"))(
+    accumulate_figures
+)
+
+
+def record_routing(
+    stats: torch.Tensor,
+    step_selected: torch.Tensor,
+    logits: torch.Tensor,
+    gates: torch.Tensor,
+    constant_k: int | None,
+) -> None:
+    """Add one forward's routing (logits and gates [T, S, n]) to the buffers."""
+    figures = per_token_figures(logits, gates, constant_k)
+    # Compiled graphs need the op; eager mode calls the function and skips the dispatcher.
+    if torch.compiler.is_compiling():
+        torch.ops.remix.accumulate_figures(stats, step_selected, figures)
+    else:
+        accumulate_figures(stats, step_selected, figures)

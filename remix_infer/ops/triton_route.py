@@ -1,0 +1,278 @@
+"""The routing kernel: one launch per adapted projection on the GPU (see pool.py for the math).
+
+Each program takes a block of tokens and one adapted part, reads x once for both of the part's
+products (the n*r LoRA A rows in the serving dtype; the n router rows in float32, IEEE, so bf16
+and fp16 serving choose what the float32 reference chooses), then
+
+    top-k of the logits, ties to the lower index (k rounds of argmax; argmax keeps the first)
+    gates: omega on the chosen, or omega * softmax over the chosen logits
+    writes [x | gated h] (x by part 0; gated h into the part's columns) for the one GEMM after
+    adds selections, tokens, entropy and ESS of its real (non-padding) rows to `stats`
+    writes the per-token selections into `step_selected`
+
+Few tokens leave most of the GPU idle, so the reduction over d_in may be split across SPLIT
+programs per block; each writes its partial products to a workspace and takes a ticket, and the
+last of them sums the partials in split order (deterministic) and routes. The tickets reset
+themselves, so the kernel needs no memset and runs under CUDA-graph capture.
+
+Registered as the custom op `torch.ops.remix.route` so torch.compile and graph capture keep it.
+Runs on CPU under the Triton interpreter (TRITON_INTERPRET=1), which the tests use.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from remix_infer.ops.stats import padding_mask
+
+MIN_BLOCK_T = 16  # tl.dot needs at least 16 rows
+# The interpreter's tl.dot misreads bf16 operands: there the A product runs in float32.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _route_block(
+    acc_h, acc_l, rows, row_ok, part,
+    bias_ptr, out_ptr, stats_ptr, step_ptr, pad_ptr,
+    stride_out, hidden_offset, omega, max_step_rows,
+    N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S: tl.constexpr,
+    N_PAD: tl.constexpr, NR_PAD: tl.constexpr,
+    SOFTMAX_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PADDING: tl.constexpr,
+):  # fmt: skip
+    """Route one block of tokens of one part from its products (float32)."""
+    lcols = tl.arange(0, N_PAD)
+    lcol_ok = lcols < N
+    logits = acc_l
+    if HAS_BIAS:
+        logits += tl.load(bias_ptr + part * N + lcols, mask=lcol_ok, other=0.0)[None, :]
+    logits = tl.where(lcol_ok[None, :], logits, float("-inf"))
+
+    work = logits
+    chosen = lcols[None, :] < 0  # all False, [1, N_PAD]; broadcasts on the first |
+    for _ in tl.static_range(K):
+        best = tl.argmax(work, axis=1, tie_break_left=True)
+        hit = lcols[None, :] == best[:, None]
+        chosen = chosen | hit
+        work = tl.where(hit, float("-inf"), work)
+
+    row_max = tl.max(logits, axis=1)
+    shifted = tl.where(lcol_ok[None, :], logits - row_max[:, None], 0.0)
+    ex = tl.where(lcol_ok[None, :], tl.exp(shifted), 0.0)
+    total = tl.sum(ex, axis=1)
+    entropy = tl.log(total) - tl.sum(ex * shifted, axis=1) / total
+    if SOFTMAX_GATES:  # the top logit is chosen, so exp(shifted) is the chosen softmax's numerator
+        chosen_ex = tl.where(chosen, ex, 0.0)
+        gates = omega * chosen_ex / tl.sum(chosen_ex, axis=1)[:, None]
+        ess = tl.sum(gates, axis=1) * tl.sum(gates, axis=1) / tl.sum(gates * gates, axis=1)
+    else:
+        gates = tl.where(chosen, omega, 0.0)
+        ess = tl.zeros_like(entropy) + K
+
+    # Each hidden column c belongs to LoRA c // R: spread the n gates over the n*r columns.
+    hcols = tl.arange(0, NR_PAD)
+    owner = hcols // R
+    col_gate = tl.zeros_like(acc_h)
+    for j in tl.static_range(N):
+        gate_j = tl.sum(tl.where(lcols[None, :] == j, gates, 0.0), axis=1)
+        col_gate = tl.where(owner[None, :] == j, gate_j[:, None], col_gate)
+    hidden = acc_h * col_gate
+    out_cols = hidden_offset + part * N * R + hcols
+    tl.store(
+        out_ptr + rows[:, None] * stride_out + out_cols[None, :],
+        hidden.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & (hcols < N * R)[None, :],
+    )
+
+    real = row_ok
+    if HAS_PADDING:
+        real = real & (tl.load(pad_ptr + rows, mask=row_ok, other=1) == 0)
+    real_f = tl.where(real, 1.0, 0.0)
+    counts = tl.sum(tl.where(chosen & real[:, None], 1.0, 0.0), axis=0)
+    stats_row = stats_ptr + part * (N + 3)
+    tl.atomic_add(stats_row + lcols, counts.to(tl.float64), mask=lcol_ok)
+    tl.atomic_add(stats_row + N, tl.sum(real_f, axis=0).to(tl.float64))
+    tl.atomic_add(stats_row + N + 1, tl.sum(entropy * real_f, axis=0).to(tl.float64))
+    tl.atomic_add(stats_row + N + 2, tl.sum(ess * real_f, axis=0).to(tl.float64))
+    tl.store(
+        step_ptr + (rows[:, None] * S + part) * N + lcols[None, :],
+        chosen.to(tl.uint8),
+        mask=(row_ok & (rows < max_step_rows))[:, None] & lcol_ok[None, :],
+    )
+
+
+@triton.jit
+def _remix_route_kernel(
+    x_ptr, a_ptr, router_ptr, bias_ptr, h_ptr, logits_ptr,
+    out_ptr, ws_ptr, sem_ptr, stats_ptr, step_ptr, pad_ptr,
+    T, D, D_PER_SPLIT, stride_x, stride_out, omega, max_step_rows,
+    N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S: tl.constexpr,
+    N_PAD: tl.constexpr, NR_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
+    FUSED: tl.constexpr, IEEE_A: tl.constexpr,
+    SOFTMAX_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PADDING: tl.constexpr,
+):  # fmt: skip
+    block, part, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    hcols = tl.arange(0, NR_PAD)
+    lcols = tl.arange(0, N_PAD)
+    acc_h = tl.zeros([BLOCK_T, NR_PAD], dtype=tl.float32)
+    acc_l = tl.zeros([BLOCK_T, N_PAD], dtype=tl.float32)
+    copy_x = rows < tl.where(part == 0, T, 0)  # part 0 copies x into the GEMM's input
+    if FUSED:
+        a_rows = part * N * R + hcols
+        p_rows = part * N + lcols
+        for d0 in range(0, D_PER_SPLIT, BLOCK_D):
+            dcols = split * D_PER_SPLIT + d0 + tl.arange(0, BLOCK_D)
+            d_ok = dcols < D
+            x = tl.load(
+                x_ptr + rows[:, None] * stride_x + dcols[None, :],
+                mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            tl.store(
+                out_ptr + rows[:, None] * stride_out + dcols[None, :],
+                x,
+                mask=copy_x[:, None] & d_ok[None, :],
+            )
+            a = tl.load(
+                a_ptr + a_rows[:, None] * D + dcols[None, :],
+                mask=(hcols < N * R)[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            if IEEE_A:
+                acc_h += tl.dot(
+                    x.to(tl.float32), tl.trans(a).to(tl.float32), input_precision="ieee"
+                )
+            else:
+                acc_h += tl.dot(x, tl.trans(a))
+            p = tl.load(
+                router_ptr + p_rows[:, None] * D + dcols[None, :],
+                mask=(lcols < N)[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            acc_l += tl.dot(x.to(tl.float32), tl.trans(p), input_precision="ieee")
+    else:  # products given (summed over a row-parallel group): copy x, load them
+        for d0 in range(0, D, BLOCK_D):
+            dcols = d0 + tl.arange(0, BLOCK_D)
+            mask = copy_x[:, None] & (dcols < D)[None, :]
+            x = tl.load(x_ptr + rows[:, None] * stride_x + dcols[None, :], mask=mask)
+            tl.store(out_ptr + rows[:, None] * stride_out + dcols[None, :], x, mask=mask)
+        acc_h = tl.load(
+            h_ptr + rows[:, None] * (S * N * R) + part * N * R + hcols[None, :],
+            mask=row_ok[:, None] & (hcols < N * R)[None, :],
+            other=0.0,
+        )
+        acc_l = tl.load(
+            logits_ptr + rows[:, None] * (S * N) + part * N + lcols[None, :],
+            mask=row_ok[:, None] & (lcols < N)[None, :],
+            other=0.0,
+        )
+
+    if SPLIT == 1:
+        _route_block(
+            acc_h, acc_l, rows, row_ok, part, bias_ptr, out_ptr, stats_ptr, step_ptr, pad_ptr,
+            stride_out, D, omega, max_step_rows, N, R, K, S, N_PAD, NR_PAD,
+            SOFTMAX_GATES, HAS_BIAS, HAS_PADDING,
+        )  # fmt: skip
+    else:
+        # Workspace [SPLIT, S, blocks * BLOCK_T, NR_PAD + N_PAD]: this split's partials.
+        W: tl.constexpr = NR_PAD + N_PAD
+        blocks = tl.num_programs(0)
+        slot = ((split * S + part) * blocks * BLOCK_T + rows) * W
+        tl.store(ws_ptr + slot[:, None] + hcols[None, :], acc_h)
+        tl.store(ws_ptr + slot[:, None] + NR_PAD + lcols[None, :], acc_l)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(sem_ptr + block * S + part, 1, sem="acq_rel")
+        if ticket == SPLIT - 1:  # the last split of this block: sum all, in split order
+            acc_h = tl.zeros([BLOCK_T, NR_PAD], dtype=tl.float32)
+            acc_l = tl.zeros([BLOCK_T, N_PAD], dtype=tl.float32)
+            for j in tl.static_range(SPLIT):
+                slot_j = ((j * S + part) * blocks * BLOCK_T + rows) * W
+                acc_h += tl.load(ws_ptr + slot_j[:, None] + hcols[None, :], cache_modifier=".cg")
+                acc_l += tl.load(
+                    ws_ptr + slot_j[:, None] + NR_PAD + lcols[None, :], cache_modifier=".cg"
+                )
+            tl.atomic_xchg(sem_ptr + block * S + part, 0)
+            _route_block(
+                acc_h, acc_l, rows, row_ok, part, bias_ptr, out_ptr, stats_ptr, step_ptr,
+                pad_ptr, stride_out, D, omega, max_step_rows, N, R, K, S, N_PAD, NR_PAD,
+                SOFTMAX_GATES, HAS_BIAS, HAS_PADDING,
+            )  # fmt: skip
+
+
+def _block_t(tokens: int) -> int:
+    return MIN_BLOCK_T if tokens <= 256 else 64
+
+
+def semaphore_size(max_tokens: int, num_parts: int) -> int:
+    """Tickets for the largest grid: one per (block of MIN_BLOCK_T tokens, part)."""
+    return triton.cdiv(max(max_tokens, 1), MIN_BLOCK_T) * num_parts
+
+
+def choose_split(blocks: int, num_parts: int, in_features: int, block_d: int) -> int:
+    """Enough programs to fill the GPU (or 1 on CPU), never more splits than d_in blocks."""
+    if not torch.cuda.is_available():
+        return 1
+    target = 2 * torch.cuda.get_device_properties(0).multi_processor_count
+    return max(1, min(target // (blocks * num_parts), triton.cdiv(in_features, block_d), 16))
+
+
+def route(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    router: torch.Tensor,
+    router_bias: torch.Tensor | None,
+    out: torch.Tensor,
+    stats: torch.Tensor,
+    step_selected: torch.Tensor,
+    semaphore: torch.Tensor,
+    lora_h: torch.Tensor | None,
+    logits: torch.Tensor | None,
+    num_loras: int,
+    rank: int,
+    top_k: int,
+    omega: float,
+    softmax_gates: bool,
+    split: int = 0,
+) -> None:
+    """Launch the kernel (see the module docstring). lora_h [T, S*n*r] and logits [T, S*n],
+    float32, when the products are given; split 0 = choose it here."""
+    tokens, d_in = x.shape
+    num_parts = stats.shape[0]
+    if tokens == 0:
+        return
+    n_pad = max(16, triton.next_power_of_2(num_loras))
+    nr_pad = max(16, triton.next_power_of_2(num_loras * rank))
+    block_t, block_d = _block_t(tokens), 64 if x.dtype == torch.float32 else 128
+    blocks = triton.cdiv(tokens, block_t)
+    fused = lora_h is None
+    split = split or (choose_split(blocks, num_parts, d_in, block_d) if fused else 1)
+    d_per_split = triton.cdiv(triton.cdiv(d_in, block_d), split) * block_d
+    workspace = (
+        x.new_empty(split, num_parts, blocks * block_t, nr_pad + n_pad, dtype=torch.float32)
+        if split > 1
+        else stats  # unused
+    )
+    padding = padding_mask(tokens)
+    _remix_route_kernel[(blocks, num_parts, split)](
+        x, lora_a, router, router_bias if router_bias is not None else router,
+        lora_h if lora_h is not None else x, logits if logits is not None else x,
+        out, workspace, semaphore, stats, step_selected,
+        padding.view(torch.uint8) if padding is not None else x,
+        tokens, d_in, d_per_split, x.stride(0), out.stride(0), float(omega),
+        step_selected.shape[0],
+        N=num_loras, R=rank, K=top_k, S=num_parts, N_PAD=n_pad, NR_PAD=nr_pad,
+        BLOCK_T=block_t, BLOCK_D=block_d, SPLIT=split, FUSED=fused,
+        IEEE_A=x.dtype == torch.float32 or INTERPRETED, SOFTMAX_GATES=softmax_gates,
+        HAS_BIAS=router_bias is not None, HAS_PADDING=padding is not None,
+    )  # fmt: skip
+
+
+torch.library.custom_op(
+    "remix::route", mutates_args=("out", "stats", "step_selected", "semaphore")
+)(route)

@@ -1,0 +1,36 @@
+"""`make bench-gpu` without a GPU: its small CPU run, which CI can afford, ends with its JSON line
+after checking the Triton kernel (in the interpreter) against the float32 torch path."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="on a GPU host `make bench-gpu` runs the real one"
+)
+def test_bench_gpu_cpu_smoke(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "bench_gpu.py", "--tokens", "1", "16", "--repeats", "1",
+         "--results", str(tmp_path)],
+        cwd=BENCHMARKS, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no GPU here" in proc.stderr
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("remix_over_base_decode", "remix_over_base_prefill", "remix_over_lora32"):
+        assert math.isfinite(line[key]) and line[key] > 0, (key, line)
+    assert line["bf16_topk_disagreement"] == 0.0
+    results = json.loads(next(tmp_path.glob("*-gpu.json")).read_text())
+    assert {r["tokens"] for r in results["rows"]} == {1, 16}
+    assert set(results["check"]) == {"qkv", "o", "gate_up", "down"}
+    assert next(tmp_path.glob("*-gpu.png")).stat().st_size > 0

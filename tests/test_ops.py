@@ -1,0 +1,240 @@
+"""remix_infer.ops, the serving layer's math, against the reference model (remix_infer.modeling).
+
+Both kernels run here: "torch" natively, "triton" under the Triton interpreter where there is no
+GPU (conftest.py sets TRITON_INTERPRET), at small shapes. The same checks run on a GPU in `make bench-gpu` before it times anything.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from remix_infer.config import RemixConfig
+from remix_infer.modeling import RemixLinear
+from remix_infer.ops import FusedRemixLinear, PoolLayout, RemixPool, StatsRow, set_padding_provider
+from remix_infer.ops.stats import stats_width
+from remix_infer.ops.triton_route import route
+
+D_IN = 48
+N, K, R = 6, 2, 4
+MERGED = {  # parts of a merged projection (like qkv_proj) and which carry a pool
+    "one part": ((40,), (0,)),
+    "two parts": ((32, 24), (0, 1)),
+    "three parts": ((32, 16, 16), (0, 1, 2)),
+    "middle part not adapted": ((32, 16, 16), (0, 2)),
+}
+
+
+def config(weighting: str = "constant", router_bias: bool = True) -> RemixConfig:
+    return RemixConfig(
+        base_model="test", architecture="llama", num_layers=1, target_modules=["q_proj"],
+        num_loras=N, top_k=K, rank=R, omega=0.7, weighting=weighting, router_bias=router_bias,
+    )  # fmt: skip
+
+
+def build(kernel, parts, adapted, weighting="constant", dtype=torch.float32, seed=0, **pool_kw):
+    """A FusedRemixLinear of random weights and, per adapted part, the reference RemixLinear
+    holding the same tensors (over the same base rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = config(weighting)
+    weight = torch.randn(sum(parts), D_IN, generator=gen) * D_IN**-0.5
+    layout = PoolLayout.from_config(cfg, D_IN, list(parts), list(adapted))
+    pool = RemixPool(layout, dtype, 256, router_bias=True, kernel=kernel, device="cpu", **pool_kw)
+    references = {}
+    starts = [sum(parts[:i]) for i in range(len(parts))]
+    for part in adapted:
+        base = nn.Linear(D_IN, parts[part], bias=False)
+        base.weight.data = weight[starts[part] : starts[part] + parts[part]].clone()
+        ref = RemixLinear(base, cfg).eval()
+        with torch.no_grad():
+            ref.lora_a.normal_(0, D_IN**-0.5, generator=gen)
+            ref.lora_b.normal_(0, 0.3, generator=gen)
+            ref.router.weight.normal_(0, 1.0, generator=gen)
+            ref.router.bias.normal_(0, 0.5, generator=gen)
+        pool.load_part(part, ref.lora_a, ref.lora_b, ref.router.weight, ref.router.bias)
+        references[part] = ref
+    return FusedRemixLinear(weight.to(dtype), pool), references, weight
+
+
+def reference_outputs(references, weight, parts, x):
+    """The reference model's output of the whole projection, and its top-k per adapted part."""
+    out = F.linear(x, weight).clone()
+    starts = [sum(parts[:i]) for i in range(len(parts))]
+    selected = []
+    for part, ref in references.items():
+        out[:, starts[part] : starts[part] + parts[part]] = ref(x)
+        selected.append(ref.last_routing.selected)
+    return out, torch.stack(selected, 1)  # [T, d_out], [T, S, k]
+
+
+def as_mask(selected: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(*selected.shape[:-1], N, dtype=torch.uint8).scatter_(-1, selected, 1)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+@pytest.mark.parametrize("weighting", ["constant", "softmax_topk"])
+@pytest.mark.parametrize("merged", list(MERGED))
+def test_pool_matches_reference(kernel, weighting, merged):
+    parts, adapted = MERGED[merged]
+    layer, references, weight = build(kernel, parts, adapted, weighting)
+    layer.pool.capture_selections = True
+    x = torch.randn(37, D_IN, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = layer(x)
+        want, selected = reference_outputs(references, weight, parts, x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(layer.pool.step_selected[:37], as_mask(selected))
+    if kernel == "torch":  # the ordered top-k, largest first
+        assert torch.equal(layer.pool.captured[0], selected)
+    stats = layer.pool.stats
+    for j, ref in enumerate(references.values()):
+        row = StatsRow.parse(stats[j].tolist())
+        assert row.selections == torch.bincount(selected[:, j].flatten(), minlength=N).tolist()
+        assert row.tokens == 37
+        probs = torch.softmax(ref.last_routing.logits, -1)
+        assert row.entropy_sum == pytest.approx(torch.special.entr(probs).sum().item(), rel=1e-5)
+        weights = ref.last_routing.weights
+        ess = (weights.sum(-1) ** 2 / (weights**2).sum(-1)).sum().item()
+        assert row.ess_sum == pytest.approx(ess, rel=1e-5)
+
+
+@pytest.mark.parametrize("weighting", ["constant", "softmax_topk"])
+def test_triton_kernel_equals_torch_kernel(weighting):
+    """Same weights through both kernels: same selections, statistics and outputs."""
+    parts, adapted = MERGED["three parts"]
+    layers = [build(kernel, parts, adapted, weighting)[0] for kernel in ("torch", "triton")]
+    x = torch.randn(70, D_IN, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        outs = [layer(x) for layer in layers]
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layers[1].pool.stats, layers[0].pool.stats, rtol=1e-6, atol=1e-9)
+    assert torch.equal(layers[1].pool.step_selected, layers[0].pool.step_selected)
+
+
+def test_split_reduction_is_deterministic_and_resets_its_tickets():
+    """Splitting d_in across programs gives bit-identical results to one program."""
+    parts, adapted = MERGED["two parts"]
+    pool = build("triton", parts, adapted)[0].pool
+    x = torch.randn(40, D_IN, generator=torch.Generator().manual_seed(3))
+    results = []
+    for split in (1, 3, 1):
+        pool.stats.zero_()
+        out = x.new_empty(40, D_IN + pool.layout.pool_width)
+        route(
+            x, pool.lora_a, pool.router, pool.router_bias, out, pool.stats, pool.step_selected,
+            pool.semaphore, None, None, N, R, K, 0.7, False, split=split,
+        )  # fmt: skip
+        results.append((out, pool.stats.clone()))
+        assert int(pool.semaphore.abs().sum()) == 0
+    for out, stats in results[1:]:
+        assert torch.equal(out, results[0][0])
+        assert torch.equal(stats, results[0][1])
+    assert torch.equal(results[0][0][:, :D_IN], x)  # x copied for the one GEMM
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_padding_rows_are_not_counted(kernel):
+    parts, adapted = MERGED["one part"]
+    layer = build(kernel, parts, adapted)[0]
+    x = torch.randn(20, D_IN, generator=torch.Generator().manual_seed(4))
+    padding = torch.zeros(20, dtype=torch.bool)
+    padding[13:] = True
+    set_padding_provider(lambda: padding)
+    try:
+        with torch.no_grad():
+            layer(x)
+    finally:
+        set_padding_provider(lambda: None)
+    row = StatsRow.parse(layer.pool.stats[0].tolist())
+    assert row.tokens == 13
+    assert sum(row.selections) == 13 * K
+    assert row.ess_sum == pytest.approx(13 * K)
+    unpadded = build(kernel, parts, adapted)[0]
+    with torch.no_grad():
+        unpadded(x[:13])
+    torch.testing.assert_close(layer.pool.stats, unpadded.pool.stats, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_ties_go_to_the_lower_index(kernel):
+    """Routers whose rows are equal give equal logits: the lower-indexed LoRAs win."""
+    parts, adapted = MERGED["one part"]
+    layer = build(kernel, parts, adapted)[0]
+    with torch.no_grad():
+        layer.pool.router[:] = layer.pool.router[0]
+        layer.pool.router_bias.zero_()
+        layer.refold(torch.zeros(40, D_IN))
+        layer(torch.randn(5, D_IN))
+    assert layer.pool.step_selected[:5, 0].tolist() == [[1] * K + [0] * (N - K)] * 5
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_row_parallel_shards_sum_to_the_whole(kernel):
+    """Two ranks of a row-parallel layer: each sees half of d_in, sums its partial pool products
+    with the other's (the all-reduce), and only rank 0 adds B's term; the sum of their outputs
+    (vLLM's all-reduce) is the unsharded layer's output, with the same routing on both."""
+    parts, adapted = MERGED["one part"]
+    whole, _, weight = build(kernel, parts, adapted)
+    x = torch.randn(24, D_IN, generator=torch.Generator().manual_seed(5))
+    half = D_IN // 2
+    shards = []
+    for rank, cols in enumerate((slice(0, half), slice(half, D_IN))):
+        layout = PoolLayout.from_config(config(), half, list(parts), list(adapted))
+        pool = RemixPool(layout, torch.float32, 64, True, kernel, count_b=rank == 0, device="cpu")
+        src = whole.pool
+        pool.load_part(
+            0,
+            src.lora_a.view(N, R, D_IN)[:, :, cols],
+            src.lora_b[0].view(-1, N, R).permute(1, 0, 2),
+            src.router[:, cols],
+            src.router_bias[0],
+        )
+        shards.append((FusedRemixLinear(weight[:, cols], pool), x[:, cols]))
+
+    def partial_products(layer, xs):  # what the other rank contributes to the all-reduce
+        pool = layer.pool
+        return [F.linear(xs, pool.lora_a).float(), F.linear(xs.float(), pool.router)]
+
+    outs = []
+    with torch.no_grad():
+        for rank, (layer, xs) in enumerate(shards):
+            other = partial_products(*shards[1 - rank])
+            folded = layer.folded
+            outs.append(layer.pool(xs, lambda z, w=folded: F.linear(z, w), None, _adder(other)))
+        torch.testing.assert_close(outs[0] + outs[1], whole(x), atol=1e-5, rtol=1e-5)
+    for layer, _ in shards:
+        assert torch.equal(layer.pool.step_selected[:24], whole.pool.step_selected[:24])
+
+
+def _adder(others: list[torch.Tensor]):
+    """A stand-in all-reduce: adds the other rank's partials, in the order the pool asks."""
+    queue = list(others)
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        other = queue.pop(0)
+        return t + other.to(t.dtype).reshape(t.shape)
+
+    return reduce
+
+
+def test_bf16_chooses_what_float32_chooses():
+    """Router logits are float32 on every path: a bf16 layer's top-k equals the float32
+    reference's (these random logits have no near-ties at float32 resolution)."""
+    parts, adapted = MERGED["three parts"]
+    x = torch.randn(64, D_IN, generator=torch.Generator().manual_seed(6)).bfloat16()
+    masks = []
+    for kernel, dtype in (("torch", torch.float32), ("torch", torch.bfloat16), ("triton", torch.bfloat16)):  # fmt: skip
+        layer = build(kernel, parts, adapted, dtype=dtype)[0]
+        with torch.no_grad():
+            layer(x.to(dtype))
+        masks.append(layer.pool.step_selected[:64].clone())
+    assert torch.equal(masks[1], masks[0])
+    assert torch.equal(masks[2], masks[0])
+
+
+def test_stats_row_names_the_columns():
+    row = StatsRow.parse([3.0, 1.0, 0.0, 2.0, 3.5, 6.0])
+    assert (row.selections, row.tokens, row.entropy_sum, row.ess_sum) == ([3, 1, 0], 2, 3.5, 6)
+    assert stats_width(3) == 6
