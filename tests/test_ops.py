@@ -159,12 +159,13 @@ def test_padding_rows_are_not_counted(kernel):
 
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
 def test_ties_go_to_the_lower_index(kernel):
-    """Routers whose rows are equal give equal logits: the lower-indexed LoRAs win."""
+    """Equal logits (zero routers, equal biases, as in a router that was never trained): the
+    lower-indexed LoRAs win."""
     parts, adapted = MERGED["one part"]
     layer = build(kernel, parts, adapted)[0]
     with torch.no_grad():
-        layer.pool.router[:] = layer.pool.router[0]
-        layer.pool.router_bias.zero_()
+        layer.pool.router.zero_()
+        layer.pool.router_bias.fill_(0.25)
         layer.refold(torch.zeros(40, D_IN))
         layer(torch.randn(5, D_IN))
     assert layer.pool.step_selected[:5, 0].tolist() == [[1] * K + [0] * (N - K)] * 5
@@ -238,3 +239,18 @@ def test_stats_row_names_the_columns():
     row = StatsRow.parse([3.0, 1.0, 0.0, 2.0, 3.5, 6.0])
     assert (row.selections, row.tokens, row.entropy_sum, row.ess_sum) == ([3, 1, 0], 2, 3.5, 6)
     assert stats_width(3) == 6
+
+
+def test_triton_kernel_survives_torch_compile():
+    """The kernel is a registered custom op: a compiled layer (one graph, dynamic shapes) runs
+    it, gives the eager layer's output and still updates the statistics."""
+    parts, adapted = MERGED["three parts"]
+    layer = build("triton", parts, adapted)[0]
+    x = torch.randn(37, D_IN, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        eager = layer(x)
+        stats = layer.pool.stats.clone()
+        compiled = torch.compile(layer, dynamic=True, fullgraph=True)
+        torch.testing.assert_close(compiled(x), eager, atol=1e-6, rtol=1e-6)
+        assert torch.equal(layer.pool.stats, 2 * stats)
+        assert compiled(x[:21]).shape == (21, sum(parts))

@@ -241,9 +241,12 @@ class RemixPool(nn.Module):
     def _add_pool_outputs(
         self, base: torch.Tensor, lora_h: torch.Tensor, gates: torch.Tensor
     ) -> torch.Tensor:
-        """A new contiguous [T, d_out]: base + each adapted part's gated B product."""
+        """base + each adapted part's gated B product, [T, d_out]: a new tensor for one part;
+        for merged parts, added in place into base (a view of the stacked GEMM's output, whose
+        row stride skips the pool's columns: vLLM's CPU ops after a merged projection, the qkv
+        split, rotary embedding and SiLU-and-mul, take strided rows)."""
         layout = self.layout
-        if not self.count_b:
+        if not self.count_b:  # another rank adds B; vLLM all-reduces this, which needs it dense
             return base.contiguous()
         s, nr, tokens = layout.num_parts, layout.num_loras * layout.rank, base.shape[0]
         # Gate the pool's hidden states part-major ([S, T, n*r]): each B product reads a
@@ -256,11 +259,10 @@ class RemixPool(nn.Module):
         )
         if layout.part_widths == (layout.out_features,):  # one part: add into its product
             return self._product_b[0](hidden[0]).add_(base)
-        out = base.contiguous()  # a copy: base is a view into the stacked GEMM's output
         columns = layout.part_columns()
         for j, part in enumerate(layout.adapted):
-            out[:, columns[part]].add_(self._product_b[j](hidden[j]))
-        return out
+            base[:, columns[part]].add_(self._product_b[j](hidden[j]))
+        return base
 
     def _route_triton(self, x: torch.Tensor, reduce: Callable | None) -> torch.Tensor:
         """[x | gated h] for the column-stacked GEMM, written by the routing kernel."""

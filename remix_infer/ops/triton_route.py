@@ -21,6 +21,7 @@ Runs on CPU under the Triton interpreter (TRITON_INTERPRET=1), which the tests u
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -214,11 +215,17 @@ def semaphore_size(max_tokens: int, num_parts: int) -> int:
     return triton.cdiv(max(max_tokens, 1), MIN_BLOCK_T) * num_parts
 
 
-def choose_split(blocks: int, num_parts: int, in_features: int, block_d: int) -> int:
-    """Enough programs to fill the GPU (or 1 on CPU), never more splits than d_in blocks."""
+@functools.cache
+def _target_programs() -> int:
+    """Two programs per SM of the GPU; 0 without one (the interpreter: no split)."""
     if not torch.cuda.is_available():
-        return 1
-    target = 2 * torch.cuda.get_device_properties(0).multi_processor_count
+        return 0
+    return 2 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+def choose_split(blocks: int, num_parts: int, in_features: int, block_d: int) -> int:
+    """Enough programs to fill the GPU, never more splits than d_in has blocks, at most 16."""
+    target = _target_programs()
     return max(1, min(target // (blocks * num_parts), triton.cdiv(in_features, block_d), 16))
 
 
