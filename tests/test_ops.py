@@ -254,3 +254,10 @@ def test_triton_kernel_survives_torch_compile():
         torch.testing.assert_close(compiled(x), eager, atol=1e-6, rtol=1e-6)
         assert torch.equal(layer.pool.stats, 2 * stats)
         assert compiled(x[:21]).shape == (21, sum(parts))
+
+
+def test_more_tokens_than_the_pool_was_sized_for_are_refused():
+    parts, adapted = MERGED["one part"]
+    layer = build("triton", parts, adapted)[0]  # sized for 256 tokens per step
+    with pytest.raises(ValueError, match="max_step_tokens"):
+        layer(torch.randn(300, D_IN))

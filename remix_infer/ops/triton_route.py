@@ -182,9 +182,8 @@ def _remix_route_kernel(
         )  # fmt: skip
     else:
         # Workspace [SPLIT, S, blocks * BLOCK_T, NR_PAD + N_PAD]: this split's partials.
-        W: tl.constexpr = NR_PAD + N_PAD
         blocks = tl.num_programs(0)
-        slot = ((split * S + part) * blocks * BLOCK_T + rows) * W
+        slot = ((split * S + part) * blocks * BLOCK_T + rows) * (NR_PAD + N_PAD)
         tl.store(ws_ptr + slot[:, None] + hcols[None, :], acc_h)
         tl.store(ws_ptr + slot[:, None] + NR_PAD + lcols[None, :], acc_l)
         tl.debug_barrier()
@@ -193,7 +192,7 @@ def _remix_route_kernel(
             acc_h = tl.zeros([BLOCK_T, NR_PAD], dtype=tl.float32)
             acc_l = tl.zeros([BLOCK_T, N_PAD], dtype=tl.float32)
             for j in tl.static_range(SPLIT):
-                slot_j = ((j * S + part) * blocks * BLOCK_T + rows) * W
+                slot_j = ((j * S + part) * blocks * BLOCK_T + rows) * (NR_PAD + N_PAD)
                 acc_h += tl.load(ws_ptr + slot_j[:, None] + hcols[None, :], cache_modifier=".cg")
                 acc_l += tl.load(
                     ws_ptr + slot_j[:, None] + NR_PAD + lcols[None, :], cache_modifier=".cg"
@@ -253,6 +252,8 @@ def route(
     num_parts = stats.shape[0]
     if tokens == 0:
         return
+    if semaphore.numel() < semaphore_size(tokens, num_parts):
+        raise ValueError(f"{tokens} tokens: more than the pool's max_step_tokens")
     n_pad = max(16, triton.next_power_of_2(num_loras))
     nr_pad = max(16, triton.next_power_of_2(num_loras * rank))
     block_t, block_d = _block_t(tokens), 64 if x.dtype == torch.float32 else 128
