@@ -11,12 +11,23 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from remix_infer.config import RemixConfig, split_module_path
+
+if TYPE_CHECKING:
+    from server.engine_client import RemixEngine
 
 
 @dataclass
@@ -204,3 +215,25 @@ class RoutingCollector(Collector):
             count += is_collapsed(fig, k)
         collapsed.add_metric([], count)
         yield from (selections, tokens, effective, entropy, ess, collapsed)
+
+
+class Metrics:
+    """GET /metrics of one engine: the serving figures (fed by the HTTP layer's observations
+    and a vLLM stat logger) and, with ReMix adapters, routing diversity read at scrape time."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, engine: RemixEngine) -> None:
+        self.engine = engine
+        self.registry = CollectorRegistry()
+        self.serving = ServingMetrics(self.registry)
+        config = engine.remix_config
+        self.routing = RoutingCollector(config) if config is not None else None
+        if self.routing is not None:
+            self.registry.register(self.routing)
+        engine.stat_loggers.append(stat_logger_factory(self.serving))
+
+    async def render(self) -> bytes:
+        if self.engine.ready and self.routing is not None:
+            self.routing.update(await self.engine.routing_stats())
+        return generate_latest(self.registry)
