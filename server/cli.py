@@ -7,6 +7,7 @@ vLLM spawns its engine-core and worker processes, so this module only does work 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -118,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     return serve(engine, from_args(ServerSettings, args, served_model_name=name), args)
 
 
-# After the engine fails, the server stops accepting, gives in-flight requests this long to
-# receive their error, then exits non-zero (a supervisor restarts the service).
-FAILURE_DRAIN_S = 2
+# After the engine fails: /health and /ready answer 503 "failed" for FAILURE_REPORT_S (so a
+# probe sees why), then the server stops accepting, gives in-flight requests FAILURE_DRAIN_S to
+# receive their error and exits non-zero, so compose, systemd or Kubernetes restart it.
+FAILURE_REPORT_S = 1.0
+FAILURE_DRAIN_S = 1
 
 
 def serve(engine: RemixEngine, settings: ServerSettings, args: argparse.Namespace) -> int:
@@ -130,11 +133,14 @@ def serve(engine: RemixEngine, settings: ServerSettings, args: argparse.Namespac
 
     failed = False
 
+    def stop() -> None:
+        server.config.timeout_graceful_shutdown = FAILURE_DRAIN_S
+        server.should_exit = True
+
     def on_engine_failure() -> None:
         nonlocal failed
         failed = True
-        server.config.timeout_graceful_shutdown = FAILURE_DRAIN_S
-        server.should_exit = True
+        asyncio.get_running_loop().call_later(FAILURE_REPORT_S, stop)
 
     app = create_app(engine, settings, on_engine_failure=on_engine_failure)
     config = uvicorn.Config(

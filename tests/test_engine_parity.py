@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from engines import captured_prefill_selections, greedy, make_parity_checkpoint, remix_llm
+from helpers.engines import captured_prefill_selections, greedy, make_parity_checkpoint, remix_llm
 from reference import reference_run
 
 from remix_infer.modeling import load_remix_model, remix_modules

@@ -10,6 +10,7 @@ import time
 import pytest
 from helpers.asgi import Reply, call, lifespan
 from helpers.fake_engine import FakeEngine
+from helpers.fuzz import fuzz_no_5xx
 
 from server.app import create_app
 from server.settings import ServerSettings
@@ -390,3 +391,17 @@ async def check_engine_death(server: Server) -> None:
 
 def test_engine_death_fails_requests_readiness_and_liveness():
     check_engine_death()
+
+
+# ---------------------------------------------------------------------------------------------
+# The documented schema, fuzzed (the same against the real engine: test_server.py)
+
+
+def test_fuzzed_requests_never_get_a_5xx():
+    import schemathesis
+
+    engine = FakeEngine()
+    asyncio.run(engine.start())
+    app = create_app(engine, settings(max_queue=64))
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    fuzz_no_5xx(schema, lambda case: case.call(), max_examples=15)
