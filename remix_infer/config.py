@@ -7,7 +7,8 @@ A checkpoint is a directory holding `remix_config.json` (validated by `RemixConf
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -34,6 +35,23 @@ ROUTER_WEIGHT = "remix_router_weight"  # [n, d_in]
 ROUTER_BIAS = "remix_router_bias"  # [n], only when config.router_bias
 
 Architecture = Literal["llama", "mistral", "qwen2"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """A supported base-model family: what a checkpoint's `architecture` names."""
+
+    hf_model_type: str  # `model_type` in the base model's config.json
+    vllm_architecture: str  # the vLLM model class that serves it (remix_infer.vllm_plugin.model)
+
+
+# The supported families, the one table: checkpoint validation, trainer, vLLM plugin.
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", "RemixLlamaForCausalLM"),
+    "mistral": Family("mistral", "RemixMistralForCausalLM"),
+    "qwen2": Family("qwen2", "RemixQwen2ForCausalLM"),
+}
+assert set(FAMILIES) == set(get_args(Architecture)), "FAMILIES and Architecture disagree"
 Weighting = Literal["constant", "softmax_topk"]
 DType = Literal["float32", "bfloat16", "float16"]
 

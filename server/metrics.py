@@ -8,11 +8,11 @@ engine finished starting up.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from remix_infer.config import RemixConfig, split_module_path
+from remix_infer.routing import effective_loras
 
 if TYPE_CHECKING:
     from server.engine_client import RemixEngine
@@ -142,12 +143,10 @@ def routing_figures(row: list[float], num_loras: int) -> dict[str, float]:
     """Derived figures of one module's counters row [selections per LoRA..., tokens, entropy
     sum, ESS sum]."""
     counts, tokens = row[:num_loras], row[num_loras]
-    total = sum(counts)
-    usage_entropy = -sum(c / total * math.log(c / total) for c in counts if c > 0) if total else 0.0
+    in_use = float(effective_loras(torch.tensor(counts))) if sum(counts) else 0.0
     return {
         "tokens": tokens,
-        # exp of the entropy of the selection shares: n when every LoRA is used equally, 1 when one takes all
-        "effective_loras": math.exp(usage_entropy) if total else 0.0,
+        "effective_loras": in_use,
         "router_entropy": row[num_loras + 1] / tokens if tokens else 0.0,
         "ess": row[num_loras + 2] / tokens if tokens else 0.0,
     }
