@@ -117,8 +117,10 @@ class RemixConfig(BaseModel):
         ]
 
 
-def module_path(layer: int, name: str) -> str:
-    return f"model.layers.{layer}.{MODULE_PARENTS[name]}.{name}"
+def module_path(layer: int, name: str, parent: str | None = None) -> str:
+    """HF module path of projection `name` in decoder layer `layer`; `parent` for names that
+    are not in MODULE_PARENTS (vLLM's merged qkv_proj, gate_up_proj)."""
+    return f"model.layers.{layer}.{parent or MODULE_PARENTS[name]}.{name}"
 
 
 def split_module_path(path: str) -> tuple[int, str]:

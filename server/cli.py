@@ -156,3 +156,7 @@ def serve(engine: RemixEngine, settings: ServerSettings, args: argparse.Namespac
         log.error("exiting: the engine failed (%s)", engine.error)
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

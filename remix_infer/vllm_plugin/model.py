@@ -31,6 +31,7 @@ from remix_infer.config import (
     ROUTER_WEIGHT,
     RemixConfig,
     module_path,
+    split_module_path,
     tensor_name,
 )
 from remix_infer.vllm_plugin.layer import RemixAdapter
@@ -126,7 +127,7 @@ class RemixForCausalLMMixin:
                     continue
                 linear = getattr(getattr(layer, parent_name), proj)
                 width, out_sizes, reduce_input, shards = _shard_layout(linear, parts)
-                name = f"model.layers.{index}.{parent_name}.{proj}"
+                name = module_path(index, proj, parent_name)
                 adapter = RemixAdapter(
                     config, names, width, out_sizes, reduce_input, dtype, name, max_step_tokens
                 )
@@ -156,13 +157,9 @@ class RemixForCausalLMMixin:
         for adapter in self.remix_adapters.values():
             adapter.prepare_kernels()  # kernels may prepack the weights just loaded
         held = {
-            f"model.layers.{i}."
-            for i, layer in enumerate(self.model.layers)
-            if not isinstance(layer, PPMissingLayer)
+            i for i, layer in enumerate(self.model.layers) if not isinstance(layer, PPMissingLayer)
         }
-        tensors = {
-            k: v for k, v in tensors.items() if k[: k.index(".", len("model.layers.")) + 1] in held
-        }
+        tensors = {k: v for k, v in tensors.items() if split_module_path(k)[0] in held}
         if tensors:  # every checkpoint tensor of this rank's layers must have found its module
             raise ValueError(
                 f"{self.remix_checkpoint}: adapter tensors not used: {sorted(tensors)[:3]}"
