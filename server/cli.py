@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -121,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
 
 # After the engine fails: /health and /ready answer 503 "failed" for FAILURE_REPORT_S (so a
 # probe sees why), then the server stops accepting, gives in-flight requests FAILURE_DRAIN_S to
-# receive their error and exits non-zero, so compose, systemd or Kubernetes restart it.
-FAILURE_REPORT_S = 1.0
+# receive their error and exits non-zero, so compose, systemd or Kubernetes restart it; if that
+# shutdown hangs, the process ends anyway FAILURE_EXIT_S after the failure.
+FAILURE_REPORT_S = 0.5
 FAILURE_DRAIN_S = 1
+FAILURE_EXIT_S = 3.5
 
 
 def serve(engine: RemixEngine, settings: ServerSettings, args: argparse.Namespace) -> int:
@@ -141,6 +144,9 @@ def serve(engine: RemixEngine, settings: ServerSettings, args: argparse.Namespac
         nonlocal failed
         failed = True
         asyncio.get_running_loop().call_later(FAILURE_REPORT_S, stop)
+        deadline = threading.Timer(FAILURE_EXIT_S, os._exit, args=(1,))
+        deadline.daemon = True
+        deadline.start()
 
     app = create_app(engine, settings, on_engine_failure=on_engine_failure)
     config = uvicorn.Config(

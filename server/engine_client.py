@@ -150,7 +150,7 @@ class RemixEngine:
             self.max_model_len,
         )
 
-    async def watch(self, on_failure: Callable[[], None], interval_s: float = 0.2) -> None:
+    async def watch(self, on_failure: Callable[[], None], interval_s: float = 0.1) -> None:
         """Return (after calling on_failure) once the running engine has died."""
         while self.error is None:
             llm = self.async_llm

@@ -405,3 +405,19 @@ def test_fuzzed_requests_never_get_a_5xx():
     app = create_app(engine, settings(max_queue=64))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     fuzz_no_5xx(schema, lambda case: case.call(), max_examples=15)
+
+
+def test_every_setting_reads_its_flag_and_environment(monkeypatch):
+    from server.cli import build_parser
+    from server.settings import EngineSettings, from_args
+
+    for name, value in [("MAX_N", "3"), ("SEED", "7"), ("ENFORCE_EAGER", "1"),
+                        ("MAX_BODY_MIB", "2"), ("MAX_NUM_SEQS", "8")]:  # fmt: skip
+        monkeypatch.setenv(f"REMIX_{name}", value)
+    args = build_parser().parse_args(["--max-num-seqs", "9"])  # a flag wins over its variable
+    server = from_args(ServerSettings, args, served_model_name="m")
+    assert (server.max_n, server.max_body_bytes) == (3, 2 << 20)
+    engine = from_args(EngineSettings, args)
+    assert engine.engine_args() == {
+        "tensor_parallel_size": 1, "max_num_seqs": 9, "enforce_eager": True, "seed": 7,
+    }  # fmt: skip
