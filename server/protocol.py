@@ -47,6 +47,7 @@ def _valid_unicode(text: str) -> str:
 
 
 Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
+TokenId = Annotated[StrictInt, Field(ge=0, lt=2**63)]  # the vocabulary is checked later
 
 
 def _unsupported(name: str) -> PydanticCustomError:
@@ -91,7 +92,7 @@ class SamplingFields(BaseModel):
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
     ignore_eos: StrictBool = False
-    stop_token_ids: list[StrictInt] | None = None
+    stop_token_ids: list[TokenId] | None = None
     remix: RemixOptions | None = None
     # an unsupported OpenAI field, accepted only at its neutral value (absent or empty)
     logit_bias: dict[Text, float] | None = None

@@ -127,9 +127,12 @@ class ServingBase(Generic[RequestT]):
     # -- the shared pipeline -----------------------------------------------------------------
 
     async def handle(self, request: Request, req: RequestT) -> Response:
+        model = self.check_model(req)  # what needs no slot is refused before admission
+        self.require_ready()
+        self.check_limits(req)
         ticket = self.admission.admit(request, self.endpoint)
         try:
-            job = await self.make_job(req, ticket)
+            job = await self.make_job(req, model, ticket)
             if req.stream:
                 return ticket.stream(self.stream_events(job, ticket))
             finals = await cancel_on_disconnect(request, self.collect_finals(job))
@@ -143,10 +146,7 @@ class ServingBase(Generic[RequestT]):
             ticket.fail(e)  # a no-op once the stream owns the ticket
             raise
 
-    async def make_job(self, req: RequestT, ticket: Ticket) -> Job[RequestT]:
-        model = self.check_model(req)
-        self.require_ready()
-        self.check_limits(req)
+    async def make_job(self, req: RequestT, model: str, ticket: Ticket) -> Job[RequestT]:
         prompts = await self.prompt_token_ids(req)
         max_tokens = self.max_tokens(req, prompts)
         rid = new_id(self.id_prefix)
