@@ -24,9 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,9 +39,11 @@ from common import (
     build_peft_lora,
     build_random_llama,
     build_random_remix,
+    free_port,
     git_revision,
     machine,
     save_results,
+    server_env,
 )
 from tqdm import tqdm
 
@@ -64,12 +64,6 @@ class Server:
     ready_path: str  # 200 once the engine can take requests
     process: subprocess.Popen
     log: Path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_commands(args: argparse.Namespace, base: Path, remix: Path, lora: Path) -> dict:
@@ -102,9 +96,7 @@ def server_commands(args: argparse.Namespace, base: Path, remix: Path, lora: Pat
 @contextlib.contextmanager
 def running_servers(commands: dict, kv_cache_gib: int, log_dir: Path) -> Iterator[dict]:
     """Starts every server, waits until all are ready, and stops them at the end."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
-    env.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
+    env = server_env(VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib))
     servers: dict[str, Server] = {}
     try:
         for name, (cmd, model, ready_path) in commands.items():

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from remix_infer.config import (
     ADAPTERS_FILE,
     CONFIG_FILE,
+    FAMILIES,
     LORA_A,
     LORA_B,
     ROUTER_BIAS,
@@ -29,8 +30,6 @@ from remix_infer.config import (
 )
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# model_type values in a base model's config.json, by checkpoint architecture
-BASE_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
 
 # "org/name": the only form tried on the model hub; anything else must be a local directory.
@@ -179,7 +178,7 @@ def resolve_base_model(checkpoint_dir: Path, config: RemixConfig) -> tuple[str, 
 
 
 def check_against_base(file: Path, config: RemixConfig, shape: BaseModelShape) -> None:
-    expected_type = BASE_MODEL_TYPES[config.architecture]
+    expected_type = FAMILIES[config.architecture].hf_model_type
     if shape.model_type != expected_type:
         raise CheckpointError(
             f"{file}: field 'architecture' is '{config.architecture}' but the base model's "

@@ -7,7 +7,8 @@ A checkpoint is a directory holding `remix_config.json` (validated by `RemixConf
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -34,6 +35,23 @@ ROUTER_WEIGHT = "remix_router_weight"  # [n, d_in]
 ROUTER_BIAS = "remix_router_bias"  # [n], only when config.router_bias
 
 Architecture = Literal["llama", "mistral", "qwen2"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """A supported base-model family: what a checkpoint's `architecture` names."""
+
+    hf_model_type: str  # `model_type` in the base model's config.json
+    vllm_architecture: str  # the vLLM model class that serves it (remix_infer.vllm_plugin.model)
+
+
+# The supported families, the one table: checkpoint validation, trainer, vLLM plugin.
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", "RemixLlamaForCausalLM"),
+    "mistral": Family("mistral", "RemixMistralForCausalLM"),
+    "qwen2": Family("qwen2", "RemixQwen2ForCausalLM"),
+}
+assert set(FAMILIES) == set(get_args(Architecture)), "FAMILIES and Architecture disagree"
 Weighting = Literal["constant", "softmax_topk"]
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -99,8 +117,10 @@ class RemixConfig(BaseModel):
         ]
 
 
-def module_path(layer: int, name: str) -> str:
-    return f"model.layers.{layer}.{MODULE_PARENTS[name]}.{name}"
+def module_path(layer: int, name: str, parent: str | None = None) -> str:
+    """HF module path of projection `name` in decoder layer `layer`; `parent` for names that
+    are not in MODULE_PARENTS (vLLM's merged qkv_proj, gate_up_proj)."""
+    return f"model.layers.{layer}.{parent or MODULE_PARENTS[name]}.{name}"
 
 
 def split_module_path(path: str) -> tuple[int, str]:

@@ -89,7 +89,7 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
 
 
-def usage_effective_count(counts: torch.Tensor) -> torch.Tensor:
+def effective_loras(counts: torch.Tensor) -> torch.Tensor:
     """Effective number of LoRAs in use: exp of the entropy of the selection-count distribution.
 
     n when every LoRA is chosen equally often, 1 when a single LoRA takes every selection.

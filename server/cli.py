@@ -7,10 +7,18 @@ vLLM spawns its engine-core and worker processes, so this module only does work 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from server.settings import EngineSettings, ServerSettings, add_flags, from_args
+
+if TYPE_CHECKING:
+    from server.engine_client import RemixEngine
 
 log = logging.getLogger("remix_serve")
 
@@ -39,68 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=os.environ.get("REMIX_HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("REMIX_PORT", "8000")))
     p.add_argument(
-        "--api-key",
-        default=os.environ.get("REMIX_API_KEY") or None,
-        help="require 'Authorization: Bearer KEY' on /v1 (env REMIX_API_KEY)",
-    )
-    p.add_argument(
         "--served-model-name",
         default=os.environ.get("REMIX_SERVED_MODEL_NAME") or None,
         help=f"model name clients use (env REMIX_SERVED_MODEL_NAME; default: '{DEMO_MODEL_NAME}' "
         "for the demo checkpoint, "
         "else the checkpoint directory's name)",
     )
-    # Engine flags also read REMIX_<FLAG> (the container images are configured by environment);
-    # argparse converts a string default with the flag's type.
-    p.add_argument(
-        "--max-model-len",
-        type=int,
-        default=os.environ.get("REMIX_MAX_MODEL_LEN") or None,
-        help="context length (tokens)",
-    )
-    p.add_argument(
-        "--tensor-parallel-size",
-        type=int,
-        default=os.environ.get("REMIX_TENSOR_PARALLEL_SIZE") or "1",
-    )
-    p.add_argument(
-        "--dtype",
-        default=os.environ.get("REMIX_DTYPE") or "auto",
-        help="auto, float32, bfloat16, float16",
-    )
-    p.add_argument(
-        "--kv-cache-gib",
-        type=int,
-        default=os.environ.get("REMIX_KV_CACHE_GIB") or None,
-        help="KV cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE; default 4)",
-    )
-    p.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=os.environ.get("REMIX_GPU_MEMORY_UTILIZATION") or None,
-        help="fraction of device memory",
-    )
-    p.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=os.environ.get("REMIX_MAX_NUM_SEQS") or None,
-        help="sequences batched at once",
-    )
-    p.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=os.environ.get("REMIX_MAX_NUM_BATCHED_TOKENS") or None,
-        help="tokens in one engine step",
-    )
-    p.add_argument(
-        "--max-queue",
-        type=int,
-        default=os.environ.get("REMIX_MAX_QUEUE") or "256",
-        help="requests admitted at once (running + waiting); past it: 429 with Retry-After",
-    )
-    p.add_argument("--max-n", type=int, default=16, help="largest n (choices per prompt)")
-    p.add_argument("--enforce-eager", action="store_true", help="no compiled mode (faster start)")
-    p.add_argument("--seed", type=int, default=0)
+    # The engine's and the server's settings: one flag each, its default from REMIX_<NAME>.
+    add_flags(p, EngineSettings)
+    add_flags(p, ServerSettings)
     p.add_argument("--log-level", default=os.environ.get("REMIX_LOG_LEVEL", "info"))
     return p
 
@@ -137,22 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         checkpoint = None if args.base_model else resolve_checkpoint(args.checkpoint)
-        from server.engine import EngineSettings, RemixEngine
+        from server.engine_client import RemixEngine
 
         engine = RemixEngine(
-            checkpoint,
-            EngineSettings(
-                max_model_len=args.max_model_len,
-                tensor_parallel_size=args.tensor_parallel_size,
-                dtype=args.dtype,
-                kv_cache_gib=args.kv_cache_gib,
-                gpu_memory_utilization=args.gpu_memory_utilization,
-                max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens,
-                enforce_eager=args.enforce_eager,
-                seed=args.seed,
-            ),
-            base_model=args.base_model,
+            checkpoint, from_args(EngineSettings, args), base_model=args.base_model
         )
     except CheckpointError as e:
         print(
@@ -174,29 +117,49 @@ def main(argv: list[str] | None = None) -> int:
         "required" if args.api_key else "not required",
     )
 
+    return serve(engine, from_args(ServerSettings, args, served_model_name=name), args)
+
+
+# After the engine fails: /health and /ready answer 503 "failed" for FAILURE_REPORT_S (so a
+# probe sees why), then the server stops accepting, gives in-flight requests FAILURE_DRAIN_S to
+# receive their error and exits non-zero, so compose, systemd or Kubernetes restart it; if that
+# shutdown hangs, the process ends anyway FAILURE_EXIT_S after the failure.
+FAILURE_REPORT_S = 0.5
+FAILURE_DRAIN_S = 1
+FAILURE_EXIT_S = 3.5
+
+
+def serve(engine: RemixEngine, settings: ServerSettings, args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server.app import ServerSettings, create_app
+    from server.app import create_app
 
-    app = create_app(
-        engine,
-        ServerSettings(
-            served_model_name=name,
-            api_key=args.api_key,
-            max_queue=args.max_queue,
-            max_n=args.max_n,
-        ),
-        exit_on_engine_failure=True,
-    )
-    uvicorn.run(
+    failed = False
+
+    def stop() -> None:
+        server.config.timeout_graceful_shutdown = FAILURE_DRAIN_S
+        server.should_exit = True
+
+    def on_engine_failure() -> None:
+        nonlocal failed
+        failed = True
+        asyncio.get_running_loop().call_later(FAILURE_REPORT_S, stop)
+        deadline = threading.Timer(FAILURE_EXIT_S, os._exit, args=(1,))
+        deadline.daemon = True
+        deadline.start()
+
+    app = create_app(engine, settings, on_engine_failure=on_engine_failure)
+    config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
         log_level=args.log_level.lower(),
         timeout_graceful_shutdown=30,
     )
-    if engine.error is not None:
-        log.error("the engine failed to start: %s", engine.error)
+    server = uvicorn.Server(config)
+    server.run()
+    if failed:
+        log.error("exiting: the engine failed (%s)", engine.error)
         return 1
     return 0
 

@@ -2,21 +2,34 @@
 
 Serving metrics are observed by the HTTP layer (requests, latencies, tokens) and by a vLLM stat
 logger (running / waiting requests, KV-cache usage). Routing metrics are computed at scrape time
-from the engine's device counters (see remix_infer/vllm_plugin/stats.py), accumulated since the
+from the engine's device counters (see remix_infer/ops/stats.py), accumulated since the
 engine finished starting up.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import torch
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from remix_infer.config import RemixConfig, split_module_path
+from remix_infer.ops.stats import StatsRow
+from remix_infer.routing import effective_loras
+
+if TYPE_CHECKING:
+    from server.engine_client import RemixEngine
 
 
 @dataclass
@@ -127,18 +140,15 @@ def stat_logger_factory(metrics: ServingMetrics) -> type:
     return SchedulerGauges
 
 
-def routing_figures(row: list[float], num_loras: int) -> dict[str, float]:
-    """Derived figures of one module's counters row [selections per LoRA..., tokens, entropy
-    sum, ESS sum]."""
-    counts, tokens = row[:num_loras], row[num_loras]
-    total = sum(counts)
-    usage_entropy = -sum(c / total * math.log(c / total) for c in counts if c > 0) if total else 0.0
+def routing_figures(row: StatsRow) -> dict[str, float]:
+    """Derived figures of one module's accumulated counters."""
+    tokens = row.tokens
+    in_use = float(effective_loras(torch.tensor(row.selections))) if sum(row.selections) else 0.0
     return {
         "tokens": tokens,
-        # exp of the entropy of the selection shares: n when every LoRA is used equally, 1 when one takes all
-        "effective_loras": math.exp(usage_entropy) if total else 0.0,
-        "router_entropy": row[num_loras + 1] / tokens if tokens else 0.0,
-        "ess": row[num_loras + 2] / tokens if tokens else 0.0,
+        "effective_loras": in_use,
+        "router_entropy": row.entropy_sum / tokens if tokens else 0.0,
+        "ess": row.ess_sum / tokens if tokens else 0.0,
     }
 
 
@@ -161,7 +171,7 @@ class RoutingCollector(Collector):
         self.snapshot = stats
 
     def collect(self):  # noqa: ANN201 - prometheus_client's Collector protocol
-        n, k = self.config.num_loras, self.config.top_k
+        k = self.config.top_k
         labels = ["layer", "module"]
         selections = CounterMetricFamily(
             "remix_lora_selections",
@@ -191,12 +201,13 @@ class RoutingCollector(Collector):
             "Adapted modules whose routing has collapsed (effective LoRAs in use < k, or ESS < (k+1)/2)",
         )
         count = 0
-        for name, row in sorted(self.snapshot.items()):
+        for name, raw in sorted(self.snapshot.items()):
             index, module = split_module_path(name)
             layer = str(index)
-            fig = routing_figures(row, n)
-            for lora in range(n):
-                selections.add_metric([layer, module, str(lora)], row[lora])
+            row = StatsRow.parse(raw)
+            fig = routing_figures(row)
+            for lora, count in enumerate(row.selections):
+                selections.add_metric([layer, module, str(lora)], count)
             tokens.add_metric([layer, module], fig["tokens"])
             effective.add_metric([layer, module], fig["effective_loras"])
             entropy.add_metric([layer, module], fig["router_entropy"])
@@ -204,3 +215,25 @@ class RoutingCollector(Collector):
             count += is_collapsed(fig, k)
         collapsed.add_metric([], count)
         yield from (selections, tokens, effective, entropy, ess, collapsed)
+
+
+class Metrics:
+    """GET /metrics of one engine: the serving figures (fed by the HTTP layer's observations
+    and a vLLM stat logger) and, with ReMix adapters, routing diversity read at scrape time."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, engine: RemixEngine) -> None:
+        self.engine = engine
+        self.registry = CollectorRegistry()
+        self.serving = ServingMetrics(self.registry)
+        config = engine.remix_config
+        self.routing = RoutingCollector(config) if config is not None else None
+        if self.routing is not None:
+            self.registry.register(self.routing)
+        engine.stat_loggers.append(stat_logger_factory(self.serving))
+
+    async def render(self) -> bytes:
+        if self.engine.ready and self.routing is not None:
+            self.routing.update(await self.engine.routing_stats())
+        return generate_latest(self.registry)

@@ -1,65 +1,59 @@
-"""The HTTP API contract: OpenAI-compatible request, response, stream-chunk and error bodies.
+"""The HTTP API contract: OpenAI-compatible request, response and stream-chunk bodies.
 
-Requests forbid unknown fields (a typo is a 400 naming the field, never silently ignored), and
-OpenAI fields this server does not implement are refused by name (`UNSUPPORTED_FIELDS`).
+Requests forbid unknown fields (a typo is a 400 naming the field, never silently ignored);
+OpenAI fields this server does not implement are refused by name (`suffix`, `logit_bias`,
+`best_of` other than n); every string must be valid Unicode (a lone UTF-16 surrogate is a 400
+naming its field). Each request model owns its defaults and its conversion to vLLM's
+SamplingParams (`to_sampling_params`).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-# ---------------------------------------------------------------------------------------------
-# Errors
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
-
-
-class APIError(Exception):
-    """An error that becomes an OpenAI error body with an HTTP status."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers
-
-    def body(self) -> dict[str, Any]:
-        return ErrorResponse(
-            error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
-        ).model_dump()
-
+if TYPE_CHECKING:
+    from vllm import SamplingParams
 
 # ---------------------------------------------------------------------------------------------
 # Requests
 
-NonNegFloat = Annotated[float, Field(ge=0.0)]
 
-# OpenAI request fields this server refuses when set to anything but their neutral value.
-UNSUPPORTED_FIELDS = ("suffix", "logit_bias", "best_of")
+def _valid_unicode(text: str) -> str:
+    """JSON escapes can spell strings that are not Unicode text (a lone surrogate such as
+    "\\ud800"): no tokenizer takes them and no response can encode them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PydanticCustomError(
+            "invalid_unicode", "invalid Unicode (a lone UTF-16 surrogate)"
+        ) from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
+TokenId = Annotated[StrictInt, Field(ge=0, lt=2**63)]  # the vocabulary is checked later
+
+
+def _unsupported(name: str) -> PydanticCustomError:
+    return PydanticCustomError(
+        "unsupported", "'{name}' is not supported by this server", {"name": name}
+    )
 
 
 class StreamOptions(BaseModel):
@@ -81,27 +75,34 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = None
+    model: Text | None = None
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: StrictInt = Field(default=1, ge=1)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    stop: Text | list[Text] | None = None
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), lt=2**63)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    user: str | None = None
+    user: Text | None = None
     # vLLM extensions
     top_k: StrictInt = Field(default=0, ge=-1)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
     ignore_eos: StrictBool = False
-    stop_token_ids: list[StrictInt] | None = None
+    stop_token_ids: list[TokenId] | None = None
     remix: RemixOptions | None = None
-    # unsupported OpenAI fields, accepted only at their neutral values (see _refuse_unsupported)
-    logit_bias: dict[str, float] | None = None
+    # an unsupported OpenAI field, accepted only at its neutral value (absent or empty)
+    logit_bias: dict[Text, float] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _refuse_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value:
+            raise _unsupported("logit_bias")
+        return value
 
     @model_validator(mode="after")
     def _check_stream_options(self) -> SamplingFields:
@@ -113,21 +114,81 @@ class SamplingFields(BaseModel):
     def return_routing(self) -> bool:
         return self.remix is not None and self.remix.return_routing
 
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    # What each endpoint fills in differently (overridden below).
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
 
-Prompt = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    def default_max_tokens(self, room: int) -> int:
+        """max_tokens when the request names none; `room` is what the context has left."""
+        return room
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        """(logprobs per generated token, logprobs per prompt token) for vLLM; None: none."""
+        return None, None
+
+    def to_sampling_params(self, max_tokens: int, routing_key: str) -> SamplingParams:
+        """The SamplingParams of one choice (the server fans out n choices itself). Raises
+        vLLM's own ValueError/TypeError for combinations it refuses."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        from remix_infer.vllm_plugin.worker import ROUTING_KEY
+
+        logprobs, prompt_logprobs = self.logprob_counts()
+        return SamplingParams(
+            n=1,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            stop=self.stop_list(),
+            stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos,
+            max_tokens=max_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
+            extra_args={ROUTING_KEY: routing_key} if self.return_routing else None,
+        )
+
+
+Prompt = Text | list[Text] | list[StrictInt] | list[list[StrictInt]]
 
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt
     logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
     echo: StrictBool = False
-    suffix: str | None = None
+    # unsupported OpenAI fields, accepted only at their neutral values
+    suffix: Text | None = None
     best_of: StrictInt | None = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _refuse_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise _unsupported("suffix")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _refuse_best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != info.data.get("n", 1):
+            raise _unsupported("best_of")
+        return value
 
     def prompts(self) -> list[str] | list[list[int]]:
         """The prompt as a list of texts or a list of token-id lists (never empty lists)."""
@@ -140,13 +201,19 @@ class CompletionRequest(SamplingFields):
             return [p]  # type: ignore[list-item]
         return list(p)  # type: ignore[arg-type]
 
+    def default_max_tokens(self, room: int) -> int:
+        return min(16, room)  # OpenAI's default for completions
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        return self.logprobs, self.logprobs if self.echo and self.logprobs is not None else None
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: StrictStr
-    name: str | None = None
+    content: Text
+    name: Text | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -155,18 +222,11 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
 
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
-def unsupported_field(req: BaseModel) -> str | None:
-    """The name of an unsupported OpenAI field the request sets, or None."""
-    data = req.model_dump(exclude_unset=True)
-    if data.get("suffix"):
-        return "suffix"
-    if data.get("logit_bias"):
-        return "logit_bias"
-    best_of = data.get("best_of")
-    if best_of is not None and best_of != getattr(req, "n", 1):
-        return "best_of"
-    return None
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        return (self.top_logprobs or 0) if self.logprobs else None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,10 +308,25 @@ class ChatResponseMessage(BaseModel):
     content: str
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    logprob: float | None  # type: ignore[assignment]
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
-    logprobs: dict[str, Any] | None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason = None
 
 
@@ -273,7 +348,7 @@ class ChatDelta(BaseModel):
 class ChatStreamChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: dict[str, Any] | None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason = None
 
 

@@ -1,7 +1,7 @@
-"""Shared test helpers: a tiny local Llama base model and ReMix checkpoints built on it.
+"""Shared fixtures: a tiny local Llama base model and ReMix checkpoints built on it (the
+builders live in helpers/models.py, which test files import directly).
 
-Everything here is local: no network, no hub downloads. Other test files import these helpers
-(`from conftest import make_checkpoint`) or use the fixtures below.
+Everything here is local: no network, no hub downloads.
 """
 
 from __future__ import annotations
@@ -21,98 +21,7 @@ if not os.path.exists("/dev/nvidia0"):
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from remix_infer.checkpoint import save_checkpoint  # noqa: E402
-from remix_infer.config import ALL_TARGET_MODULES, RemixConfig  # noqa: E402
-
-# hidden 128 = 2 heads x head_dim 64; one kv head, so k_proj/v_proj have d_out 64.
-TINY_BASE = dict(
-    hidden_size=128,
-    num_attention_heads=2,
-    head_dim=64,
-    num_key_value_heads=1,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    vocab_size=64,
-    max_position_embeddings=128,
-)
-
-# n=4 LoRAs of rank 4 on every projection, top-2, omega = 2 / (k r).
-TINY_REMIX = dict(
-    architecture="llama",
-    num_layers=2,
-    target_modules=list(ALL_TARGET_MODULES),
-    num_loras=4,
-    top_k=2,
-    rank=4,
-    omega=0.25,
-)
-
-
-def _config_class(model_type: str) -> type:
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
-
-    return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[model_type]
-
-
-def make_tiny_base(
-    path: str | os.PathLike, model_type: str = "llama", seed: int = 0, **overrides
-) -> Path:
-    """Save a tiny randomly initialised causal LM (TINY_BASE, with `overrides`) into `path`.
-
-    The weights depend only on `seed`; the global torch RNG state is left as it was.
-    """
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    config = _config_class(model_type)(**{**TINY_BASE, **overrides})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(path)
-    return path
-
-
-def tiny_remix_config(base_model: str = "base", **overrides) -> RemixConfig:
-    """A RemixConfig matching a TINY_BASE model, with `overrides` applied."""
-    return RemixConfig(base_model=base_model, **{**TINY_REMIX, **overrides})
-
-
-def make_remix_model(base_path: str | os.PathLike, config: RemixConfig, seed: int = 0):
-    """Load the base model, inject ReMix and give every adapter tensor random non-zero values
-    (so the LoRAs change the output and the router ranking is not all ties). Eval mode, float32."""
-    from transformers import AutoModelForCausalLM
-
-    from remix_infer.modeling import adapter_tensors, inject_remix
-
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    inject_remix(model, config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in adapter_tensors(model).values():
-            t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
-    return model.eval()
-
-
-def make_checkpoint(
-    directory: str | os.PathLike, base_rel: str = "base", seed: int = 0, **config_overrides
-) -> Path:
-    """Write a complete ReMix checkpoint into `directory`.
-
-    The base model is `base_rel`, a path relative to the checkpoint directory (so the folder can
-    be moved as a whole); a tiny base is created there unless it already exists.
-    Returns the checkpoint directory.
-    """
-    from remix_infer.modeling import adapter_tensors
-
-    directory = Path(directory)
-    base = directory / base_rel
-    if not (base / "config.json").is_file():
-        make_tiny_base(base)
-    config = tiny_remix_config(base_model=base_rel, **config_overrides)
-    model = make_remix_model(base, config, seed=seed)
-    return save_checkpoint(directory, config, adapter_tensors(model))
+from helpers.models import make_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_REMIX, make_checkpoint, make_remix_model, make_tiny_base
+from helpers.models import TINY_REMIX, make_checkpoint, make_remix_model, make_tiny_base
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from serving import ROOT, SMALL_ENGINE, free_port, running_process, running_server, scrape
+from helpers.servers import ROOT, SMALL_ENGINE, free_port, running_process, running_server, scrape
 
 DEPLOY = ROOT / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"

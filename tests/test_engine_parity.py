@@ -10,10 +10,11 @@ import random
 
 import pytest
 import torch
-from engine import captured_prefill_selections, greedy, make_parity_checkpoint, remix_llm
+from helpers.engines import captured_prefill_selections, greedy, make_parity_checkpoint, remix_llm
 from reference import reference_run
 
 from remix_infer.modeling import load_remix_model, remix_modules
+from remix_infer.ops import StatsRow
 
 MAX_TOKENS = 8
 LOGPROB_TOL = 1e-4  # float32 engine vs float32 reference, log-probabilities
@@ -116,11 +117,12 @@ def test_routing_stats_count_real_tokens(llm):
     # every prompt token and every generated token but the last goes through the model once
     tokens = sum(map(len, prompts)) + len(prompts) * 3
     n, k = 4, 2
-    for module, row in stats.items():
-        assert row[n] == tokens, module
-        assert sum(row[:n]) == tokens * k, module
-        assert row[n + 2] == pytest.approx(tokens * k)  # constant weights: ESS is exactly k
-        assert 0 < row[n + 1] / tokens <= torch.log(torch.tensor(float(n))) + 1e-6
+    for module, raw in stats.items():
+        row = StatsRow.parse(raw)
+        assert row.tokens == tokens, module
+        assert sum(row.selections) == tokens * k, module
+        assert row.ess_sum == pytest.approx(tokens * k)  # constant weights: ESS is exactly k
+        assert 0 < row.entropy_sum / tokens <= torch.log(torch.tensor(float(n))) + 1e-6
 
 
 def assert_request_routing(engine, runs, prompts) -> None:
@@ -193,7 +195,7 @@ def test_parity_compiled_mode(checkpoint, reference_runs):
     runs = [dataclasses.replace(r, selections={}) for r in reference_runs]
     assert_parity(outputs, no_selections, runs, prompts)
     tokens = sum(map(len, prompts)) + len(prompts) * (MAX_TOKENS - 1)
-    assert all(row[4] == tokens for row in stats.values())
+    assert all(StatsRow.parse(row).tokens == tokens for row in stats.values())
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])

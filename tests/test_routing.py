@@ -13,12 +13,12 @@ from remix_infer.config import RemixConfig
 from remix_infer.modeling import RemixLinear
 from remix_infer.routing import (
     dense_gates,
+    effective_loras,
     effective_support_size,
     gumbel_topk_sample,
     plackett_luce_log_prob,
     selection_weights,
     topk_select,
-    usage_effective_count,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -333,17 +333,15 @@ def test_selection_weights_and_ess():
     torch.testing.assert_close(gates.gather(-1, selected), soft)
 
 
-def test_usage_effective_count():
+def test_effective_loras():
     for n in (1, 4, 8):
-        torch.testing.assert_close(
-            usage_effective_count(torch.full((n,), 17.0)), torch.tensor(n * 1.0)
-        )
+        torch.testing.assert_close(effective_loras(torch.full((n,), 17.0)), torch.tensor(n * 1.0))
     one_hot = torch.tensor([0.0, 0.0, 123.0, 0.0])
-    torch.testing.assert_close(usage_effective_count(one_hot), torch.tensor(1.0))
+    torch.testing.assert_close(effective_loras(one_hot), torch.tensor(1.0))
     # Two equally used out of four: 2; batched rows kept separate.
     rows = torch.tensor([[5.0, 5.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
-    torch.testing.assert_close(usage_effective_count(rows), torch.tensor([2.0, 4.0]))
-    skewed = usage_effective_count(torch.tensor([10.0, 1.0, 1.0, 1.0]))
+    torch.testing.assert_close(effective_loras(rows), torch.tensor([2.0, 4.0]))
+    skewed = effective_loras(torch.tensor([10.0, 1.0, 1.0, 1.0]))
     assert 1.0 < skewed < 4.0
 
 

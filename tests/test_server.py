@@ -9,13 +9,15 @@ import math
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
 import openai
 import pytest
 import torch
-from serving import ROOT, SMALL_ENGINE, running_server, scrape, server_env
+from helpers.fuzz import fuzz_no_5xx
+from helpers.servers import ROOT, SMALL_ENGINE, running_server, scrape, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -40,6 +42,8 @@ def server(demo_checkpoint, tmp_path_factory):
         str(MAX_QUEUE),
         "--max-n",
         "4",
+        "--max-body-mib",
+        "1",
     ]
     with running_server(demo_checkpoint, log_path, args) as server:
         yield server
@@ -366,6 +370,15 @@ def test_bad_completion_input(server, body, status, param):
 
 def test_bad_json_and_bad_chat(server):
     assert_openai_error(post(server, "/v1/completions", None, raw=b'{"prompt": "x",'), 400)
+    # not text: a lone surrogate (the tokenizer cannot take it), bytes that are not UTF-8
+    assert_openai_error(
+        post(server, "/v1/completions", None, raw=b'{"prompt": "\\ud800"}'), 400, "prompt"
+    )
+    assert_openai_error(post(server, "/v1/completions", None, raw=b'{"prompt": "\xff"}'), 400)
+    deep = b"[" * 100_000 + b"]" * 100_000  # past any JSON decoder's recursion limit
+    assert_openai_error(post(server, "/v1/completions", None, raw=deep), 400)
+    big = {"model": MODEL, "prompt": "x" * (2 << 20)}  # over --max-body-mib 1
+    assert_openai_error(post(server, "/v1/completions", big), 413)
     assert_openai_error(post(server, "/v1/completions", None, raw=b"[1, 2]"), 400)
     assert_openai_error(post(server, "/v1/chat/completions", {"model": MODEL, "messages": []}), 400)
     bad_role = {"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}
@@ -494,6 +507,92 @@ def test_request_routing_summary(server, client, prompts):
         temperature=0, extra_body={"remix": {"return_routing": True}},
     )  # fmt: skip
     assert chat.model_extra["remix"]["routing"]["tokens"] > 0
+
+
+def test_long_prompt_does_not_stall_a_concurrent_stream(server):
+    """A prompt that takes the tokenizer about a second: the tokenizer runs in a worker
+    thread, so another request's stream keeps flowing meanwhile."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": MODEL, "prompt": "sort 1 =", "max_tokens": 120, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    arrivals: list[float] = []
+
+    def read_stream():
+        with httpx.stream("POST", server["base"] + "/v1/completions", json=body,
+                          headers=headers, timeout=60) as r:  # fmt: skip
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    arrivals.append(time.perf_counter())
+
+    reader = threading.Thread(target=read_stream)
+    reader.start()
+    while len(arrivals) < 5:
+        time.sleep(0.01)
+    start = time.perf_counter()
+    long = post(server, "/v1/completions", {"model": MODEL, "prompt": "add 12 34 = " * 80_000})
+    end = time.perf_counter()
+    reader.join()
+    assert_openai_error(long, 400, "prompt")  # longer than the context, found by tokenizing
+    assert len(arrivals) == 121  # 120 tokens, then [DONE]
+    during = [t for t in arrivals if start <= t <= end]
+    pairs = zip(arrivals, arrivals[1:], strict=False)
+    gaps = [b - a for a, b in pairs if start <= b and a <= end]
+    assert end - start > 0.3, "the prompt must take the tokenizer a while for this to test"
+    assert during and max(gaps) < (end - start) / 2, (end - start, max(gaps))
+
+
+def test_fuzzed_documented_schema_gets_no_5xx(server):
+    """Schemathesis drives every operation in /openapi.json with generated valid and invalid
+    requests against the real engine: none may answer 5xx."""
+    import schemathesis
+
+    schema = schemathesis.openapi.from_url(server["base"] + "/openapi.json")
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    fuzz_no_5xx(schema, lambda case: case.call(base_url=server["base"], headers=headers,
+                                               timeout=60), max_examples=10)  # fmt: skip
+    assert httpx.get(server["base"] + "/ready").json()["status"] == "ready"
+
+
+def engine_core(proc: subprocess.Popen):
+    import psutil
+
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
+            return child
+    raise AssertionError("no engine core process")
+
+
+def test_engine_death_fails_requests_and_stops_the_process(demo_checkpoint, tmp_path):
+    """The engine core killed mid-stream: the stream ends with an error event and [DONE],
+    /ready says failed, /health fails, and the process exits non-zero within 5 s (so a
+    supervisor restarts it)."""
+    args = [*SMALL_ENGINE, "--max-model-len", "128"]
+    with running_server(demo_checkpoint, tmp_path / "server.log", args) as srv:
+        body = {"prompt": "sort 1 =", "max_tokens": 120, "ignore_eos": True, "stream": True}
+        probes: list[tuple[str, int, str]] = []
+        times: list[float] = []
+        with httpx.stream("POST", srv["base"] + "/v1/completions", json=body, timeout=30) as r:
+            lines = (line for line in r.iter_lines() if line.startswith("data: "))
+            next(lines)
+            engine_core(srv["proc"]).kill()
+            killed = time.perf_counter()
+            rest = list(lines)
+        while srv["proc"].poll() is None and time.perf_counter() - killed < 10:
+            for path in ("/ready", "/health"):
+                try:
+                    resp = httpx.get(srv["base"] + path, timeout=1)
+                    probes.append((path, resp.status_code, resp.json().get("status")))
+                    times.append(time.perf_counter() - killed)
+                except httpx.TransportError:
+                    pass
+            time.sleep(0.05)
+        code = srv["proc"].wait(timeout=10)
+        exited = time.perf_counter() - killed
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-2][len("data: ") :])["error"]["type"] == "server_error"
+    assert ("/ready", 503, "failed") in probes, probes
+    assert ("/health", 503, "failed") in probes, probes
+    assert code != 0 and exited < 5, (code, exited, list(zip(times, probes, strict=True)))
 
 
 def test_sigterm_drains_in_flight_requests(server):

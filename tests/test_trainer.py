@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_base
+from helpers.models import make_tiny_base
 
 from remix_infer.checkpoint import load_checkpoint
 from remix_infer.modeling import load_remix_model, remix_modules

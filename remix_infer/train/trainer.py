@@ -22,21 +22,21 @@ import torch
 from tqdm import tqdm
 
 from remix_infer.checkpoint import TORCH_DTYPES, read_config, save_checkpoint
-from remix_infer.config import ALL_TARGET_MODULES, RemixConfig, resolve_omega
+from remix_infer.config import ALL_TARGET_MODULES, FAMILIES, RemixConfig, resolve_omega
 from remix_infer.modeling import (
     adapter_tensors,
     inject_remix,
     load_adapter_tensors,
     remix_modules,
 )
-from remix_infer.routing import effective_support_size, entropy, usage_effective_count
+from remix_infer.routing import effective_loras, effective_support_size, entropy
 from remix_infer.train.data import TokenizedData, sequence_losses
 from remix_infer.train.rloo import rloo_surrogate
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
-ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+ARCHITECTURES = {family.hf_model_type for family in FAMILIES.values()}  # base model_types
 
 
 @dataclass
@@ -137,7 +137,7 @@ class RoutingStats:
         return {
             name: {
                 "counts": self.counts[name].tolist(),
-                "usage_effective_count": float(usage_effective_count(self.counts[name])),
+                "usage_effective_count": float(effective_loras(self.counts[name])),
                 "mean_ess": self.ess_sum[name] / t,
                 "mean_router_entropy": self.entropy_sum[name] / t,
             }

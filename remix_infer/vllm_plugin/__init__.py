@@ -7,18 +7,13 @@ heavy is imported until vLLM builds a model.
 
 from __future__ import annotations
 
-# checkpoint architecture -> the vLLM architecture name that serves it
-ARCHITECTURES = {
-    "llama": "RemixLlamaForCausalLM",
-    "mistral": "RemixMistralForCausalLM",
-    "qwen2": "RemixQwen2ForCausalLM",
-}
-
 
 def register() -> None:
     from vllm import ModelRegistry
 
+    from remix_infer.config import FAMILIES
+
     supported = set(ModelRegistry.get_supported_archs())
-    for arch in ARCHITECTURES.values():
+    for arch in (family.vllm_architecture for family in FAMILIES.values()):
         if arch not in supported:
             ModelRegistry.register_model(arch, f"remix_infer.vllm_plugin.model:{arch}")

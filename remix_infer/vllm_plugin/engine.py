@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from remix_infer.checkpoint import RemixCheckpoint, load_checkpoint
-from remix_infer.vllm_plugin import ARCHITECTURES
+from remix_infer.config import FAMILIES
 
 WORKER_EXTENSION = "remix_infer.vllm_plugin.worker.RemixWorkerExtension"
 
@@ -25,7 +25,7 @@ def remix_engine_kwargs(checkpoint: str | os.PathLike | RemixCheckpoint) -> dict
         "tokenizer": ckpt.base_model_path,
         "revision": ckpt.config.base_model_revision,
         "hf_overrides": {
-            "architectures": [ARCHITECTURES[ckpt.config.architecture]],
+            "architectures": [FAMILIES[ckpt.config.architecture].vllm_architecture],
             "remix_checkpoint": str(Path(ckpt.path).resolve()),
         },
         "worker_extension_cls": WORKER_EXTENSION,

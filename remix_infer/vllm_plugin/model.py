@@ -30,6 +30,7 @@ from remix_infer.config import (
     ROUTER_WEIGHT,
     RemixConfig,
     module_path,
+    split_module_path,
     tensor_name,
 )
 from remix_infer.ops import PoolLayout, RemixPool
@@ -103,7 +104,7 @@ class RemixForCausalLMMixin:
                     continue
                 linear = getattr(getattr(layer, parent_name), proj)
                 width, out_sizes, reduce_input, shards = _shard_layout(linear, parts)
-                name = f"model.layers.{index}.{parent_name}.{proj}"
+                name = module_path(index, proj, parent_name)
                 pool = RemixPool(
                     PoolLayout.from_config(config, width, out_sizes, adapted),
                     dtype,
@@ -136,13 +137,9 @@ class RemixForCausalLMMixin:
                     bias,
                 )
         held = {
-            f"model.layers.{i}."
-            for i, layer in enumerate(self.model.layers)
-            if not isinstance(layer, PPMissingLayer)
+            i for i, layer in enumerate(self.model.layers) if not isinstance(layer, PPMissingLayer)
         }
-        tensors = {
-            k: v for k, v in tensors.items() if k[: k.index(".", len("model.layers.")) + 1] in held
-        }
+        tensors = {k: v for k, v in tensors.items() if split_module_path(k)[0] in held}
         if tensors:  # every checkpoint tensor of this rank's layers must have found its module
             raise ValueError(
                 f"{self.remix_checkpoint}: adapter tensors not used: {sorted(tensors)[:3]}"

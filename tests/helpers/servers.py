@@ -1,5 +1,5 @@
-"""A real `remix-serve` process for tests (test_server.py, test_deploy.py): start it on a free
-loopback port, wait until it is ready, scrape its /metrics."""
+"""Real server processes for tests and benchmarks: free loopback ports, the environment of a
+server subprocess, `remix-serve` started and waited for, its /metrics scraped."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 # A small engine that starts fast on CPU; tests add --max-model-len and their own flags.
 SMALL_ENGINE = (
@@ -34,9 +34,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_env() -> dict[str, str]:
+def server_env(**extra: str) -> dict[str, str]:
     """The environment of a server subprocess: this checkout's code, no network."""
-    env = dict(os.environ)
+    env = dict(os.environ, **extra)
     env.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
     env["HF_HUB_OFFLINE"] = "1"
     env["PYTHONPATH"] = str(ROOT)

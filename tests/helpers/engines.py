@@ -1,4 +1,4 @@
-"""Helpers for tests that run the real vLLM engine (CPU build) on small local checkpoints."""
+"""Small real vLLM engines (CPU build) over small local checkpoints, for tests."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from pathlib import Path
 
 import torch
 
+from helpers.models import make_tiny_base, tiny_remix_config
+
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault(
-    "VLLM_CACHE_ROOT", str(Path(__file__).resolve().parent.parent / ".cache" / "vllm")
+    "VLLM_CACHE_ROOT", str(Path(__file__).resolve().parents[2] / ".cache" / "vllm")
 )
 
 
@@ -21,7 +23,6 @@ def make_parity_checkpoint(
 ) -> Path:
     """A tiny checkpoint whose LoRAs and routing visibly matter: adapters at full LoRA scale and
     a sharpened LM head, so greedy margins are far above float32 noise and a wrong LoRA shows."""
-    from conftest import make_tiny_base, tiny_remix_config
     from transformers import AutoModelForCausalLM
 
     from remix_infer.checkpoint import save_checkpoint

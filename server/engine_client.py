@@ -1,9 +1,11 @@
-"""A small wrapper around vLLM's AsyncLLM serving one ReMix checkpoint (or, for comparisons, a
+"""The server's handle on vLLM's AsyncLLM serving one ReMix checkpoint (or, for comparisons, a
 plain base model with no adapters).
 
 The checkpoint is validated (`remix_engine_kwargs`) when the wrapper is built, so a bad
 checkpoint is refused before any engine process is spawned. `start()` builds the engine in a
-worker thread, so the HTTP server answers /health and /ready (503) while the engine loads.
+worker thread, so the HTTP server answers /health and /ready (503) while the engine loads;
+`watch()` notices when the engine dies afterwards. Tokenization runs in worker threads, off the
+event loop (a long prompt must not stall the streams of other requests).
 """
 
 from __future__ import annotations
@@ -12,32 +14,16 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from remix_infer.checkpoint import RemixCheckpoint, load_checkpoint
 from remix_infer.config import RemixConfig
 from remix_infer.vllm_plugin.engine import remix_engine_kwargs
+from server.settings import EngineSettings
 
 log = logging.getLogger("remix_serve.engine")
-
-
-@dataclass
-class EngineSettings:
-    """Serving settings for the engine (everything except what the checkpoint decides)."""
-
-    max_model_len: int | None = None
-    tensor_parallel_size: int = 1
-    dtype: str = "auto"
-    kv_cache_gib: int | None = None  # CPU: VLLM_CPU_KVCACHE_SPACE (whole GiB); GPU: ignored
-    gpu_memory_utilization: float | None = None
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    enforce_eager: bool = False
-    seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)  # any further AsyncEngineArgs
 
 
 def _on_cpu() -> bool:
@@ -71,7 +57,7 @@ class RemixEngine:
         else:
             self.path = Path(base_model)
             self.engine_kwargs = {"model": str(self.path), "tokenizer": str(self.path)}
-        self.engine: Any = None  # vllm.v1.engine.async_llm.AsyncLLM once started
+        self.async_llm: Any = None  # vllm.v1.engine.async_llm.AsyncLLM once started
         self.tokenizer: Any = None
         self.max_model_len: int = 0
         self.vocab_size: int = 0
@@ -86,7 +72,12 @@ class RemixEngine:
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and self.error is None and not self.engine.errored
+        return self.async_llm is not None and self.error is None and not self.async_llm.errored
+
+    @property
+    def failed(self) -> bool:
+        """The engine could not start, or died: it will not serve again in this process."""
+        return self.error is not None
 
     def describe(self) -> str:
         if self.checkpoint is None:
@@ -103,20 +94,12 @@ class RemixEngine:
 
         s = self.settings
         kwargs: dict[str, Any] = dict(self.engine_kwargs)
+        kwargs.update(s.engine_args())
         kwargs.update(
             # "auto": the checkpoint's own dtype (vLLM's auto picks bfloat16 on CPU)
             dtype=self.remix_config.dtype if s.dtype == "auto" and self.remix_config else s.dtype,
-            tensor_parallel_size=s.tensor_parallel_size,
-            enforce_eager=s.enforce_eager,
-            seed=s.seed,
             disable_log_stats=False,
         )
-        if s.max_model_len is not None:
-            kwargs["max_model_len"] = s.max_model_len
-        if s.max_num_seqs is not None:
-            kwargs["max_num_seqs"] = s.max_num_seqs
-        if s.max_num_batched_tokens is not None:
-            kwargs["max_num_batched_tokens"] = s.max_num_batched_tokens
         if _on_cpu():
             # The CPU backend checks against one NUMA node's free memory: stay well below it.
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization or 0.5
@@ -153,7 +136,7 @@ class RemixEngine:
             self.tokenizer = engine.get_tokenizer()
             self.max_model_len = engine.model_config.max_model_len
             self.vocab_size = engine.model_config.get_vocab_size()
-            self.engine = engine
+            self.async_llm = engine
             if self.checkpoint is not None:
                 await self.reset_routing_stats()
                 await engine.collective_rpc("remix_track_request_routing")
@@ -167,19 +150,55 @@ class RemixEngine:
             self.max_model_len,
         )
 
+    async def watch(self, on_failure: Callable[[], None], interval_s: float = 0.1) -> None:
+        """Return (after calling on_failure) once the running engine has died."""
+        while self.error is None:
+            llm = self.async_llm
+            if llm is not None and llm.errored:
+                self.error = getattr(llm, "dead_error", None) or RuntimeError("engine died")
+                log.error("the engine died: %s", self.error)
+                break
+            await asyncio.sleep(interval_s)
+        on_failure()
+
+    async def tokenize(self, text: str) -> list[int]:
+        return list(await asyncio.to_thread(self.tokenizer.encode, text))
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        return await asyncio.to_thread(self.tokenizer.decode, token_ids)
+
+    def decode_token(self, token_id: int) -> str:
+        """One token's text (logprobs; short, so on the loop)."""
+        return self.tokenizer.decode([token_id])
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    async def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        def render() -> list[int]:
+            ids = self.tokenizer.apply_chat_template(
+                messages, tokenize=True, add_generation_prompt=True
+            )
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+
+        return await asyncio.to_thread(render)
+
     async def generate(
         self, prompt_token_ids: list[int], params: Any, request_id: str
     ) -> AsyncIterator[Any]:
         """RequestOutputs of one prompt. Cancelling the consumer (a client that went away)
         aborts the request in the engine (AsyncLLM.generate does so on cancel/close)."""
-        async for out in self.engine.generate(
+        async for out in self.async_llm.generate(
             {"prompt_token_ids": prompt_token_ids}, params, request_id
         ):
             yield out
 
     async def abort(self, request_id: str) -> None:
-        if self.engine is not None:
-            await self.engine.abort(request_id)
+        if self.async_llm is not None:
+            await self.async_llm.abort(request_id)
 
     async def routing_stats(self) -> dict[str, list[float]]:
         """{hf module name: [count per LoRA..., tokens, entropy sum, ess sum]} summed over
@@ -187,7 +206,7 @@ class RemixEngine:
         adapters."""
         if self.checkpoint is None:
             return {}
-        results = await self.engine.collective_rpc("remix_routing_stats")
+        results = await self.async_llm.collective_rpc("remix_routing_stats")
         first = results[0] if results else {}
         return {name: [float(x) for x in row] for name, row in first.items()}
 
@@ -195,7 +214,7 @@ class RemixEngine:
         """The routing summary of the requests sent with extra_args[ROUTING_KEY] = key, once they
         have finished: {"tokens": n, "modules": {hf module: selections per LoRA}}."""
         merged: dict[str, Any] | None = None
-        for part in await self.engine.collective_rpc("remix_take_request_routing", args=(key,)):
+        for part in await self.async_llm.collective_rpc("remix_take_request_routing", args=(key,)):
             if part is None:
                 continue
             if merged is None:
@@ -204,12 +223,12 @@ class RemixEngine:
         return merged
 
     async def reset_routing_stats(self) -> None:
-        await self.engine.collective_rpc("remix_reset_routing_stats")
+        await self.async_llm.collective_rpc("remix_reset_routing_stats")
 
     def num_unfinished_requests(self) -> int:
-        return self.engine.get_num_unfinished_requests() if self.engine is not None else 0
+        return self.async_llm.get_num_unfinished_requests() if self.async_llm is not None else 0
 
     def shutdown(self) -> None:
-        if self.engine is not None:
-            self.engine.shutdown()
-            self.engine = None
+        if self.async_llm is not None:
+            self.async_llm.shutdown()
+            self.async_llm = None

@@ -1,0 +1,112 @@
+"""The HTTP routes: thin functions over the serving objects in `Services`. The /v1 POST routes
+declare their request models, so /openapi.json documents every field of their bodies."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.admission import Admission
+from server.engine_client import RemixEngine
+from server.errors import ErrorResponse
+from server.metrics import Metrics
+from server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
+from server.serving_chat import ServingChat
+from server.serving_completion import ServingCompletion
+from server.settings import ServerSettings
+
+
+@dataclass
+class Services:
+    """What the routes serve from (one per app: `app.state.services`)."""
+
+    engine: RemixEngine
+    settings: ServerSettings
+    admission: Admission
+    metrics: Metrics
+    completion: ServingCompletion
+    chat: ServingChat
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def _documented(ok: type) -> dict[int | str, dict[str, Any]]:
+    error = {"model": ErrorResponse}
+    return {
+        200: {
+            "model": ok,
+            "description": "The answer; with `stream: true`, server-sent events of its chunks",
+        },
+        **{status: error for status in (400, 401, 404, 413, 429, 503)},
+    }
+
+
+router = APIRouter()
+
+
+@router.post("/v1/completions", response_model=None, responses=_documented(CompletionResponse))
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    return await services(request).completion.handle(request, body)
+
+
+@router.post(
+    "/v1/chat/completions", response_model=None, responses=_documented(ChatCompletionResponse)
+)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    return await services(request).chat.handle(request, body)
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> ModelList:
+    s = services(request)
+    card = ModelCard(
+        id=s.settings.served_model_name,
+        created=int(s.engine.started_at or time.time()),
+        root=str(s.engine.path),
+        max_model_len=s.engine.max_model_len or None,
+    )
+    return ModelList(data=[card])
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """Liveness: 200 while this process can serve (the engine loading included); 503 once the
+    engine failed, so a supervisor restarts the process."""
+    if services(request).engine.failed:
+        return JSONResponse({"status": "failed"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    s = services(request)
+    if s.engine.ready:
+        return JSONResponse(
+            {
+                "status": "ready",
+                "model": s.settings.served_model_name,
+                "requests_in_flight": s.admission.in_flight,
+                "engine_unfinished_requests": s.engine.num_unfinished_requests(),
+            }
+        )
+    status = "failed" if s.engine.failed else "starting"
+    return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "5"})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    m = services(request).metrics
+    return Response(await m.render(), media_type=m.content_type)

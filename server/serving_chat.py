@@ -1,0 +1,82 @@
+"""POST /v1/chat/completions: messages through the tokenizer's chat template; choice j is
+engine request j."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from server.errors import APIError
+from server.logprobs import chat_logprobs, walk
+from server.protocol import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChunk,
+    ChatDelta,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    RemixInfo,
+    Usage,
+)
+from server.serving import Job, ServingBase
+
+
+class ServingChat(ServingBase[ChatCompletionRequest]):
+    endpoint = "/v1/chat/completions"
+    id_prefix = "chatcmpl"
+    chunk_class = ChatCompletionStreamChunk
+
+    async def prompt_token_ids(self, req: ChatCompletionRequest) -> list[list[int]]:
+        if not self.engine.has_chat_template:
+            raise APIError(
+                400,
+                "This model has no chat template; use /v1/completions",
+                param="messages",
+                code="no_chat_template",
+            )
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        try:
+            ids = await self.engine.apply_chat_template(messages)
+        except Exception as e:
+            raise APIError(400, f"messages: chat template failed: {e}", param="messages") from None
+        if not ids:
+            raise APIError(400, "messages render to an empty prompt", param="messages")
+        return [ids]
+
+    def logprobs(self, o: Any) -> ChatLogprobs | None:
+        if o.logprobs is None:
+            return None
+        return chat_logprobs(walk(o.token_ids, o.logprobs, self.engine.decode_token))
+
+    def stream_chunk(self, job: Job[ChatCompletionRequest], j: int, out: Any) -> BaseModel:
+        (o,) = out.outputs
+        first = j not in job.texts_sent
+        job.texts_sent[j] = job.texts_sent.get(j, 0) + len(o.text)
+        choice = ChatStreamChoice(
+            index=j,
+            delta=ChatDelta(role="assistant" if first else None, content=o.text),
+            logprobs=self.logprobs(o),
+            finish_reason=o.finish_reason,
+        )
+        return ChatCompletionStreamChunk(**job.header(), choices=[choice])
+
+    def response_body(
+        self,
+        job: Job[ChatCompletionRequest],
+        finals: list[Any],
+        usage: Usage,
+        remix: RemixInfo | None,
+    ) -> BaseModel:
+        choices = [
+            ChatChoice(
+                index=j,
+                message=ChatResponseMessage(content=out.outputs[0].text),
+                logprobs=self.logprobs(out.outputs[0]),
+                finish_reason=out.outputs[0].finish_reason,
+            )
+            for j, out in enumerate(finals)
+        ]
+        return ChatCompletionResponse(**job.header(), choices=choices, usage=usage, remix=remix)

@@ -1,0 +1,180 @@
+"""A stand-in for server.engine_client.RemixEngine with no vLLM process: the HTTP layer's unit
+tests run against it in milliseconds. It speaks in vLLM's own output types (RequestOutput,
+CompletionOutput, Logprob) and honours the SamplingParams the server builds (max_tokens,
+output kind, logprobs, prompt logprobs, seed), so what it checks is the server's use of them.
+
+Token i is the byte i: text prompts tokenize to their UTF-8 bytes; generated tokens are lowercase
+letters, each the one after the previous token (the last prompt token first) modulo 26:
+after "ab" come "cdefg"."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+VOCAB = 256
+
+
+class FakeTokenizer:
+    chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+
+    def __init__(self, encode_s_per_char: float = 0.0) -> None:
+        self.encode_s_per_char = encode_s_per_char
+
+    def encode(self, text: str) -> list[int]:
+        # a slow tokenizer: it holds the GIL-free part of its thread, like a real one
+        time.sleep(len(text) * self.encode_s_per_char)
+        return list(text.encode())
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode(errors="replace")
+
+    def apply_chat_template(self, messages: list[dict], **kwargs: Any) -> list[int]:
+        return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<a>")
+
+
+class FakeLLM:
+    errored = False
+
+
+class FakeEngine:
+    """Serves the byte-level fake model; `step_s` between generated tokens."""
+
+    def __init__(self, step_s: float = 0.0, max_model_len: int = 128, **tokenizer: Any) -> None:
+        self.step_s = step_s
+        self.path = Path("/fake/model")
+        self.remix_config = None
+        self.tokenizer = FakeTokenizer(**tokenizer)
+        self.max_model_len = max_model_len
+        self.vocab_size = VOCAB
+        self.async_llm: FakeLLM | None = None
+        self.error: BaseException | None = None
+        self.started_at: float | None = None
+        self.stat_loggers: list[Any] = []
+        self.running: set[str] = set()
+        self.generated = 0  # tokens, over all requests
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.async_llm is not None and self.error is None and not self.async_llm.errored
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def describe(self) -> str:
+        return "fake engine"
+
+    async def start(self) -> None:
+        self.async_llm = FakeLLM()
+        self.started_at = time.time()
+
+    async def watch(self, on_failure: Any, interval_s: float = 0.01) -> None:
+        while self.error is None:
+            if self.async_llm is not None and self.async_llm.errored:
+                self.error = RuntimeError("engine died")
+                break
+            await asyncio.sleep(interval_s)
+        on_failure()
+
+    def die(self) -> None:
+        """What a dead engine core looks like from the server."""
+        assert self.async_llm is not None
+        self.async_llm.errored = True
+
+    def shutdown(self) -> None:
+        self.async_llm = None
+
+    # -- tokenizer ----------------------------------------------------------------------------
+
+    async def tokenize(self, text: str) -> list[int]:
+        return await asyncio.to_thread(self.tokenizer.encode, text)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    def decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    @property
+    def has_chat_template(self) -> bool:
+        return True
+
+    async def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages)
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def _logprobs(self, token_id: int, count: int) -> dict[int, Any]:
+        from vllm.logprobs import Logprob
+
+        entry = {token_id: Logprob(logprob=-0.25, rank=1, decoded_token=chr(token_id))}
+        for k in range(count):
+            other = 48 + k  # digits: never generated
+            entry[other] = Logprob(logprob=-2.0 - k, rank=k + 2, decoded_token=chr(other))
+        return entry
+
+    async def generate(self, prompt_token_ids: list[int], params: Any, request_id: str) -> Any:
+        from vllm.outputs import CompletionOutput, RequestOutput
+        from vllm.sampling_params import RequestOutputKind
+
+        if self.async_llm is None or self.async_llm.errored:
+            raise RuntimeError("engine dead")
+        delta = params.output_kind == RequestOutputKind.DELTA
+        prompt_lp = None
+        if params.prompt_logprobs is not None:
+            prompt_lp = [None] + [
+                self._logprobs(t, params.prompt_logprobs) for t in prompt_token_ids[1:]
+            ]
+        self.running.add(request_id)
+        tokens: list[int] = []
+        logprobs: list[Any] = []
+        token = prompt_token_ids[-1] + (params.seed or 0)
+        try:
+            for step in range(params.max_tokens):
+                if self.step_s:
+                    await asyncio.sleep(self.step_s)
+                if self.async_llm is None or self.async_llm.errored:
+                    raise RuntimeError("engine dead")
+                token = 97 + (token - 97 + 1) % 26
+                tokens.append(token)
+                self.generated += 1
+                if params.logprobs is not None:
+                    logprobs.append(self._logprobs(token, params.logprobs))
+                last = step == params.max_tokens - 1
+                if not (delta or last):
+                    continue
+                new = tokens[-1:] if delta else tokens
+                out = CompletionOutput(
+                    index=0,
+                    text=self.tokenizer.decode(new),
+                    token_ids=list(new),
+                    cumulative_logprob=None,
+                    logprobs=(logprobs[-1:] if delta else logprobs)
+                    if params.logprobs is not None
+                    else None,
+                    finish_reason="length" if last else None,
+                )
+                yield RequestOutput(
+                    request_id=request_id,
+                    prompt=None,
+                    prompt_token_ids=prompt_token_ids,
+                    prompt_logprobs=prompt_lp if (step == 0 or not delta) else None,
+                    outputs=[out],
+                    finished=last,
+                )
+        finally:
+            self.running.discard(request_id)
+
+    async def take_request_routing(self, key: str) -> dict[str, Any] | None:
+        return None
+
+    async def routing_stats(self) -> dict[str, list[float]]:
+        return {}
+
+    def num_unfinished_requests(self) -> int:
+        return len(self.running)
