@@ -160,7 +160,11 @@ def serve(engine: RemixEngine, settings: ServerSettings, args: argparse.Namespac
     server.run()
     if failed:
         log.error("exiting: the engine failed (%s)", engine.error)
-        return 1
+        # Not sys.exit: interpreter shutdown runs atexit handlers that wait on the dead engine's
+        # processes (seen: 7 s under load), and the deadline timer's thread is frozen by then.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(1)
     return 0
 
 

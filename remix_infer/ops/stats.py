@@ -69,12 +69,7 @@ def per_token_figures(
 
     constant_k: for constant weights the ESS is k by construction and is not recomputed.
     """
-    # exp(x - max) / sum: torch's CPU softmax over a last dim as short as n is several times
-    # slower than these three ops.
-    shifted = logits - logits.amax(-1, keepdim=True)
-    exp = shifted.exp()
-    total = exp.sum(-1, keepdim=True)
-    entropy = total.log() - (exp * shifted).sum(-1, keepdim=True) / total
+    entropy = torch.special.entr(torch.softmax(logits, -1)).sum(-1, keepdim=True)
     if constant_k is None:  # over the n gates equals over the k weights: zeros add nothing
         ess = gates.sum(-1, keepdim=True) ** 2 / (gates * gates).sum(-1, keepdim=True)
     else:
