@@ -34,7 +34,7 @@ def make_layer(
         num_loras=n, top_k=k, rank=r, omega=2.0 / (k * r),
     )  # fmt: skip
     layout = PoolLayout.from_config(config, d_in, [d_out], [0])
-    pool = RemixPool(layout, torch.float32, max_tokens, kernel="torch", device="cpu")
+    pool = RemixPool(layout, torch.float32, max_tokens, device="cpu")  # the engine's kernel
     with torch.no_grad():
         pool.lora_a.normal_(0, d_in**-0.5)
         pool.router.normal_(0, d_in**-0.5)

@@ -8,7 +8,11 @@ stages are the pool's own calls, in the order its forward makes them:
     top-k             routing.topk_select       deterministic top-k (stable sort)
     gates             routing.routing_gates     constant omega on the k chosen
     counters          stats.record_routing      routing statistics and the per-step selections
-    gated B GEMM      _add_pool_outputs         gate the hidden states, B GEMM, add to the base
+    gating            _gate_hidden              the hidden states times their gates
+    B GEMM            _add_pool_outputs         B product, added to the base
+    numba routing     _route_numba              top-k, gates, gating, statistics in one call:
+                                                what the CPU engine runs instead of the four
+                                                torch stages above (not part of "other")
 
 "other" is the forward's time less the stages' sum (call and dispatch overhead between them).
 """
@@ -36,6 +40,7 @@ def profile(d: int, tokens: int, n: int, k: int, r: int, repeats: int) -> dict[s
         logits = y[:, d + n * r :].unflatten(-1, (1, n))
         selected = topk_select(logits, k)
         gates = routing_gates(logits, selected, pool.layout.omega, pool.layout.weighting)
+        hidden = pool._gate_hidden(lora_h, gates)
     stages = {
         "base GEMM": lambda x: base(x),
         "adapter (whole)": lambda x: pool(x, gemm),
@@ -43,10 +48,12 @@ def profile(d: int, tokens: int, n: int, k: int, r: int, repeats: int) -> dict[s
         "top-k": lambda x: topk_select(logits, k),
         "gates": lambda x: routing_gates(logits, selected, pool.layout.omega, "constant"),
         "counters": lambda x: record_routing(pool.stats, pool.step_selected, logits, gates, k),
-        "gated B GEMM": lambda x: pool._add_pool_outputs(base_out, lora_h, gates),
+        "gating": lambda x: pool._gate_hidden(lora_h, gates),
+        "B GEMM": lambda x: pool._add_pool_outputs(base_out, hidden),
+        "numba routing": lambda x: pool._route_numba(logits, lora_h),
     }
     t = {name: s * 1e6 for name, s in time_interleaved(stages, x, repeats).items()}
-    parts = [name for name in stages if name not in ("base GEMM", "adapter (whole)")]
+    parts = ["stacked GEMM", "numba routing", "B GEMM"]
     t["other"] = max(0.0, t["adapter (whole)"] - sum(t[p] for p in parts))
     return t
 

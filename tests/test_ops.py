@@ -1,7 +1,8 @@
 """remix_infer.ops, the serving layer's math, against the reference model (remix_infer.modeling).
 
-Both kernels run here: "torch" natively, "triton" under the Triton interpreter where there is no
-GPU (conftest.py sets TRITON_INTERPRET), at small shapes. The same checks run on a GPU in `make bench-gpu` before it times anything.
+Every kernel runs here: "torch" (plain torch ops, the oracle) and "numba" (its CPU routing
+kernel) natively, "triton" under the Triton interpreter where there is no GPU (conftest.py sets
+TRITON_INTERPRET), at small shapes. The same checks run on a GPU in `make bench-gpu` before it times anything.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from remix_infer.ops import FusedRemixLinear, PoolLayout, RemixPool, StatsRow, s
 from remix_infer.ops.stats import stats_width
 from remix_infer.ops.triton_route import route
 
+KERNELS = ["torch", "numba", "triton"]
 D_IN = 48
 N, K, R = 6, 2, 4
 MERGED = {  # parts of a merged projection (like qkv_proj) and which carry a pool
@@ -73,7 +75,7 @@ def as_mask(selected: torch.Tensor) -> torch.Tensor:
     return torch.zeros(*selected.shape[:-1], N, dtype=torch.uint8).scatter_(-1, selected, 1)
 
 
-@pytest.mark.parametrize("kernel", ["torch", "triton"])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("weighting", ["constant", "softmax_topk"])
 @pytest.mark.parametrize("merged", list(MERGED))
 def test_pool_matches_reference(kernel, weighting, merged):
@@ -86,7 +88,7 @@ def test_pool_matches_reference(kernel, weighting, merged):
         want, selected = reference_outputs(references, weight, parts, x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(layer.pool.step_selected[:37], as_mask(selected))
-    if kernel == "torch":  # the ordered top-k, largest first
+    if kernel != "triton":  # the ordered top-k, largest first
         assert torch.equal(layer.pool.captured[0], selected)
     stats = layer.pool.stats
     for j, ref in enumerate(references.values()):
@@ -101,10 +103,12 @@ def test_pool_matches_reference(kernel, weighting, merged):
 
 
 @pytest.mark.parametrize("weighting", ["constant", "softmax_topk"])
-def test_triton_kernel_equals_torch_kernel(weighting):
-    """Same weights through both kernels: same selections, statistics and outputs."""
+@pytest.mark.parametrize("kernel", ["numba", "triton"])
+def test_kernel_equals_torch_kernel(kernel, weighting):
+    """Same weights through a kernel and the plain-torch path: same selections, statistics and
+    outputs."""
     parts, adapted = MERGED["three parts"]
-    layers = [build(kernel, parts, adapted, weighting)[0] for kernel in ("torch", "triton")]
+    layers = [build(name, parts, adapted, weighting)[0] for name in ("torch", kernel)]
     x = torch.randn(70, D_IN, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         outs = [layer(x) for layer in layers]
@@ -134,7 +138,7 @@ def test_split_reduction_is_deterministic_and_resets_its_tickets():
     assert torch.equal(results[0][0][:, :D_IN], x)  # x copied for the one GEMM
 
 
-@pytest.mark.parametrize("kernel", ["torch", "triton"])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_padding_rows_are_not_counted(kernel):
     parts, adapted = MERGED["one part"]
     layer = build(kernel, parts, adapted)[0]
@@ -157,7 +161,7 @@ def test_padding_rows_are_not_counted(kernel):
     torch.testing.assert_close(layer.pool.stats, unpadded.pool.stats, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("kernel", ["torch", "triton"])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_ties_go_to_the_lower_index(kernel):
     """Equal logits (zero routers, equal biases, as in a router that was never trained): the
     lower-indexed LoRAs win."""
@@ -171,7 +175,7 @@ def test_ties_go_to_the_lower_index(kernel):
     assert layer.pool.step_selected[:5, 0].tolist() == [[1] * K + [0] * (N - K)] * 5
 
 
-@pytest.mark.parametrize("kernel", ["torch", "triton"])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_row_parallel_shards_sum_to_the_whole(kernel):
     """Two ranks of a row-parallel layer: each sees half of d_in, sums its partial pool products
     with the other's (the all-reduce), and only rank 0 adds B's term; the sum of their outputs

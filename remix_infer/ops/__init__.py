@@ -1,9 +1,12 @@
 """The serving layer's math without vLLM: importable with torch alone (plus Triton on a GPU).
 
-pool.py     RemixPool: pool tensors, the folded GEMM weight, the torch (CPU, oracle) and Triton
-            (GPU) forwards; FusedRemixLinear: a base linear and its pool as one module
-stats.py    routing statistics: the stats row layout, per-token figures, the accumulate op
-triton_route.py   the routing kernel (one launch per projection), registered as remix::route
+pool.py          RemixPool: pool tensors, the folded GEMM weight, the forwards of the three
+                 kernels (torch: the oracle; numba: CPU; triton: GPU); FusedRemixLinear: a base
+                 linear and its pool as one module
+stats.py         routing statistics: the stats row layout, per-token figures, the accumulate op
+cpu_route.py     the CPU routing kernel (numba), one call per projection
+triton_route.py  the GPU routing kernel (Triton), one launch per projection
+custom_op.py     registering the kernels as torch custom ops (torch.ops.remix.*)
 """
 
 from remix_infer.ops.pool import FusedRemixLinear, PoolLayout, RemixPool, default_kernel

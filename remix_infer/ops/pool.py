@@ -12,9 +12,10 @@ its S adapted parts has its own pool of n LoRAs of rank r and its own router. Fo
 The base product is never run alone: it shares one GEMM with the pool, in one of two ways that
 `fold_base_weight` prepares and `forward` consumes.
 
-    "torch" (CPU, and the oracle):  rows stacked, y_all = x [W ; A ; P]^T, so the pool's narrow
-        A and router products ride on the base GEMM; then routing in plain torch and one B
-        product per part added into the base columns.
+    "torch" (the oracle) and "numba" (CPU):  rows stacked, y_all = x [W ; A ; P]^T, so the
+        pool's narrow A and router products ride on the base GEMM; then routing (plain torch
+        ops, or ONE numba call: cpu_route.py) and one B product per part added into the base
+        columns.
     "triton" (GPU):  columns stacked, y = [x | gated h] [W | block-diagonal B]^T, so the base
         product and every B product are one GEMM; before it, ONE Triton kernel reads x, does the
         A and router products (router in float32), routes, gates, writes [x | gated h] and
@@ -26,6 +27,7 @@ the partial pool products, and count_b=False on every rank but one, so B's term 
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -38,7 +40,7 @@ from remix_infer.config import RemixConfig
 from remix_infer.ops.stats import record_routing, stats_width
 from remix_infer.routing import routing_gates, topk_select
 
-Kernel = Literal["torch", "triton"]
+Kernel = Literal["torch", "numba", "triton"]
 Gemm = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -93,8 +95,14 @@ class PoolLayout:
         return [slice(a, a + w) for a, w in zip(starts, self.part_widths, strict=True)]
 
 
-def default_kernel(device: torch.device) -> Kernel:
-    return "triton" if device.type == "cuda" else "torch"
+def default_kernel(device: torch.device, dtype: torch.dtype) -> Kernel:
+    """triton on CUDA; on CPU numba's routing kernel for float32 (numpy has no bfloat16) where
+    numba is installed (it comes with vLLM), else plain torch."""
+    if device.type == "cuda":
+        return "triton"
+    if dtype == torch.float32 and importlib.util.find_spec("numba") is not None:
+        return "numba"
+    return "torch"
 
 
 class RemixPool(nn.Module):
@@ -123,7 +131,9 @@ class RemixPool(nn.Module):
         device = torch.device(device) if device is not None else torch.get_default_device()
         self.layout, self.name, self.count_b = layout, name, count_b
         self.part_names = part_names or [f"{name}.{i}" for i in layout.adapted]
-        self.kernel: Kernel = kernel or default_kernel(device)
+        self.kernel: Kernel = kernel or default_kernel(device, dtype)
+        if self.kernel == "numba" and dtype != torch.float32:
+            raise ValueError("the numba routing kernel serves float32 only")
         n, r, s, d_in = layout.num_loras, layout.rank, layout.num_parts, layout.in_features
         self.constant_k = layout.top_k if layout.weighting == "constant" else None
 
@@ -135,7 +145,7 @@ class RemixPool(nn.Module):
         self.router_bias = frozen(s, n, dtype=torch.float32) if router_bias else None
         self.lora_b = nn.ParameterList(frozen(layout.part_widths[i], n * r) for i in layout.adapted)
         # The stacked GEMM carries the router rows only when it runs in float32.
-        self.fold_router = self.kernel == "torch" and dtype == torch.float32
+        self.fold_router = self.kernel != "triton" and dtype == torch.float32
         self.register_buffer(
             "stats", torch.zeros(s, stats_width(n), dtype=torch.float64, device=device)
         )
@@ -186,7 +196,7 @@ class RemixPool(nn.Module):
     def fold_base_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight of the one GEMM that `forward` hands to its `gemm`, from the base weight
         [d_out, d_in]: [W ; A (; P)] for the torch kernel, [W | block-diagonal B] for triton."""
-        if self.kernel == "torch":
+        if self.kernel != "triton":
             rows = [weight, self.lora_a.to(weight.dtype)]
             if self.fold_router:
                 rows.append(self.router.to(weight.dtype))
@@ -231,32 +241,54 @@ class RemixPool(nn.Module):
         logits = logits.unflatten(-1, (s, n))
         if self.router_bias is not None:
             logits = logits + self.router_bias
-        selected = topk_select(logits, layout.top_k)  # [T, S, k]
-        gates = routing_gates(logits, selected, layout.omega, layout.weighting)  # [T, S, n]
-        record_routing(self.stats, self.step_selected, logits, gates, self.constant_k)
+        if self.kernel == "numba":
+            hidden, selected = self._route_numba(logits, lora_h)
+        else:
+            selected = topk_select(logits, layout.top_k)  # [T, S, k]
+            gates = routing_gates(logits, selected, layout.omega, layout.weighting)  # [T, S, n]
+            record_routing(self.stats, self.step_selected, logits, gates, self.constant_k)
+            hidden = self._gate_hidden(lora_h, gates)
         if self.capture_selections:
             self.captured.append(selected.detach().clone())
-        return self._add_pool_outputs(base, lora_h, gates)
+        return self._add_pool_outputs(base, hidden)
 
-    def _add_pool_outputs(
-        self, base: torch.Tensor, lora_h: torch.Tensor, gates: torch.Tensor
-    ) -> torch.Tensor:
-        """base + each adapted part's gated B product, [T, d_out]: a new tensor for one part;
-        for merged parts, added in place into base (a view of the stacked GEMM's output, whose
-        row stride skips the pool's columns: vLLM's CPU ops after a merged projection, the qkv
-        split, rotary embedding and SiLU-and-mul, take strided rows)."""
+    def _route_numba(
+        self, logits: torch.Tensor, lora_h: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gated hidden states [S, T, n*r] and top-k [T, S, k] from ONE compiled call."""
+        from remix_infer.ops.cpu_route import route_cpu
+
         layout = self.layout
-        if not self.count_b:  # another rank adds B; vLLM all-reduces this, which needs it dense
-            return base.contiguous()
-        s, nr, tokens = layout.num_parts, layout.num_loras * layout.rank, base.shape[0]
-        # Gate the pool's hidden states part-major ([S, T, n*r]): each B product reads a
-        # contiguous matrix.
-        hidden = lora_h.new_empty(s, tokens, nr)
+        tokens, s = logits.shape[0], layout.num_parts
+        hidden = lora_h.new_empty(s, tokens, layout.num_loras * layout.rank)
+        selected = torch.empty(tokens, s, layout.top_k, dtype=torch.long)
+        route_cpu(
+            logits, lora_h, hidden, selected, self.stats, self.step_selected, layout.top_k,
+            layout.omega, layout.weighting == "softmax_topk",
+        )  # fmt: skip
+        return hidden, selected
+
+    def _gate_hidden(self, lora_h: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """The pool's hidden states times their gates, part-major [S, T, n*r], so that each B
+        product reads a contiguous matrix."""
+        layout = self.layout
+        s, tokens = layout.num_parts, lora_h.shape[0]
+        hidden = lora_h.new_empty(s, tokens, layout.num_loras * layout.rank)
         torch.mul(
             lora_h.view(tokens, s, layout.num_loras, layout.rank).transpose(0, 1),
             gates.to(lora_h.dtype).transpose(0, 1).unsqueeze(-1),
             out=hidden.view(s, tokens, layout.num_loras, layout.rank),
         )
+        return hidden
+
+    def _add_pool_outputs(self, base: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """base + each adapted part's B product of its gated hidden states, [T, d_out]: a new
+        tensor for one part; for merged parts, added in place into base (a view of the stacked
+        GEMM's output, whose row stride skips the pool's columns: vLLM's CPU ops after a merged
+        projection, the qkv split, rotary embedding and SiLU-and-mul, take strided rows)."""
+        layout = self.layout
+        if not self.count_b:  # another rank adds B; vLLM all-reduces this, which needs it dense
+            return base.contiguous()
         if layout.part_widths == (layout.out_features,):  # one part: add into its product
             return self._product_b[0](hidden[0]).add_(base)
         columns = layout.part_columns()
@@ -271,8 +303,10 @@ class RemixPool(nn.Module):
         if reduce is not None:  # partial products from a shard: sum them first, then route
             lora_h = reduce(F.linear(x, self.lora_a).float())
             logits = reduce(F.linear(x.float(), self.router))
+        from remix_infer.ops.triton_route import route
+
         x_cat = x.new_empty(x.shape[0], layout.in_features + layout.pool_width)
-        torch.ops.remix.route(
+        route(
             x, self.lora_a, self.router, self.router_bias, x_cat, self.stats,
             self.step_selected, self.semaphore, lora_h, logits,
             layout.num_loras, layout.rank, layout.top_k, layout.omega,

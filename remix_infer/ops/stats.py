@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from remix_infer.ops.custom_op import remix_op
+
 EXTRA_COLUMNS = 3  # tokens, entropy sum, ESS sum
 
 
@@ -79,6 +81,7 @@ def per_token_figures(
     )
 
 
+@remix_op("accumulate_figures", mutates_args=("stats", "step_selected"))
 def accumulate_figures(
     stats: torch.Tensor, step_selected: torch.Tensor, figures: torch.Tensor
 ) -> None:
@@ -92,12 +95,6 @@ def accumulate_figures(
     step_selected[:rows] = figures[:rows, :, : step_selected.shape[-1]]
 
 
-# Opaque to torch.compile (it mutates buffers and reads the padding mask at run time).
-torch.library.custom_op("remix::accumulate_figures", mutates_args=("stats", "step_selected"))(
-    accumulate_figures
-)
-
-
 def record_routing(
     stats: torch.Tensor,
     step_selected: torch.Tensor,
@@ -106,9 +103,4 @@ def record_routing(
     constant_k: int | None,
 ) -> None:
     """Add one forward's routing (logits and gates [T, S, n]) to the buffers."""
-    figures = per_token_figures(logits, gates, constant_k)
-    # Compiled graphs need the op; eager mode calls the function and skips the dispatcher.
-    if torch.compiler.is_compiling():
-        torch.ops.remix.accumulate_figures(stats, step_selected, figures)
-    else:
-        accumulate_figures(stats, step_selected, figures)
+    accumulate_figures(stats, step_selected, per_token_figures(logits, gates, constant_k))

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from remix_infer.ops.custom_op import remix_op
 from remix_infer.ops.stats import padding_mask
 
 MIN_BLOCK_T = 16  # tl.dot needs at least 16 rows
@@ -228,6 +229,7 @@ def choose_split(blocks: int, num_parts: int, in_features: int, block_d: int) ->
     return max(1, min(target // (blocks * num_parts), triton.cdiv(in_features, block_d), 16))
 
 
+@remix_op("route", mutates_args=("out", "stats", "step_selected", "semaphore"))
 def route(
     x: torch.Tensor,
     lora_a: torch.Tensor,
@@ -279,8 +281,3 @@ def route(
         IEEE_A=x.dtype == torch.float32 or INTERPRETED, SOFTMAX_GATES=softmax_gates,
         HAS_BIAS=router_bias is not None, HAS_PADDING=padding is not None,
     )  # fmt: skip
-
-
-torch.library.custom_op(
-    "remix::route", mutates_args=("out", "stats", "step_selected", "semaphore")
-)(route)
