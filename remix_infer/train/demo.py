@@ -67,7 +67,7 @@ class DemoSettings:
 def build_tokenizer(out_dir: Path):  # noqa: ANN201
     """A character-level tokenizer: byte-level BPE with no merges, so every letter, digit and
     space is one token (the tasks read and write their answers character by character)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>"]
@@ -77,6 +77,10 @@ def build_tokenizer(out_dir: Path):  # noqa: ANN201
     tok.add_special_tokens(specials)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    # Encoding with special tokens starts with BOS, as in training: servers tokenize that way.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
+    )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
