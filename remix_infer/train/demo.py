@@ -67,23 +67,19 @@ class DemoSettings:
 def build_tokenizer(out_dir: Path):  # noqa: ANN201
     """A character-level tokenizer: byte-level BPE with no merges, so every letter, digit and
     space is one token (the tasks read and write their answers character by character)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<s>", "</s>"]
+    # No BOS token: sequences start with their first character, in training and when served
+    # (a server encodes the prompt as is; echo then returns exactly the prompt).
+    specials = ["<pad>", "</s>"]
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {token: i for i, token in enumerate(specials + alphabet)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.add_special_tokens(specials)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    # Encoding with special tokens starts with BOS, as in training: servers tokenize that way.
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
     return fast
@@ -109,7 +105,8 @@ def pretrain_base(tokenizer, lines: list[str], s: DemoSettings, out_dir: Path) -
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
-    bos, eos = [tokenizer.bos_token_id], [tokenizer.eos_token_id]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id]
     rows = [bos + tokenizer(t, add_special_tokens=False)["input_ids"] + eos for t in lines]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), tokenizer.pad_token_id)
