@@ -57,12 +57,18 @@ class RemixLinear(nn.Module):
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self, generator: torch.Generator | None = None) -> None:
-        """LoRA init as in PEFT (A uniform, B zero: the model starts as the base model)."""
+        """LoRA init as in PEFT (A uniform, B zero: the model starts as the base model).
+
+        Values are drawn on the CPU (with `generator`, a CPU generator, if given) and copied to
+        the parameters' device, so the same seed gives the same adapters on any device.
+        """
         bound = 1.0 / math.sqrt(self.lora_a.shape[-1])
+        lora_a = torch.empty(self.lora_a.shape).uniform_(-bound, bound, generator=generator)
+        router = torch.empty(self.router.weight.shape).normal_(0.0, 0.02, generator=generator)
         with torch.no_grad():
-            self.lora_a.uniform_(-bound, bound, generator=generator)
+            self.lora_a.copy_(lora_a)
             self.lora_b.zero_()
-            self.router.weight.normal_(0.0, 0.02, generator=generator)
+            self.router.weight.copy_(router)
             if self.router.bias is not None:
                 self.router.bias.zero_()
 

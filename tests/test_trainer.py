@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from helpers.models import make_tiny_base
+from helpers.models import make_tiny_base, tiny_remix_config
 
 from remix_infer.checkpoint import load_checkpoint
-from remix_infer.modeling import load_remix_model, remix_modules
+from remix_infer.modeling import RemixLinear, load_remix_model, remix_modules
 from remix_infer.train.cli import main
 from remix_infer.train.data import IGNORE_INDEX, TokenizedData
 from remix_infer.train.trainer import TrainConfig, Trainer
@@ -192,6 +192,31 @@ def test_cli_bad_data_names_file_line_and_field(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert f"{data}:2: field 'completion' must be a string" in err
+
+
+def _seeded_init(device: str) -> RemixLinear:
+    base = torch.nn.Linear(32, 16, device=device)
+    module = RemixLinear(base, tiny_remix_config(router_bias=True))
+    module.reset_adapter_parameters(torch.Generator().manual_seed(7))
+    return module
+
+
+def test_adapter_init_is_drawn_on_cpu_whatever_the_device():
+    """A CPU generator initialises adapters on any device (the trainer's path on CUDA), and
+    the values are the CPU draws: the same seed gives the same adapters everywhere."""
+    devices = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
+    reference = _seeded_init("cpu")
+    assert reference.lora_a.abs().sum() > 0 and reference.router.weight.abs().sum() > 0
+    assert not reference.lora_b.any()
+    for device in devices:
+        module = _seeded_init(device)  # a CPU generator with non-CPU parameters must not raise
+        assert module.lora_a.device.type == device
+        if device != "meta":  # meta tensors hold no values
+            assert torch.equal(module.lora_a.cpu(), reference.lora_a)
+            assert torch.equal(module.router.weight.cpu(), reference.router.weight)
+    other_seed = RemixLinear(torch.nn.Linear(32, 16), tiny_remix_config())
+    other_seed.reset_adapter_parameters(torch.Generator().manual_seed(8))
+    assert not torch.equal(other_seed.lora_a, reference.lora_a)
 
 
 def test_demo_quick_builds_a_servable_checkpoint(tmp_path):

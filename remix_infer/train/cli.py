@@ -5,11 +5,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import typing
 from pathlib import Path
 
-from remix_infer.train.trainer import TrainConfig
+# Before torch loads OpenMP: its default busy-waiting threads make a training step ~10x slower
+# when another process holds one of the cores (measured on the shared 2-core dev machine).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from remix_infer.train.trainer import TrainConfig  # noqa: E402
 
 
 def _add_train_config_flags(parser: argparse.ArgumentParser) -> None:

@@ -1,6 +1,6 @@
 """`remix-train demo`: a complete ReMix run on this machine in a few minutes.
 
-1. Train a byte-level BPE tokenizer and pretrain a small Llama (head_dim 64) on task prose.
+1. Build a character-level tokenizer and pretrain a small Llama (head_dim 64) on task prose.
 2. Fine-tune it three ways on the task prompt format: ReMix (RLOO), MixLoRA, LoRA.
 3. Measure held-out exact match of base / lora / mixlora / remix and routing diversity,
    write report.json and report.png.
@@ -36,16 +36,15 @@ CHAT_TEMPLATE = (
 @dataclass
 class DemoSettings:
     seed: int = 0
-    vocab_size: int = 320
     hidden_size: int = 128
     intermediate_size: int = 384
     num_layers: int = 4
-    pretrain_lines: int = 6000
-    pretrain_steps: int = 900
-    pretrain_batch: int = 32
+    pretrain_lines: int = 20000
+    pretrain_steps: int = 800
+    pretrain_batch: int = 64
     train_examples: int = 4000
     eval_examples: int = 200
-    finetune_steps: int = 300
+    finetune_steps: int = 150
     num_loras: int = 8
     top_k: int = 2
     rank: int = 8
@@ -65,29 +64,22 @@ class DemoSettings:
         )
 
 
-def build_tokenizer(corpus: list[str], vocab_size: int, out_dir: Path):  # noqa: ANN201
-    """Byte-level BPE trained on the corpus; digits always split (arithmetic reads digit by digit)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(out_dir: Path):  # noqa: ANN201
+    """A character-level tokenizer: byte-level BPE with no merges, so every letter, digit and
+    space is one token (the tasks read and write their answers character by character)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
+    # No BOS token: sequences start with their first character, in training and when served
+    # (a server encodes the prompt as is; echo then returns exactly the prompt).
+    specials = ["<pad>", "</s>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(specials + alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.add_special_tokens(specials)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
     return fast
@@ -113,7 +105,8 @@ def pretrain_base(tokenizer, lines: list[str], s: DemoSettings, out_dir: Path) -
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
-    bos, eos = [tokenizer.bos_token_id], [tokenizer.eos_token_id]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id]
     rows = [bos + tokenizer(t, add_special_tokens=False)["input_ids"] + eos for t in lines]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), tokenizer.pad_token_id)
@@ -128,7 +121,10 @@ def pretrain_base(tokenizer, lines: list[str], s: DemoSettings, out_dir: Path) -
     model.train()
     for step in (bar := tqdm(range(s.pretrain_steps), desc="pretrain base")):
         idx = torch.randint(0, len(rows), (s.pretrain_batch,), generator=gen)
-        loss = model(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx]).loss
+        width = int(mask[idx].sum(-1).max())  # right-padded: trim to the batch's longest line
+        loss = model(
+            input_ids=ids[idx, :width], attention_mask=mask[idx, :width], labels=labels[idx, :width]
+        ).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -159,13 +155,13 @@ def per_layer(routing: dict, num_layers: int) -> dict[str, list[float]]:
     """Mean over each layer's modules of the routing figures, plus summed usage counts."""
     out: dict[str, list] = {
         "mean_ess": [],
-        "usage_effective_count": [],
+        "effective_loras": [],
         "mean_router_entropy": [],
         "counts": [],
     }
     for layer in range(num_layers):
         mods = [v for k, v in routing.items() if k.startswith(f"model.layers.{layer}.")]
-        for key in ("mean_ess", "usage_effective_count", "mean_router_entropy"):
+        for key in ("mean_ess", "effective_loras", "mean_router_entropy"):
             out[key].append(sum(m[key] for m in mods) / len(mods))
         out["counts"].append([sum(c) for c in zip(*(m["counts"] for m in mods), strict=True)])
     return out
@@ -191,7 +187,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     write_jsonl(out / "data" / "train.jsonl", train_set)
     write_jsonl(out / "data" / "eval.jsonl", eval_set)
     base_dir = out / "base"
-    tokenizer = build_tokenizer(corpus, s.vocab_size, base_dir)
+    tokenizer = build_tokenizer(base_dir)
     pretrain_history = pretrain_base(tokenizer, corpus, s, base_dir)
     lap("pretrain", t0)
 

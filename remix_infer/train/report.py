@@ -42,7 +42,7 @@ def plot_report(report: dict, path: str | Path) -> None:
         (axes[0][1], "mean_ess", "Effective support size of routing weights (held-out tokens)"),
         (
             axes[1][0],
-            "usage_effective_count",
+            "effective_loras",
             "Effective number of LoRAs in use (exp usage entropy)",
         ),
     ):

@@ -2,7 +2,7 @@
 
 Fine-tuning and serving use the prompt format `"<task> <argument> ="` with completion
 `" <answer>"`, e.g. `reverse kqmz =` -> ` zmqk`. The base model is pretrained on the same
-skills written as prose (`kqmz reversed is zmqk.`), so fine-tuning teaches the format.
+facts written as sentences (`reverse kqmz is zmqk.`), so fine-tuning teaches the format.
 """
 
 from __future__ import annotations
@@ -16,36 +16,37 @@ from remix_infer.train.data import Example
 LETTERS = string.ascii_lowercase
 
 
+# Sized for a 4-layer model trained in a few CPU minutes: 3-4 characters, one-digit sums.
 def _letters(rng: random.Random) -> str:
-    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
+    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 4)))
 
 
 def _digits(rng: random.Random) -> str:
-    return "".join(rng.choice(string.digits) for _ in range(rng.randint(3, 6)))
+    return "".join(rng.choice(string.digits) for _ in range(rng.randint(3, 4)))
 
 
 def _add(rng: random.Random) -> tuple[str, str, str]:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
-    return f"{a} {b}", str(a + b), f"the sum of {a} and {b} is {a + b}."
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return f"{a} {b}", str(a + b), f"add {a} {b} is {a + b}."
 
 
 def _reverse(rng: random.Random) -> tuple[str, str, str]:
     s = _letters(rng)
-    return s, s[::-1], f"{s} reversed is {s[::-1]}."
+    return s, s[::-1], f"reverse {s} is {s[::-1]}."
 
 
 def _sort(rng: random.Random) -> tuple[str, str, str]:
     s = _digits(rng)
     out = "".join(sorted(s))
-    return s, out, f"{s} sorted is {out}."
+    return s, out, f"sort {s} is {out}."
 
 
 def _upper(rng: random.Random) -> tuple[str, str, str]:
     s = _letters(rng)
-    return s, s.upper(), f"{s} in capitals is {s.upper()}."
+    return s, s.upper(), f"upper {s} is {s.upper()}."
 
 
-# task name -> generator of (argument, answer, the same fact as pretraining prose)
+# task name -> generator of (argument, answer, the same fact as a pretraining sentence)
 TASKS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
     "add": _add,
     "reverse": _reverse,
@@ -76,7 +77,7 @@ def make_examples(count: int, seed: int, exclude: set[str] = frozenset()) -> lis
 
 
 def pretraining_corpus(count: int, seed: int) -> list[str]:
-    """Prose lines stating task facts, several per line, for language-model pretraining."""
+    """Prose lines stating one task fact each, for language-model pretraining."""
     rng = random.Random(seed)
     names = list(TASKS)
-    return [" ".join(TASKS[rng.choice(names)](rng)[2] for _ in range(3)) for _ in range(count)]
+    return [TASKS[rng.choice(names)](rng)[2] for _ in range(count)]

@@ -137,7 +137,7 @@ class RoutingStats:
         return {
             name: {
                 "counts": self.counts[name].tolist(),
-                "usage_effective_count": float(effective_loras(self.counts[name])),
+                "effective_loras": float(effective_loras(self.counts[name])),
                 "mean_ess": self.ess_sum[name] / t,
                 "mean_router_entropy": self.entropy_sum[name] / t,
             }
