@@ -18,12 +18,12 @@ class Example:
     completion: str
 
 
-def read_jsonl(path: str | os.PathLike) -> list[Example]:
-    """Read prompt/completion records; errors name the file, the line and the field."""
+def read_records(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """The JSON objects of a JSONL file with their line numbers; errors name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found")
-    examples = []
+    records = []
     for lineno, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -32,14 +32,25 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(record, dict):
-            raise ValueError(f"{path}:{lineno}: expected an object with 'prompt' and 'completion'")
-        for field in ("prompt", "completion"):
-            if not isinstance(record.get(field), str):
-                raise ValueError(f"{path}:{lineno}: field '{field}' must be a string")
-        examples.append(Example(record["prompt"], record["completion"]))
-    if not examples:
+            raise ValueError(f"{path}:{lineno}: expected a JSON object")
+        records.append((lineno, record))
+    if not records:
         raise ValueError(f"{path}: no records")
-    return examples
+    return records
+
+
+def string_field(path: str | os.PathLike, lineno: int, record: dict, field: str) -> str:
+    if not isinstance(record.get(field), str):
+        raise ValueError(f"{path}:{lineno}: field '{field}' must be a string")
+    return record[field]
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Example]:
+    """Read prompt/completion records; errors name the file, the line and the field."""
+    return [
+        Example(string_field(path, n, r, "prompt"), string_field(path, n, r, "completion"))
+        for n, r in read_records(path)
+    ]
 
 
 def write_jsonl(path: str | os.PathLike, examples: list[Example]) -> None:
