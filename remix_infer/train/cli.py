@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("analysis"), help="writes analysis.json, analysis.png"
     )
     analyze.add_argument("--batch-size", type=int, default=16)
+
+    study = sub.add_parser("study", help="measure the ReMix paper's claims over seeds (95%% CIs)")
+    study.add_argument(
+        "--preset", choices=["cpu", "gpu", "quick"], default="cpu", help="quick: seconds (tests)"
+    )
+    study.add_argument("--out", type=Path, default=Path("study"), help="writes study.json, PNGs")
     return parser
 
 
@@ -77,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             "demo": run_demo_command,
             "train": run_train_command,
             "analyze": run_analyze_command,
+            "study": run_study_command,
         }
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as e:
@@ -137,6 +144,16 @@ def run_analyze_command(args: argparse.Namespace) -> int:
     for name in report["collapsed_modules"]:
         print(f"  collapsed: {name}")
     print(f"report: {args.out / 'analysis.json'}, {args.out / 'analysis.png'}")
+    return 0
+
+
+def run_study_command(args: argparse.Namespace) -> int:
+    from remix_infer.train.study import run_study
+
+    report = run_study(args.out, args.preset)
+    for name, claim in report["claims"].items():
+        print(f"{name}: {claim['verdict']}")
+    print(f"report: {args.out / 'study.json'} ({report['total_seconds']} s)")
     return 0
 
 

@@ -24,7 +24,7 @@ from remix_infer.modeling import load_remix_model
 from remix_infer.train.data import Example, tokenize, write_jsonl
 from remix_infer.train.evaluate import exact_match
 from remix_infer.train.tasks import TASKS, make_examples, pretraining_corpus, task_of
-from remix_infer.train.trainer import TrainConfig, Trainer, warmup_cosine
+from remix_infer.train.trainer import TrainConfig, Trainer, default_device, warmup_cosine
 
 log = logging.getLogger(__name__)
 CHAT_TEMPLATE = (
@@ -39,9 +39,13 @@ class DemoSettings:
     hidden_size: int = 128
     intermediate_size: int = 384
     num_layers: int = 4
+    attention_heads: int = 2  # head_dim is 64 whatever the width (vLLM's CPU attention sizes)
+    kv_heads: int = 1
     pretrain_lines: int = 20000
     pretrain_steps: int = 800
     pretrain_batch: int = 64
+    pretrain_task_weights: dict[str, float] | None = None  # share of each task's facts; None: equal
+    pretrain_lr: float = 3e-3
     train_examples: int = 4000
     eval_examples: int = 200
     finetune_steps: int = 150
@@ -95,8 +99,8 @@ def pretrain_base(tokenizer, lines: list[str], s: DemoSettings, out_dir: Path) -
         hidden_size=s.hidden_size,
         intermediate_size=s.intermediate_size,
         num_hidden_layers=s.num_layers,
-        num_attention_heads=s.hidden_size // 64,
-        num_key_value_heads=max(1, s.hidden_size // 128),
+        num_attention_heads=s.attention_heads,
+        num_key_value_heads=s.kv_heads,
         head_dim=64,
         max_position_embeddings=256,
         tie_word_embeddings=False,
@@ -104,7 +108,8 @@ def pretrain_base(tokenizer, lines: list[str], s: DemoSettings, out_dir: Path) -
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = LlamaForCausalLM(config)
+    device = default_device()
+    model = LlamaForCausalLM(config).to(device)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id]
     rows = [bos + tokenizer(t, add_special_tokens=False)["input_ids"] + eos for t in lines]
@@ -114,7 +119,8 @@ def pretrain_base(tokenizer, lines: list[str], s: DemoSettings, out_dir: Path) -
         ids[i, : len(r)] = torch.tensor(r)
     mask = ids != tokenizer.pad_token_id
     labels = ids.masked_fill(~mask, -100)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)  # a few MB at most
+    opt = torch.optim.AdamW(model.parameters(), lr=s.pretrain_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: warmup_cosine(i, 20, s.pretrain_steps))
     gen = torch.Generator().manual_seed(s.seed)
     history, start = [], time.perf_counter()
@@ -180,7 +186,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
         log.info("%s done in %.1f s", name, timings[name])
 
     t0 = time.perf_counter()
-    corpus = pretraining_corpus(s.pretrain_lines, s.seed)
+    corpus = pretraining_corpus(s.pretrain_lines, s.seed, s.pretrain_task_weights)
     eval_set = make_examples(s.eval_examples, s.seed + 1)
     train_set = make_examples(s.train_examples, s.seed + 2, exclude={e.prompt for e in eval_set})
     (out / "data").mkdir(exist_ok=True)
