@@ -16,15 +16,15 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from remix_infer.train.data import TokenizedData, tokenize
-from remix_infer.train.demo import DemoSettings, build_tokenizer, pretrain_base
-from remix_infer.train.tasks import make_examples, pretraining_corpus
-from remix_infer.train.trainer import TrainConfig, Trainer
+from remix_infer.train.demo import DemoSettings, build_tokenizer, finetune_config, pretrain_base
+from remix_infer.train.tasks import held_out_split, pretraining_corpus
+from remix_infer.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 COLLAPSE_METRICS = ("eval_ess", "eval_effective_loras", "eval_loss")
@@ -32,27 +32,18 @@ COLLAPSE_METRICS = ("eval_ess", "eval_effective_loras", "eval_loss")
 
 @dataclass
 class StudyPreset:
-    base: DemoSettings  # the base model's size and pretraining
+    settings: DemoSettings  # the base model's pretraining and each run's fine-tuning
     seeds: tuple[int, ...] = (0, 1, 2)
-    finetune_steps: int = 120
     eval_every: int = 20
-    num_loras: int = 8
-    top_k: int = 2
-    rank: int = 4  # small: one LoRA of k*r is short of capacity for the task mixture
-    num_samples: int = 4
-    train_examples: int = 4000
-    eval_examples: int = 200
-    learning_rate: float = 5e-3
-    router_learning_rate: float = 2e-2
-    methods: tuple[str, ...] = field(default=("mixlora", "remix"))
+    methods: tuple[str, ...] = ("mixlora", "remix")
 
 
 PRESETS = {
-    # About 10 minutes here (2 cores): the demo's base model, 3 seeds per method.
-    "cpu": StudyPreset(base=DemoSettings()),
+    # The demo's base model; rank 4, so one LoRA of k*r = 8 is short of capacity for the mix.
+    "cpu": StudyPreset(DemoSettings(rank=4, finetune_steps=120)),
     # A CUDA machine: a wider, deeper base and longer fine-tuning.
     "gpu": StudyPreset(
-        base=DemoSettings(
+        DemoSettings(
             hidden_size=512,
             intermediate_size=1536,
             num_layers=8,
@@ -61,18 +52,16 @@ PRESETS = {
             pretrain_lines=100000,
             pretrain_steps=4000,
             pretrain_batch=256,
+            rank=4,
+            finetune_steps=600,
         ),
         seeds=(0, 1, 2, 3, 4),
-        finetune_steps=600,
         eval_every=50,
     ),
-    # Seconds, for tests: the same pipeline on the demo's quick base, a few steps per run.
+    # Seconds, for tests: the demo's quick settings, a few steps per run.
     "quick": StudyPreset(
-        base=DemoSettings.quick(),
-        finetune_steps=4,
+        replace(DemoSettings.quick(), finetune_steps=4, train_examples=64, eval_examples=16),
         eval_every=2,
-        train_examples=64,
-        eval_examples=16,
     ),
 }
 
@@ -100,17 +89,17 @@ def prepare_base(out: Path, s: DemoSettings) -> Path:
         log.info("reusing the base model in %s", base)
         return base
     tokenizer = build_tokenizer(base)
-    pretrain_base(tokenizer, pretraining_corpus(s.pretrain_lines, s.seed), s, base)
+    corpus = pretraining_corpus(s.pretrain_lines, s.seed, s.pretrain_task_weights)
+    pretrain_base(tokenizer, corpus, s, base)
     stamp.write_text(wanted)
     return base
 
 
-def study_data(base: Path, p: StudyPreset) -> tuple[TokenizedData, TokenizedData]:
+def study_data(base: Path, s: DemoSettings) -> tuple[TokenizedData, TokenizedData]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    eval_set = make_examples(p.eval_examples, p.base.seed + 1)
-    train_set = make_examples(p.train_examples, p.base.seed + 2, {e.prompt for e in eval_set})
+    train_set, eval_set = held_out_split(s.train_examples, s.eval_examples, s.seed)
     return tokenize(tokenizer, train_set, 64), tokenize(tokenizer, eval_set, 64)
 
 
@@ -118,19 +107,7 @@ def collapse_run(
     p: StudyPreset, method: str, seed: int, base: Path, data: tuple[TokenizedData, TokenizedData]
 ) -> dict:
     """One fine-tuning run's held-out routing figures at step 0 and every eval_every steps."""
-    config = TrainConfig(
-        method=method,
-        num_loras=p.num_loras,
-        top_k=p.top_k,
-        rank=p.rank,
-        num_samples=p.num_samples,
-        max_steps=p.finetune_steps,
-        eval_every=p.eval_every,
-        warmup_steps=max(1, p.finetune_steps // 10),
-        learning_rate=p.learning_rate,
-        router_learning_rate=p.router_learning_rate,
-        seed=seed,
-    )
+    config = finetune_config(p.settings, method, seed=seed, eval_every=p.eval_every)
     trainer = Trainer(config, str(base), *data)
     start = trainer.evaluate()
     in_use = [m["effective_loras"] for m in start["routing"].values()]
@@ -176,15 +153,19 @@ def collapse_verdict(summary: dict, top_k: int) -> str:
 
 def routing_collapse(p: StudyPreset, base: Path, bar: tqdm) -> dict:
     """Claim 1 over every method and seed of the preset."""
-    data = study_data(base, p)
+    data = study_data(base, p.settings)
     runs: dict[str, list[dict]] = {}
     for method in p.methods:
         for seed in p.seeds:
             bar.set_postfix(claim="collapse", method=method, seed=seed)
             runs.setdefault(method, []).append(collapse_run(p, method, seed, base, data))
-            bar.update(p.finetune_steps)
+            bar.update(p.settings.finetune_steps)
     summary = {method: summarize(method_runs) for method, method_runs in runs.items()}
-    return {"runs": runs, "summary": summary, "verdict": collapse_verdict(summary, p.top_k)}
+    return {
+        "runs": runs,
+        "summary": summary,
+        "verdict": collapse_verdict(summary, p.settings.top_k),
+    }
 
 
 def run_study(out: str | Path, preset: str = "cpu") -> dict:
@@ -193,8 +174,8 @@ def run_study(out: str | Path, preset: str = "cpu") -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    base = prepare_base(out, p.base)
-    total_steps = len(p.methods) * len(p.seeds) * p.finetune_steps
+    base = prepare_base(out, p.settings)
+    total_steps = len(p.methods) * len(p.seeds) * p.settings.finetune_steps
     with tqdm(total=total_steps, desc=f"study ({preset})", unit="step") as bar:
         collapse = routing_collapse(p, base, bar)
     report = {
@@ -204,7 +185,7 @@ def run_study(out: str | Path, preset: str = "cpu") -> dict:
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     (out / "study.json").write_text(json.dumps(report, indent=1) + "\n")
-    plot_collapse(collapse["summary"], out / "routing_collapse.png", p.top_k)
+    plot_collapse(collapse["summary"], out / "routing_collapse.png", p.settings.top_k)
     return report
 
 
