@@ -39,6 +39,6 @@ def test_quick_study_measures_routing_collapse_over_seeds(tmp_path, capsys):
     # MixLoRA's softmax weights over two selected LoRAs: ESS between 1 and 2, seeds differ.
     mix = [v for r in claim["runs"]["mixlora"] for v in r["eval_ess"]]
     assert all(1.0 < v < 2.0 for v in mix)
-    assert claim["verdict"].split(":")[0] in {"reproduced", "not reproduced"}
+    assert claim["verdict"].split(":")[0] in {"weight ESS reproduced", "weight ESS not reproduced"}
     assert claim["verdict"] in capsys.readouterr().out
     assert (out / "routing_collapse.png").stat().st_size > 10_000
