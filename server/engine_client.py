@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -197,8 +198,18 @@ class RemixEngine:
             self.settings.master_addr,
             self.settings.master_port,
         )
+
+        def stop(signum: int, frame: Any) -> None:
+            raise SystemExit(0)
+
+        # SIGTERM (compose, Kubernetes) ends this process through `finally`, so its worker
+        # processes stop with it instead of outliving it.
+        signal.signal(signal.SIGTERM, stop)
         executor = MultiprocExecutor(config, monitor_workers=False)
-        executor.start_worker_monitor(inline=True)  # returns when the workers stop
+        try:
+            executor.start_worker_monitor(inline=True)  # returns when the workers stop
+        finally:
+            executor.shutdown()
 
     async def start(self) -> None:
         """Build the engine (in a thread: it blocks for tens of seconds) and clear the routing

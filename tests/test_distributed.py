@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import torch
 from helpers.engines import remix_llm
@@ -90,6 +91,26 @@ def test_distributed_settings_read_flags_and_environment(monkeypatch, capsys):
         settings.check()
 
 
+# --- merging what the workers report ----------------------------------------------------------
+
+
+def test_routing_stats_merge_stages_ranks_and_engines():
+    """Pipeline stages report their own layers, tensor-parallel ranks the same rows, and
+    data-parallel engines their own traffic (rows of sums: they add up)."""
+    from server.engine_client import merge_request_routing, merge_routing_stats
+
+    l0, l1 = "model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"
+    engine_a = [{l0: [3, 1, 2, 5.0, 4.0]}, {l0: [3, 1, 2, 5.0, 4.0]}, {l1: [2, 2, 2, 5.0, 4.5]}]
+    engine_b = [{l0: [1, 0, 1, 1.0, 0.5]}, {l0: [1, 0, 1, 1.0, 0.5]}, {l1: [0, 1, 1, 1.0, 0.5]}]
+    assert merge_routing_stats([engine_a]) == {l0: [3, 1, 2, 5, 4], l1: [2, 2, 2, 5, 4.5]}
+    assert merge_routing_stats([engine_a, engine_b]) == {l0: [4, 1, 3, 6, 4.5], l1: [2, 3, 3, 6, 5]}
+    stage0 = {"tokens": 5, "modules": {l0: [3, 1, 2]}}
+    stage1 = {"tokens": 5, "modules": {l1: [2, 2, 2]}}
+    merged = merge_request_routing([[None, None], [stage0, stage0, stage1]])
+    assert merged == {"tokens": 5, "modules": {l0: [3, 1, 2], l1: [2, 2, 2]}}
+    assert merge_request_routing([[None], [None]]) is None
+
+
 # --- two hosts (two processes here), one pipeline stage each --------------------------------
 
 MAX_TOKENS = 6
@@ -123,6 +144,12 @@ def two_node_server(demo_checkpoint, tmp_path_factory):
         running_server(demo_checkpoint, logs / "rank0.log", [*same, "--node-rank", "0"]) as head,
     ):
         yield {**head, "worker": worker, "worker_log": logs / "rank1.log"}
+        stage1 = psutil.Process(worker.pid).children(recursive=True)
+    # SIGTERM to both hosts' remix-serve: rank 1's worker processes must not outlive it
+    _, alive = psutil.wait_procs(stage1, timeout=30)
+    for proc in alive:
+        proc.kill()
+    assert not alive, f"left running after --headless stopped: {alive}"
 
 
 def test_two_nodes_serve_the_reference_answers_with_routing_over_both_stages(
