@@ -83,10 +83,11 @@ class EngineSettings:
 
     def check(self) -> None:
         """Refuse combinations that cannot work, before any engine process starts."""
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        sizes = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "nnodes")
+        for name in sizes:
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+        if not 0 <= self.node_rank < self.nnodes:
             raise SettingsError(
                 f"--node-rank {self.node_rank} must be between 0 and --nnodes - 1 ({self.nnodes})"
             )

@@ -503,10 +503,11 @@ def test_dashboard_aggregates_routing_over_replicas(served, two_replicas_prometh
         (effective_expr,) = panel_expressions("Effective LoRAs")
         got = as_dict(effective_expr)
         assert got.keys() == effective.keys()
-        assert all(math.isclose(got[k], effective[k], rel_tol=1e-9) for k in got), got
+        # the server computes its gauge in float32
+        assert all(math.isclose(got[k], effective[k], rel_tol=1e-5) for k in got), (got, effective)
         (ess_expr,) = panel_expressions("Routing weight ESS")
         got = as_dict(ess_expr)
-        assert all(math.isclose(got[k], ess[k], rel_tol=1e-9) for k in ess), got
+        assert all(math.isclose(got[k], ess[k], rel_tol=1e-9) for k in ess), (got, ess)
         tokens = query(two_replicas_prometheus, "sum(remix_routed_tokens_total)")
         mine = sum(v for (n, _), v in samples.items() if n == "remix_routed_tokens_total")
         assert math.isclose(float(tokens[0]["value"][1]), 2 * mine, rel_tol=1e-12)

