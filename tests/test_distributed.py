@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -213,7 +214,9 @@ def ray_cluster():
     head += [f"--port={address.split(':')[1]}", "--num-cpus=2", "--include-dashboard=false"]
     head += ["--disable-usage-stats", f"--temp-dir={temp}"]
     log = open(Path(temp) / "head.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(head, stdout=log, stderr=subprocess.STDOUT)
+    # no 30 s drain on SIGTERM (that is for Ray Serve replicas; nothing runs on it after the test)
+    env = dict(os.environ, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+    proc = subprocess.Popen(head, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.time() + 90
         status = [ray, "status", f"--address={address}"]
@@ -223,13 +226,18 @@ def ray_cluster():
             time.sleep(1)
         yield address
     finally:
+        started = psutil.Process(proc.pid).children(recursive=True)
         proc.terminate()  # `ray start --block` stops the processes it started
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+        _, alive = psutil.wait_procs(started, timeout=30)
+        for leftover in alive:
+            leftover.kill()
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
+    assert not alive, f"Ray processes left running: {alive}"
 
 
 def test_ray_executor_cannot_run_on_vllm_cpu(checkpoint_dir, ray_cluster, capfd):
