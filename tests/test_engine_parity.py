@@ -13,6 +13,7 @@ import torch
 from helpers.engines import captured_prefill_selections, greedy, make_parity_checkpoint, remix_llm
 from reference import reference_run
 
+from remix_infer.config import split_module_path
 from remix_infer.modeling import load_remix_model, remix_modules
 from remix_infer.ops import StatsRow
 
@@ -131,6 +132,12 @@ def assert_request_routing(engine, runs, prompts) -> None:
     from vllm import SamplingParams
 
     from remix_infer.vllm_plugin.worker import ROUTING_KEY
+    from server.engine_client import merge_request_routing
+
+    def take(key: str) -> dict | None:  # every worker's part: pipeline stages hold their layers
+        return merge_request_routing(
+            [engine.collective_rpc("remix_take_request_routing", args=(key,))]
+        )
 
     engine.collective_rpc("remix_track_request_routing")
     keys = ["a", None, "a", "b"]  # "a" spans two requests; the unkeyed one is not tracked
@@ -147,7 +154,7 @@ def assert_request_routing(engine, runs, prompts) -> None:
     engine.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     n = 4
     for key in ("a", "b"):
-        summary = engine.collective_rpc("remix_take_request_routing", args=(key,))[0]
+        summary = take(key)
         mine = [i for i, k in enumerate(keys) if k == key]
         lengths = [len(prompts[i]) + MAX_TOKENS - 1 for i in mine]
         assert summary["tokens"] == sum(lengths)
@@ -158,8 +165,8 @@ def assert_request_routing(engine, runs, prompts) -> None:
                 for i, length in zip(mine, lengths, strict=True)
             )
             assert counts == expected.tolist(), (key, module)
-        assert engine.collective_rpc("remix_take_request_routing", args=(key,))[0] is None
-    assert engine.collective_rpc("remix_take_request_routing", args=("nobody",))[0] is None
+        assert take(key) is None
+    assert take("nobody") is None
 
 
 def test_request_routing_summary_matches_reference(llm, reference_runs):
@@ -196,6 +203,32 @@ def test_parity_compiled_mode(checkpoint, reference_runs):
     assert_parity(outputs, no_selections, runs, prompts)
     tokens = sum(map(len, prompts)) + len(prompts) * (MAX_TOKENS - 1)
     assert all(StatsRow.parse(row).tokens == tokens for row in stats.values())
+
+
+def test_parity_pipeline_parallel_2(checkpoint, reference_runs):
+    """PP=2 (mp backend, gloo on CPU, eager): stage 0 holds layer 0, stage 1 layer 1; together
+    the same greedy tokens, top-k choices and logprobs as the reference, routing counters that
+    count every token in every layer, and per-request summaries over both stages' layers."""
+    from server.engine_client import merge_routing_stats
+
+    prompts = mixed_prompts()
+    pp2 = dict(pipeline_parallel_size=2, distributed_executor_backend="mp")
+    with remix_llm(
+        checkpoint, in_process=False, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, **pp2
+    ) as engine:
+        outputs = greedy(engine, prompts, MAX_TOKENS, prompt_logprobs=True)
+        selections = captured_prefill_selections(engine, prompts)
+        engine.collective_rpc("remix_reset_routing_stats")
+        greedy(engine, prompts, max_tokens=4)
+        stages = engine.collective_rpc("remix_routing_stats")
+        assert_request_routing(engine, reference_runs[3:], prompts[3:])
+    assert_parity(outputs, selections, reference_runs, prompts)
+    layers = [{split_module_path(m)[0] for m in stage} for stage in stages]
+    assert layers == [{0}, {1}]  # each stage holds (and reports) its own layer's pools
+    merged = merge_routing_stats([stages])
+    assert set(merged) == set(reference_runs[0].selections)
+    tokens = sum(map(len, prompts)) + len(prompts) * 3
+    assert all(StatsRow.parse(row).tokens == tokens for row in merged.values())
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
