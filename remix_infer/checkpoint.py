@@ -127,17 +127,26 @@ def save_checkpoint(
     return path
 
 
+def read_json_file(
+    folder: Path, name: str, kind: str, error: type[ValueError] = CheckpointError
+) -> object:
+    """Parse the JSON file `name` of `folder` (a `kind`, e.g. "ReMix checkpoint directory");
+    raises `error` naming the folder or file when either is missing or the JSON is broken."""
+    file = folder / name
+    if not folder.is_dir():
+        raise error(f"{folder}: {kind} not found")
+    if not file.is_file():
+        raise error(f"{file}: missing (a {kind} holds {name})")
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{file}: not valid JSON ({e})") from None
+
+
 def read_config(path: str | os.PathLike) -> RemixConfig:
     """Parse and validate remix_config.json of checkpoint directory `path`."""
     file = Path(path) / CONFIG_FILE
-    if not Path(path).is_dir():
-        raise CheckpointError(f"{path}: checkpoint directory not found")
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing (a ReMix checkpoint directory holds {CONFIG_FILE})")
-    try:
-        raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    raw = read_json_file(Path(path), CONFIG_FILE, "ReMix checkpoint directory")
     try:
         return RemixConfig.model_validate(raw)
     except ValidationError as e:

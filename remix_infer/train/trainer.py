@@ -16,13 +16,21 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from tqdm import tqdm
 
 from remix_infer.checkpoint import TORCH_DTYPES, read_config, save_checkpoint
-from remix_infer.config import ALL_TARGET_MODULES, FAMILIES, RemixConfig, resolve_omega
+from remix_infer.config import (
+    ALL_TARGET_MODULES,
+    FAMILIES,
+    LORA_A,
+    LORA_B,
+    RemixConfig,
+    resolve_omega,
+    tensor_name,
+)
 from remix_infer.modeling import (
     adapter_tensors,
     inject_remix,
@@ -32,6 +40,9 @@ from remix_infer.modeling import (
 from remix_infer.routing import effective_loras, effective_support_size, entropy
 from remix_infer.train.data import TokenizedData, sequence_losses
 from remix_infer.train.rloo import rloo_surrogate
+
+if TYPE_CHECKING:
+    from remix_infer.train.compose import FrozenPool
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -156,7 +167,10 @@ class Trainer:
         train_data: TokenizedData,
         eval_data: TokenizedData | None = None,
         device: torch.device | None = None,
+        frozen_pool: FrozenPool | None = None,
     ) -> None:
+        """frozen_pool: LoRAs that already exist (compose.py); they load frozen and only the
+        routers train. The pool's config replaces the one `config` would give."""
         if config.method == "remix" and config.num_samples < 2:
             raise ValueError("remix training needs --num-samples (M) >= 2")
         self.config, self.train_data, self.eval_data = config, train_data, eval_data
@@ -169,31 +183,42 @@ class Trainer:
             raise ValueError(
                 f"{base_model}: model_type '{hf.model_type}' is not Llama/Mistral/Qwen2"
             )
-        self.remix_config = config.remix_config(base_model, hf.model_type, hf.num_hidden_layers)
+        self.remix_config = (
+            frozen_pool.config
+            if frozen_pool
+            else config.remix_config(base_model, hf.model_type, hf.num_hidden_layers)
+        )
         self.modules = inject_remix(self.model, self.remix_config)
         generator = torch.Generator().manual_seed(config.seed)
         for m in self.modules.values():
             m.reset_adapter_parameters(generator)
+        if frozen_pool:
+            self._load_frozen_pool(frozen_pool)
         self.model.train()
         router_params = [m.router.weight for m in self.modules.values()] + [
             m.router.bias for m in self.modules.values() if m.router.bias is not None
         ]
-        lora_params = [p for m in self.modules.values() for p in (m.lora_a, m.lora_b)]
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": lora_params, "lr": config.learning_rate},
-                {
-                    "params": router_params,
-                    "lr": config.router_learning_rate or config.learning_rate,
-                },
-            ],
-            weight_decay=config.weight_decay,
-        )
+        groups = [
+            {"params": router_params, "lr": config.router_learning_rate or config.learning_rate}
+        ]
+        if not frozen_pool:
+            lora_params = [p for m in self.modules.values() for p in (m.lora_a, m.lora_b)]
+            groups.insert(0, {"params": lora_params, "lr": config.learning_rate})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.max_steps)
         )
         self.step = 0
         self.history: list[dict] = []
+
+    def _load_frozen_pool(self, pool: FrozenPool) -> None:
+        """Copy the existing LoRAs into the pools and freeze them (routers keep their init)."""
+        for name, m in self.modules.items():
+            with torch.no_grad():
+                m.lora_a.copy_(pool.tensors[tensor_name(name, LORA_A)])
+                m.lora_b.copy_(pool.tensors[tensor_name(name, LORA_B)])
+            m.lora_a.requires_grad_(False)
+            m.lora_b.requires_grad_(False)
 
     # -- data order: a pure function of (seed, micro-batch number), so resuming is exact --
     def _batch_indices(self, micro: int) -> torch.Tensor:

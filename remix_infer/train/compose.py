@@ -1,0 +1,170 @@
+"""LoRAs people already have as a ReMix pool: `remix-train import-peft` and `remix-train compose`.
+
+Each PEFT LoRA (remix_infer.peft_adapter) becomes one LoRA of every module's pool: its scaling
+is folded into B (so weight 1 reproduces it), ranks are zero-padded to the largest, and a module
+it does not adapt gets a zero LoRA. import-peft writes one LoRA as a checkpoint of n = 1, k = 1,
+omega = 1; compose freezes n of them and trains only the routers (FrozenPool, trainer.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from remix_infer.checkpoint import BaseModelShape, save_checkpoint
+from remix_infer.config import (
+    ALL_TARGET_MODULES,
+    FAMILIES,
+    LORA_A,
+    LORA_B,
+    ROUTER_WEIGHT,
+    RemixConfig,
+    tensor_name,
+)
+from remix_infer.peft_adapter import PeftAdapterError, PeftLora, read_peft_lora
+
+if TYPE_CHECKING:
+    from remix_infer.train.data import TokenizedData
+    from remix_infer.train.trainer import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FrozenPool:
+    """A pool built from existing LoRAs: the checkpoint config and its LoRA tensors (A, B and
+    zero routers, named as in the checkpoint file), float32."""
+
+    config: RemixConfig
+    tensors: dict[str, torch.Tensor]
+
+
+def read_base_model(base_model: str | os.PathLike) -> tuple[BaseModelShape, str]:
+    """Shape and architecture (a FAMILIES key) of a local base model directory."""
+    cfg_file = Path(base_model) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{base_model}: base model directory with config.json not found")
+    try:
+        shape = BaseModelShape.from_hf_config(json.loads(cfg_file.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{cfg_file}: not a decoder-only model config ({e})") from None
+    family = next((a for a, f in FAMILIES.items() if f.hf_model_type == shape.model_type), None)
+    if family is None:
+        raise ValueError(f"{cfg_file}: model_type '{shape.model_type}' is not Llama/Mistral/Qwen2")
+    return shape, family
+
+
+def build_pool(
+    base_model: str,
+    experts: list[PeftLora],
+    shape: BaseModelShape,
+    architecture: str,
+    top_k: int = 1,
+    omega: float = 1.0,
+    method: str = "peft",
+) -> FrozenPool:
+    """Stack the experts into one pool per module (expert e is LoRA e everywhere)."""
+    adapted = set().union(*(e.projections() for e in experts))
+    config = RemixConfig(
+        base_model=base_model,
+        architecture=architecture,
+        num_layers=shape.num_layers,
+        target_modules=[m for m in ALL_TARGET_MODULES if m in adapted],
+        num_loras=len(experts),
+        top_k=top_k,
+        rank=max(e.max_rank for e in experts),
+        omega=omega,
+        method=method,
+    )
+    n, rank = config.num_loras, config.rank
+    tensors = {}
+    for module in config.module_names():
+        d_in, d_out = shape.linear_shape(module.rsplit(".", 1)[1])
+        lora_a, lora_b = torch.zeros(n, rank, d_in), torch.zeros(n, d_out, rank)
+        for e, expert in enumerate(experts):
+            if module in expert.modules:  # else a zero LoRA: this expert leaves the module alone
+                a, b = expert.modules[module]
+                lora_a[e, : a.shape[0]], lora_b[e, :, : a.shape[0]] = a, b
+        tensors[tensor_name(module, LORA_A)] = lora_a
+        tensors[tensor_name(module, LORA_B)] = lora_b
+        tensors[tensor_name(module, ROUTER_WEIGHT)] = torch.zeros(n, d_in)
+    return FrozenPool(config, tensors)
+
+
+def read_experts(folders: list[Path], shape: BaseModelShape) -> list[PeftLora]:
+    return [read_peft_lora(folder, shape) for folder in folders]
+
+
+def recorded_base_model(folder: Path) -> str:
+    """The base model a PEFT adapter names, for import-peft without --base-model."""
+    from remix_infer.peft_adapter import CONFIG_FILE, read_adapter_config
+
+    recorded = read_adapter_config(folder).get("base_model_name_or_path")
+    if not recorded or not (Path(recorded) / "config.json").is_file():
+        raise PeftAdapterError(
+            f"{folder / CONFIG_FILE}: field 'base_model_name_or_path' ({recorded!r}) is not a local "
+            "model directory; pass --base-model"
+        )
+    return recorded
+
+
+def import_peft(
+    folder: str | os.PathLike, out: str | os.PathLike, base_model: str | None = None
+) -> Path:
+    """Write one PEFT LoRA as a ReMix checkpoint (n = 1, k = 1, weight 1) in `out`."""
+    from remix_infer.train.trainer import portable_base_path
+
+    folder, out = Path(folder), Path(out)
+    base_model = base_model or recorded_base_model(folder)
+    shape, architecture = read_base_model(base_model)
+    lora = read_peft_lora(folder, shape)
+    pool = build_pool(portable_base_path(base_model, out), [lora], shape, architecture)
+    log.info(
+        "%s: %d adapted modules, rank up to %d -> %s", folder, len(lora.modules), lora.max_rank, out
+    )
+    return save_checkpoint(out, pool.config, pool.tensors)
+
+
+COMPOSE_METHODS = ("remix",)  # router training over the frozen pool (see TrainConfig.method)
+
+
+def compose(
+    base_model: str,
+    experts: list[Path],
+    out: str | os.PathLike,
+    train_config: TrainConfig,
+    train_data: TokenizedData,
+    eval_data: TokenizedData | None = None,
+    omega: float = 1.0,
+) -> Path:
+    """Freeze the experts as one pool and train only its routers with `train_config.method`;
+    writes the checkpoint (and the trainer's state and log) to `out`."""
+    from remix_infer.train.trainer import Trainer, portable_base_path
+
+    if train_config.method not in COMPOSE_METHODS:
+        raise ValueError(f"--method {train_config.method}: compose trains {list(COMPOSE_METHODS)}")
+    out = Path(out)
+    shape, architecture = read_base_model(base_model)
+    pool = build_pool(
+        portable_base_path(base_model, out),
+        read_experts(experts, shape),
+        shape,
+        architecture,
+        top_k=train_config.top_k,
+        omega=omega,
+        method=f"compose-{train_config.method}",
+    )
+    log.info(
+        "pool of %d experts, rank %d, on %s; training the routers (%s, %d steps)",
+        pool.config.num_loras, pool.config.rank, pool.config.target_modules,
+        train_config.method, train_config.max_steps,
+    )  # fmt: skip
+    trainer = Trainer(train_config, base_model, train_data, eval_data, frozen_pool=pool)
+    trainer.train(out, base_reference=pool.config.base_model)
+    return out

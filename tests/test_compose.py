@@ -1,0 +1,266 @@
+"""PEFT LoRAs (written and run by the real `peft` package) as ReMix checkpoints: import-peft,
+compose's frozen pool, router-only training, the vLLM engine, and what is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.engines import greedy, remix_llm
+from helpers.models import make_tiny_base, save_word_tokenizer
+from reference import reference_run
+from safetensors.torch import load_file, save_file
+
+from remix_infer.checkpoint import load_checkpoint, save_checkpoint
+from remix_infer.config import LORA_A, ROUTER_BIAS, ROUTER_WEIGHT
+from remix_infer.modeling import load_remix_model
+from remix_infer.peft_adapter import PeftAdapterError
+from remix_infer.train.cli import main as remix_train
+from remix_infer.train.compose import import_peft
+
+LOGIT_TOL = 2e-5  # float32 PEFT forward vs float32 reference forward
+
+# Three experts that exercise what PEFT's format can say about a LoRA.
+EXPERTS = {
+    "qv_patterns": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"layers.1.self_attn.v_proj": 2},
+        alpha_pattern={"v_proj": 3},
+    ),
+    "all_rslora": dict(r=8, lora_alpha=4, use_rslora=True, target_modules="all-linear"),
+    "late_layer": dict(
+        r=2, lora_alpha=16, target_modules=["o_proj", "down_proj"], layers_to_transform=[1]
+    ),
+}
+
+
+def train_peft_lora(base: Path, out: Path, seed: int = 0, steps: int = 3, **lora_kwargs) -> Path:
+    """A real PEFT LoRA: random non-zero A and B (init_lora_weights=False), a few Adam steps on
+    random tokens, saved by PEFT's own save_pretrained."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(init_lora_weights=False, lora_dropout=0.0, **lora_kwargs)
+    peft_model = get_peft_model(model, config)
+    optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(3, 64, (4, 16))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    peft_model.save_pretrained(out)
+    return out
+
+
+def peft_logits(base: Path, adapter: Path, ids: torch.Tensor) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        return PeftModel.from_pretrained(model, adapter).eval()(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny Llama with a sharpened LM head (greedy margins far above float32 noise) and a
+    word-level tokenizer (for compose's training data)."""
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny_base(tmp_path_factory.mktemp("peft") / "base")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    model.save_pretrained(path)
+    save_word_tokenizer(path, 64)
+    return path
+
+
+@pytest.fixture(scope="module")
+def experts(base) -> dict[str, Path]:
+    return {
+        name: train_peft_lora(base, base.parent / name, seed=i, **kwargs)
+        for i, (name, kwargs) in enumerate(EXPERTS.items())
+    }
+
+
+@pytest.fixture(scope="module")
+def token_ids() -> torch.Tensor:
+    return torch.randint(3, 64, (3, 12), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("name", list(EXPERTS))
+def test_imported_lora_gives_peft_logits(name, base, experts, token_ids, tmp_path):
+    ckpt = import_peft(experts[name], tmp_path / "ckpt", str(base))
+    config = load_checkpoint(ckpt).config
+    assert (config.num_loras, config.top_k, config.omega) == (1, 1, 1.0)
+    model, _ = load_remix_model(ckpt)
+    with torch.no_grad():
+        ours = model(input_ids=token_ids).logits
+    theirs = peft_logits(base, experts[name], token_ids)
+    torch.testing.assert_close(ours, theirs, atol=LOGIT_TOL, rtol=0)
+    base_logits = _base_logits(base, token_ids)
+    assert (theirs - base_logits).abs().max() > 100 * LOGIT_TOL  # the LoRA matters
+
+
+def _base_logits(base: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)(input_ids=ids).logits
+
+
+def forced_onto(ckpt: Path, expert: int, out: Path) -> Path:
+    """A copy of checkpoint `ckpt` whose every router picks `expert` (zero weights, a bias)."""
+    loaded = load_checkpoint(ckpt)
+    tensors = dict(loaded.tensors)
+    n = loaded.config.num_loras
+    for name in [t for t in tensors if t.endswith(ROUTER_WEIGHT)]:
+        tensors[name] = torch.zeros_like(tensors[name])
+        tensors[name.replace(ROUTER_WEIGHT, ROUTER_BIAS)] = torch.eye(n)[expert] * 5.0
+    shutil.copytree(loaded.base_model_path, out / "base")
+    config = loaded.config.model_copy(update={"router_bias": True, "base_model": "base"})
+    return save_checkpoint(out, config, tensors)
+
+
+def write_router_data(path: Path, count: int = 32) -> Path:
+    rng = torch.Generator().manual_seed(0)
+    with open(path, "w") as f:
+        for _ in range(count):
+            words = [f"w{int(i)}" for i in torch.randint(3, 64, (6,), generator=rng)]
+            f.write(
+                json.dumps({"prompt": " ".join(words[:3]), "completion": " " + " ".join(words[3:])})
+                + "\n"
+            )
+    return path
+
+
+@pytest.fixture(scope="module")
+def composed(base, experts) -> Path:
+    """`remix-train compose --method remix` over the three experts, a few RLOO steps."""
+    out = base.parent / "composed"
+    argv = ["compose", "--base-model", str(base), "--experts", *map(str, experts.values()),
+            "--data", str(write_router_data(base.parent / "router.jsonl")), "--out", str(out),
+            "--max-steps", "3", "--batch-size", "4", "--num-samples", "2", "--warmup-steps", "1",
+            "--learning-rate", "0.05"]  # fmt: skip
+    assert remix_train(argv) == 0
+    return out
+
+
+def test_compose_freezes_the_pool_and_trains_the_routers(composed, experts, base):
+    ckpt = load_checkpoint(composed)
+    config = ckpt.config
+    assert (config.num_loras, config.top_k, config.omega, config.rank) == (3, 1, 1.0, 8)
+    assert config.method == "compose-remix"
+    assert set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                          "up_proj", "down_proj"}  # fmt: skip
+    # expert 2 adapts layer 1's o_proj only: a zero LoRA in layer 0, its own padded in layer 1
+    a0 = ckpt.tensors[f"model.layers.0.self_attn.o_proj.{LORA_A}"]
+    a1 = ckpt.tensors[f"model.layers.1.self_attn.o_proj.{LORA_A}"]
+    assert not a0[2].any() and a1[2, :2].any() and not a1[2, 2:].any()
+    peft_tensors = load_file(experts["late_layer"] / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.o_proj.lora_A.weight"
+    torch.testing.assert_close(a1[2, :2], peft_tensors[key], atol=0, rtol=0)  # frozen: unchanged
+    state = torch.load(composed / "trainer_state.pt", weights_only=False)
+    assert len(state["history"]) == 3
+    routers = [t for n, t in ckpt.tensors.items() if n.endswith(ROUTER_WEIGHT)]
+    assert all(r.abs().sum() > 0 for r in routers)  # trained from their random init
+
+
+@pytest.mark.parametrize("expert", [0, 1, 2])
+def test_composed_pool_forced_onto_an_expert_gives_its_logits(
+    expert, composed, experts, base, token_ids, tmp_path
+):
+    model, _ = load_remix_model(forced_onto(composed, expert, tmp_path / "forced"))
+    with torch.no_grad():
+        ours = model(input_ids=token_ids).logits
+    theirs = peft_logits(base, list(experts.values())[expert], token_ids)
+    torch.testing.assert_close(ours, theirs, atol=LOGIT_TOL, rtol=0)
+
+
+def test_imported_lora_served_by_vllm_gives_reference_tokens(base, experts, tmp_path):
+    ckpt = import_peft(experts["all_rslora"], tmp_path / "ckpt", str(base))
+    model, _ = load_remix_model(ckpt)
+    prompts = [[5, 9, 13], [40, 41, 42, 43, 44, 45, 46], [7] * 20, [11]]
+    runs = [reference_run(model, p, 8) for p in prompts]
+    with torch.no_grad():
+        base_tokens = [reference_run(_base_model(base), p, 8).tokens for p in prompts]
+    assert [r.tokens for r in runs] != base_tokens  # the LoRA changes the greedy answers
+    with remix_llm(ckpt, in_process=False) as engine:
+        outputs = greedy(engine, prompts, 8)
+    assert [list(o.outputs[0].token_ids) for o in outputs] == [r.tokens for r in runs]
+
+
+def _base_model(base: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+
+
+# --- refusals: adapters that real PEFT writes but a ReMix pool cannot reproduce ---------------
+
+
+@pytest.mark.parametrize(
+    ("lora_kwargs", "field"),
+    [
+        (dict(r=4, target_modules=["q_proj"], use_dora=True), "'use_dora'"),
+        (dict(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]), "'modules_to_save'"),
+        (dict(r=4, target_modules=["q_proj"], bias="lora_only"), "'bias'"),
+        (dict(r=4, target_modules=["q_proj", "lm_head"]), "'target_modules'"),
+        (dict(r=4, target_modules=["q_proj", "embed_tokens"]), "'target_modules'"),
+    ],
+)
+def test_refuses_what_a_pool_cannot_express(lora_kwargs, field, base, tmp_path, capsys):
+    adapter = train_peft_lora(base, tmp_path / "adapter", steps=0, **lora_kwargs)
+    assert remix_train(["import-peft", str(adapter), "--out", str(tmp_path / "ckpt"),
+                        "--base-model", str(base)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert str(adapter) in err and f"field {field}" in err and "Traceback" not in err
+    assert not (tmp_path / "ckpt").exists()
+
+
+def _edited(src: Path, dst: Path, config: dict | None = None, tensors: dict | None = None) -> Path:
+    shutil.copytree(src, dst)
+    if config is not None:
+        cfg = json.loads((dst / "adapter_config.json").read_text())
+        (dst / "adapter_config.json").write_text(json.dumps(cfg | config))
+    if tensors is not None:
+        weights = load_file(dst / "adapter_model.safetensors")
+        save_file(weights | tensors, dst / "adapter_model.safetensors")
+    return dst
+
+
+def test_refuses_unknown_tensors_and_fields(base, experts, tmp_path):
+    src = experts["qv_patterns"]
+    embed = {"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 64)}
+    cases = [
+        (_edited(src, tmp_path / "a", tensors=embed), "lora_embedding_A"),
+        (_edited(src, tmp_path / "b", tensors={"base_model.model.model.norm.lora_A.weight": torch.zeros(4, 128)}),
+         "'base_model.model.model.norm.lora_A.weight' is not a LoRA factor"),
+        (_edited(src, tmp_path / "c", config={"use_fancy_adapters": True}), "field 'use_fancy_adapters'"),
+        (_edited(src, tmp_path / "d", config={"rank_pattern": {}}), "field 'r' is 4 but"),
+        (_edited(src, tmp_path / "e", config={"peft_type": "IA3"}), "field 'peft_type'"),
+    ]  # fmt: skip
+    for folder, message in cases:
+        with pytest.raises(PeftAdapterError, match="^" + str(folder)) as raised:
+            import_peft(folder, tmp_path / "out", str(base))
+        assert message in str(raised.value), (folder, str(raised.value))
+
+
+def test_refuses_another_base_model(base, experts, tmp_path):
+    other = make_tiny_base(tmp_path / "other", intermediate_size=384)
+    with pytest.raises(PeftAdapterError, match="another base model|other dimensions"):
+        import_peft(experts["all_rslora"], tmp_path / "out", str(other))
+    # also when the recorded base is gone: the tensor shapes give it away
+    moved = _edited(
+        experts["all_rslora"], tmp_path / "moved", config={"base_model_name_or_path": "gone"}
+    )
+    with pytest.raises(PeftAdapterError, match="trained on another base model"):
+        import_peft(moved, tmp_path / "out", str(other))
