@@ -19,6 +19,8 @@ from safetensors.torch import save_file
 
 from remix_infer.config import (
     ADAPTERS_FILE,
+    ALWAYS_A,
+    ALWAYS_B,
     CONFIG_FILE,
     FAMILIES,
     LORA_A,
@@ -109,6 +111,9 @@ def expected_tensor_shapes(
         out[tensor_name(module, ROUTER_WEIGHT)] = (n, d_in)
         if config.router_bias:
             out[tensor_name(module, ROUTER_BIAS)] = (n,)
+        if config.always_on_rank:
+            out[tensor_name(module, ALWAYS_A)] = (config.always_on_rank, d_in)
+            out[tensor_name(module, ALWAYS_B)] = (d_out, config.always_on_rank)
     return out
 
 

@@ -33,6 +33,8 @@ LORA_A = "remix_lora_a"  # [n, r, d_in]
 LORA_B = "remix_lora_b"  # [n, d_out, r]
 ROUTER_WEIGHT = "remix_router_weight"  # [n, d_in]
 ROUTER_BIAS = "remix_router_bias"  # [n], only when config.router_bias
+ALWAYS_A = "remix_always_a"  # [r0, d_in], only when config.always_on_rank > 0
+ALWAYS_B = "remix_always_b"  # [d_out, r0], its scale folded in: applied with weight 1
 
 Architecture = Literal["llama", "mistral", "qwen2"]
 
@@ -78,6 +80,12 @@ class RemixConfig(BaseModel):
     )
     weighting: Weighting = "constant"
     router_bias: bool = False
+    always_on_rank: int = Field(
+        default=0,
+        ge=0,
+        description="r0: rank of one LoRA per module applied to every token with weight 1, "
+        "beside the routed pool (MoR-LoRA's always-on LoRA); 0: none",
+    )
     dtype: DType = "float32"
     method: str = Field(default="remix", description="How it was trained: remix, mixlora, lora")
 

@@ -2,7 +2,7 @@
 
 `RemixLinear` wraps a frozen `nn.Linear` with a pool of n LoRAs and a router:
 
-    y = W x + sum_{i in S(x)} g_i B_i A_i x
+    y = W x + sum_{i in S(x)} g_i B_i A_i x  (+ B_0 A_0 x, the optional always-on LoRA)
 
 S(x) is sampled (Gumbel-top-k, training) or the deterministic top-k (inference) of
 softmax(P x); the gates g_i are omega (ReMix) or omega * softmax over the selected logits
@@ -20,7 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from remix_infer.checkpoint import TORCH_DTYPES, RemixCheckpoint, load_checkpoint
-from remix_infer.config import LORA_A, LORA_B, ROUTER_BIAS, ROUTER_WEIGHT, RemixConfig, tensor_name
+from remix_infer.config import (
+    ALWAYS_A,
+    ALWAYS_B,
+    LORA_A,
+    LORA_B,
+    ROUTER_BIAS,
+    ROUTER_WEIGHT,
+    RemixConfig,
+    tensor_name,
+)
 from remix_infer.routing import (
     dense_gates,
     gumbel_topk_sample,
@@ -51,8 +60,20 @@ class RemixLinear(nn.Module):
         self.lora_a = nn.Parameter(torch.empty(n, r, d_in, device=base.weight.device))
         self.lora_b = nn.Parameter(torch.zeros(n, d_out, r, device=base.weight.device))
         self.router = nn.Linear(d_in, n, bias=config.router_bias, device=base.weight.device)
+        # The always-on LoRA (config.always_on_rank > 0): every token, weight 1, beside the pool.
+        r0 = config.always_on_rank
+        self.always_a = (
+            nn.Parameter(torch.empty(r0, d_in, device=base.weight.device)) if r0 else None
+        )
+        self.always_b = (
+            nn.Parameter(torch.zeros(d_out, r0, device=base.weight.device)) if r0 else None
+        )
         # The trainer turns sampling off for methods that route deterministically while training.
         self.sample_in_training = config.weighting == "constant"
+        # MoR-LoRA's straight-through estimator (the trainer turns it on): in training the gates
+        # are the hard ones plus softmax(logits) - its detached copy, so the forward is the hard
+        # selection and the backward is the router softmax's gradient.
+        self.straight_through = False
         self.last_routing: Routing | None = None
         self.reset_adapter_parameters()
 
@@ -71,12 +92,18 @@ class RemixLinear(nn.Module):
             self.router.weight.copy_(router)
             if self.router.bias is not None:
                 self.router.bias.zero_()
+            if self.always_a is not None:
+                shape = self.always_a.shape
+                self.always_a.copy_(torch.empty(shape).uniform_(-bound, bound, generator=generator))
+                self.always_b.zero_()
 
     def route(self, x: torch.Tensor) -> Routing:
         # ReMix routers learn only from the RLOO estimator (through log Q), so the router input
         # is detached: the LoRA weights upstream then get exactly the SFT gradient.
         # softmax_topk routers learn through their gates, end to end.
-        router_in = x.detach() if self.weighting == "constant" else x
+        # Straight-through routers (MoR-LoRA) learn through their gates too.
+        detach = self.weighting == "constant" and not self.straight_through
+        router_in = x.detach() if detach else x
         logits = F.linear(router_in.float(), self.router.weight.float(), self._router_bias())
         if self.training and self.sample_in_training:
             selected = gumbel_topk_sample(logits, self.top_k)
@@ -94,11 +121,22 @@ class RemixLinear(nn.Module):
         self.last_routing = routing
         n, r = self.num_loras, self.rank
         gates = dense_gates(routing.selected, routing.weights, n)  # [..., n], zero if not chosen
+        if self.training and self.straight_through:
+            gates = straight_through_gates(gates, routing.logits)
         # All n LoRAs' A products as one matrix product, masked by the gates, then one B product.
         hidden = F.linear(x.float(), self.lora_a.reshape(n * r, -1))  # [..., n*r]
         hidden = (hidden.unflatten(-1, (n, r)) * gates.unsqueeze(-1)).flatten(-2)
         delta = F.linear(hidden, self.lora_b.permute(1, 0, 2).reshape(-1, n * r))  # [..., d_out]
+        if self.always_a is not None:
+            delta = delta + F.linear(F.linear(x.float(), self.always_a), self.always_b)
         return self.base(x) + delta.to(x.dtype)
+
+
+def straight_through_gates(hard: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """hard + p - p.detach() with p = softmax(logits): the value of `hard` (p - p.detach() is
+    exactly zero), the gradient of p (MoR-LoRA's straight-through estimator)."""
+    probs = torch.softmax(logits, -1)
+    return hard + (probs - probs.detach())
 
 
 def remix_modules(model: nn.Module) -> dict[str, RemixLinear]:
@@ -131,6 +169,9 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         out[tensor_name(name, ROUTER_WEIGHT)] = m.router.weight.data
         if m.router.bias is not None:
             out[tensor_name(name, ROUTER_BIAS)] = m.router.bias.data
+        if m.always_a is not None:
+            out[tensor_name(name, ALWAYS_A)] = m.always_a.data
+            out[tensor_name(name, ALWAYS_B)] = m.always_b.data
     return out
 
 

@@ -180,6 +180,35 @@ def test_router_bias_round_trip(tmp_path):
         torch.testing.assert_close(rebuilt(tokens()).logits, model(tokens()).logits, rtol=0, atol=0)
 
 
+def test_always_on_lora_round_trip(tmp_path):
+    """always_on_rank: one more A [r0, d_in] and B [d_out, r0] per module, added with weight 1."""
+    base = make_tiny_base(tmp_path / "ckpt" / "base")
+    config = RemixConfig(base_model="base", **{**TINY_REMIX, "always_on_rank": 3})
+    model = make_remix_model(base, config, seed=5)
+    ckpt = save_checkpoint(tmp_path / "ckpt", config, adapter_tensors(model))
+    loaded = load_checkpoint(ckpt)
+    assert loaded.tensors["model.layers.0.self_attn.k_proj.remix_always_a"].shape == (3, 128)
+    assert loaded.tensors["model.layers.0.self_attn.k_proj.remix_always_b"].shape == (64, 3)
+    rebuilt, _ = load_remix_model(ckpt)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(tokens()).logits, model(tokens()).logits, rtol=0, atol=0)
+        with_always = rebuilt(tokens()).logits
+        for module in remix_modules(rebuilt).values():
+            module.always_b.zero_()
+        assert (rebuilt(tokens()).logits - with_always).abs().max() > 1e-3  # the term is applied
+
+
+def test_refuses_always_on_config_without_its_tensors(checkpoint_dir):
+    edit_config(checkpoint_dir, always_on_rank=2)
+    msg = refused(checkpoint_dir)
+    assert "missing tensor 'model.layers.0.mlp.down_proj.remix_always_a' and 27 more" in msg
+
+
+def test_refuses_negative_always_on_rank(checkpoint_dir):
+    edit_config(checkpoint_dir, always_on_rank=-1)
+    assert "field 'always_on_rank'" in refused(checkpoint_dir)
+
+
 def test_bfloat16_checkpoint_round_trip(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt", dtype="bfloat16")
     loaded = load_checkpoint(ckpt)

@@ -15,11 +15,17 @@ from reference import reference_run
 from safetensors.torch import load_file, save_file
 
 from remix_infer.checkpoint import load_checkpoint, save_checkpoint
-from remix_infer.config import LORA_A, ROUTER_BIAS, ROUTER_WEIGHT
+from remix_infer.config import ALWAYS_B, LORA_A, ROUTER_BIAS, ROUTER_WEIGHT
 from remix_infer.modeling import load_remix_model
 from remix_infer.peft_adapter import PeftAdapterError
 from remix_infer.train.cli import main as remix_train
-from remix_infer.train.compose import import_peft
+from remix_infer.train.compose import (
+    build_pool,
+    compose,
+    import_peft,
+    read_base_model,
+    read_experts,
+)
 
 LOGIT_TOL = 2e-5  # float32 PEFT forward vs float32 reference forward
 
@@ -264,3 +270,65 @@ def test_refuses_another_base_model(base, experts, tmp_path):
     )
     with pytest.raises(PeftAdapterError, match="trained on another base model"):
         import_peft(moved, tmp_path / "out", str(other))
+
+
+def test_compose_trains_an_always_on_lora_beside_the_frozen_pool(base, experts, tmp_path):
+    from transformers import AutoTokenizer
+
+    from remix_infer.train.data import read_jsonl, tokenize
+    from remix_infer.train.trainer import TrainConfig
+
+    data = tokenize(
+        AutoTokenizer.from_pretrained(base), read_jsonl(write_router_data(tmp_path / "d.jsonl")), 32
+    )
+    config = TrainConfig(method="remix", top_k=1, num_samples=2, max_steps=2, batch_size=4,
+                         warmup_steps=1, learning_rate=0.05, always_on_rank=2)  # fmt: skip
+    out = compose(str(base), list(experts.values()), tmp_path / "ckpt", config, data)
+    ckpt = load_checkpoint(out)
+    assert ckpt.config.always_on_rank == 2
+    shape, architecture = read_base_model(base)
+    pool = build_pool("base", read_experts(list(experts.values()), shape), shape, architecture)
+    for name, tensor in pool.tensors.items():
+        if not name.endswith(ROUTER_WEIGHT):
+            assert torch.equal(ckpt.tensors[name], tensor), name  # the pool stayed frozen
+    always_b = [t for n, t in ckpt.tensors.items() if n.endswith(ALWAYS_B)]
+    assert len(always_b) == 14 and all(t.abs().sum() > 0 for t in always_b)  # trained from 0
+
+
+@pytest.mark.parametrize(
+    ("method", "routing"),
+    [("mor", (1, 1.0, "constant")), ("mixer", (2, 1.0, "softmax_topk"))],
+)
+def test_compose_mor_and_mixer_train_their_routers(method, routing, base, experts, tmp_path):
+    """mor: hard top-1 at unit scale whatever --top-k says, routers moved by the straight-through
+    gradient; mixer: softmax top-k gates, routers moved by the task loss plus RSL."""
+    out = tmp_path / method
+    argv = ["compose", "--base-model", str(base), "--experts", *map(str, experts.values()),
+            "--data", str(write_router_data(tmp_path / "router.jsonl")), "--out", str(out),
+            "--method", method, "--top-k", "2", "--max-steps", "2", "--batch-size", "4",
+            "--warmup-steps", "1", "--learning-rate", "0.05"]  # fmt: skip
+    assert remix_train(argv) == 0
+    ckpt = load_checkpoint(out)
+    assert (ckpt.config.top_k, ckpt.config.omega, ckpt.config.weighting) == routing
+    assert ckpt.config.method == f"compose-{method}"
+    state = torch.load(out / "trainer_state.pt", weights_only=False)
+    initial = initial_routers(base, experts, state["train_config"])
+    moved = [
+        (ckpt.tensors[name] - start).abs().max() for name, start in initial.items()
+    ]  # every router trained away from its seeded init
+    assert min(moved) > 1e-4
+    if method == "mixer":
+        assert "rsl" in state["history"][0]
+
+
+def initial_routers(base, experts, train_config) -> dict[str, torch.Tensor]:
+    """The routers a compose run starts from (same seed), by checkpoint tensor name."""
+    from remix_infer.modeling import adapter_tensors
+    from remix_infer.train.trainer import TrainConfig, Trainer
+
+    shape, architecture = read_base_model(base)
+    pool = build_pool("base", read_experts(list(experts.values()), shape), shape, architecture)
+    trainer = Trainer(TrainConfig(**train_config), str(base), None, frozen_pool=pool)
+    return {
+        n: t.clone() for n, t in adapter_tensors(trainer.model).items() if n.endswith(ROUTER_WEIGHT)
+    }

@@ -28,7 +28,8 @@ def mixed_prompts(count: int = 10, seed: int = 0) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return make_parity_checkpoint(tmp_path_factory.mktemp("parity") / "ckpt")
+    """With an always-on LoRA beside every pool (the other families' test has none)."""
+    return make_parity_checkpoint(tmp_path_factory.mktemp("parity") / "ckpt", always_on_rank=3)
 
 
 @pytest.fixture(scope="module")

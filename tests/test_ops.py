@@ -29,18 +29,21 @@ MERGED = {  # parts of a merged projection (like qkv_proj) and which carry a poo
 }
 
 
-def config(weighting: str = "constant", router_bias: bool = True) -> RemixConfig:
+def config(weighting: str = "constant", router_bias: bool = True, always: int = 0) -> RemixConfig:
     return RemixConfig(
         base_model="test", architecture="llama", num_layers=1, target_modules=["q_proj"],
         num_loras=N, top_k=K, rank=R, omega=0.7, weighting=weighting, router_bias=router_bias,
+        always_on_rank=always,
     )  # fmt: skip
 
 
-def build(kernel, parts, adapted, weighting="constant", dtype=torch.float32, seed=0, **pool_kw):
+def build(
+    kernel, parts, adapted, weighting="constant", dtype=torch.float32, seed=0, always=0, **pool_kw
+):
     """A FusedRemixLinear of random weights and, per adapted part, the reference RemixLinear
-    holding the same tensors (over the same base rows)."""
+    holding the same tensors (over the same base rows); `always`: rank of an always-on LoRA."""
     gen = torch.Generator().manual_seed(seed)
-    cfg = config(weighting)
+    cfg = config(weighting, always=always)
     weight = torch.randn(sum(parts), D_IN, generator=gen) * D_IN**-0.5
     layout = PoolLayout.from_config(cfg, D_IN, list(parts), list(adapted))
     pool = RemixPool(layout, dtype, 256, router_bias=True, kernel=kernel, device="cpu", **pool_kw)
@@ -55,7 +58,13 @@ def build(kernel, parts, adapted, weighting="constant", dtype=torch.float32, see
             ref.lora_b.normal_(0, 0.3, generator=gen)
             ref.router.weight.normal_(0, 1.0, generator=gen)
             ref.router.bias.normal_(0, 0.5, generator=gen)
-        pool.load_part(part, ref.lora_a, ref.lora_b, ref.router.weight, ref.router.bias)
+            if always:
+                ref.always_a.normal_(0, D_IN**-0.5, generator=gen)
+                ref.always_b.normal_(0, 0.3, generator=gen)
+        pool.load_part(
+            part, ref.lora_a, ref.lora_b, ref.router.weight, ref.router.bias, ref.always_a,
+            ref.always_b,
+        )  # fmt: skip
         references[part] = ref
     return FusedRemixLinear(weight.to(dtype), pool), references, weight
 
@@ -100,6 +109,25 @@ def test_pool_matches_reference(kernel, weighting, merged):
         weights = ref.last_routing.weights
         ess = (weights.sum(-1) ** 2 / (weights**2).sum(-1)).sum().item()
         assert row.ess_sum == pytest.approx(ess, rel=1e-5)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("merged", ["one part", "middle part not adapted"])
+def test_always_on_lora_matches_reference(kernel, merged):
+    """An always-on LoRA beside the pool (weight 1, every token): the reference's output and
+    routing, and a term that matters (dropping it changes the output)."""
+    parts, adapted = MERGED[merged]
+    layer, references, weight = build(kernel, parts, adapted, always=3)
+    x = torch.randn(29, D_IN, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        got = layer(x)
+        want, selected = reference_outputs(references, weight, parts, x)
+        for ref in references.values():
+            ref.always_b.zero_()
+        without, _ = reference_outputs(references, weight, parts, x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (want - without).abs().max() > 0.1
+    assert torch.equal(layer.pool.step_selected[:29], as_mask(selected))
 
 
 @pytest.mark.parametrize("weighting", ["constant", "softmax_topk"])
@@ -175,18 +203,19 @@ def test_ties_go_to_the_lower_index(kernel):
     assert layer.pool.step_selected[:5, 0].tolist() == [[1] * K + [0] * (N - K)] * 5
 
 
+@pytest.mark.parametrize("always", [0, 2])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_row_parallel_shards_sum_to_the_whole(kernel):
+def test_row_parallel_shards_sum_to_the_whole(kernel, always):
     """Two ranks of a row-parallel layer: each sees half of d_in, sums its partial pool products
     with the other's (the all-reduce), and only rank 0 adds B's term; the sum of their outputs
     (vLLM's all-reduce) is the unsharded layer's output, with the same routing on both."""
     parts, adapted = MERGED["one part"]
-    whole, _, weight = build(kernel, parts, adapted)
+    whole, _, weight = build(kernel, parts, adapted, always=always)
     x = torch.randn(24, D_IN, generator=torch.Generator().manual_seed(5))
     half = D_IN // 2
     shards = []
     for rank, cols in enumerate((slice(0, half), slice(half, D_IN))):
-        layout = PoolLayout.from_config(config(), half, list(parts), list(adapted))
+        layout = PoolLayout.from_config(config(always=always), half, list(parts), list(adapted))
         pool = RemixPool(layout, torch.float32, 64, True, kernel, count_b=rank == 0, device="cpu")
         src = whole.pool
         pool.load_part(
@@ -195,12 +224,15 @@ def test_row_parallel_shards_sum_to_the_whole(kernel):
             src.lora_b[0].view(-1, N, R).permute(1, 0, 2),
             src.router[:, cols],
             src.router_bias[0],
+            src.always_a[:, cols] if always else None,
+            src.always_b[0] if always else None,
         )
         shards.append((FusedRemixLinear(weight[:, cols], pool), x[:, cols]))
 
     def partial_products(layer, xs):  # what the other rank contributes to the all-reduce
         pool = layer.pool
-        return [F.linear(xs, pool.lora_a).float(), F.linear(xs.float(), pool.router)]
+        always = [F.linear(xs, pool.always_a).float()] if pool.always_a is not None else []
+        return [F.linear(xs, pool.lora_a).float(), F.linear(xs.float(), pool.router)] + always
 
     outs = []
     with torch.no_grad():

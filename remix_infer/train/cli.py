@@ -75,8 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--eval-data", type=Path)
     comp.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
     comp.add_argument("--method", choices=COMPOSE_METHODS, default="remix")
-    comp.add_argument("--omega", type=float, default=1.0, help="weight of a selected expert")
-    comp.add_argument("--top-k", type=int, default=1, help="experts selected per token")
+    comp.add_argument(
+        "--omega", type=float, default=1.0,
+        help="scale of a selected expert (remix; mixer: of its softmax weight; mor: always 1)",
+    )  # fmt: skip
+    comp.add_argument("--top-k", type=int, default=1, help="experts per token (mor: always 1)")
     _add_train_config_flags(comp, skip=POOL_FIELDS | {"top_k"})
     return parser
 

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class FrozenPool:
     """A pool built from existing LoRAs: the checkpoint config and its LoRA tensors (A, B and
-    zero routers, named as in the checkpoint file), float32."""
+    zero routers, named as in the checkpoint file), float32. An always-on LoRA the config may
+    ask for is not among them: it starts from the trainer's init (B = 0) and trains."""
 
     config: RemixConfig
     tensors: dict[str, torch.Tensor]
@@ -68,6 +69,8 @@ def build_pool(
     top_k: int = 1,
     omega: float = 1.0,
     method: str = "peft",
+    always_on_rank: int = 0,
+    weighting: str = "constant",
 ) -> FrozenPool:
     """Stack the experts into one pool per module (expert e is LoRA e everywhere)."""
     adapted = set().union(*(e.projections() for e in experts))
@@ -81,6 +84,8 @@ def build_pool(
         rank=max(e.max_rank for e in experts),
         omega=omega,
         method=method,
+        always_on_rank=always_on_rank,
+        weighting=weighting,
     )
     n, rank = config.num_loras, config.rank
     tensors = {}
@@ -131,7 +136,9 @@ def import_peft(
     return save_checkpoint(out, pool.config, pool.tensors)
 
 
-COMPOSE_METHODS = ("remix",)  # router training over the frozen pool (see TrainConfig.method)
+# Router training over the frozen pool (see TrainConfig.method): remix (RLOO, constant weight
+# omega), mor (hard top-1, weight 1, straight-through), mixer (softmax top-k, RSL loss).
+COMPOSE_METHODS = ("remix", "mor", "mixer")
 
 
 def compose(
@@ -156,9 +163,11 @@ def compose(
         read_experts(experts, shape),
         shape,
         architecture,
-        top_k=train_config.top_k,
-        omega=omega,
+        top_k=1 if train_config.method == "mor" else train_config.top_k,
+        omega=1.0 if train_config.method == "mor" else omega,
         method=f"compose-{train_config.method}",
+        weighting="softmax_topk" if train_config.method == "mixer" else "constant",
+        always_on_rank=train_config.always_on_rank,
     )
     log.info(
         "pool of %d experts, rank %d, on %s; training the routers (%s, %d steps)",

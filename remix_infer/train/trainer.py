@@ -5,6 +5,12 @@ remix:   n LoRAs per module, k sampled per token (Gumbel-top-k) with constant we
 mixlora: same pools, deterministic top-k with softmax weights learned end to end, plus a
          Switch-style load-balance loss (the baseline whose routing weights collapse).
 lora:    one LoRA of rank R (stored as a pool of n=1, k=1).
+mor:     MoR-LoRA's hard top-1 with unit scale (k = 1, omega = 1), deterministic in training;
+         the router learns through the straight-through estimator (modeling.straight_through_gates).
+mixer:   LoRA-Mixer's softmax top-k gates, end to end, plus its RSL loss (losses.rsl_loss).
+
+Over a frozen pool of existing LoRAs (compose.py, `frozen_pool`) only the routers (and an
+always-on LoRA, if any) train.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from remix_infer.modeling import (
 )
 from remix_infer.routing import effective_loras, effective_support_size, entropy
 from remix_infer.train.data import TokenizedData, sequence_losses
+from remix_infer.train.losses import rsl_loss, switch_balance_loss
 from remix_infer.train.rloo import rloo_surrogate
 
 if TYPE_CHECKING:
@@ -48,11 +55,12 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
 ARCHITECTURES = {family.hf_model_type for family in FAMILIES.values()}  # base model_types
+SOFTMAX_METHODS = ("mixlora", "mixer")  # trained with softmax_topk gates
 
 
 @dataclass
 class TrainConfig:
-    method: Literal["remix", "mixlora", "lora"] = "remix"
+    method: Literal["remix", "mixlora", "lora", "mor", "mixer"] = "remix"
     num_loras: int = 8
     top_k: int = 4
     rank: int = 8
@@ -62,6 +70,7 @@ class TrainConfig:
     num_samples: int = 4  # M, selections per sequence (remix)
     target_modules: list[str] = field(default_factory=lambda: list(ALL_TARGET_MODULES))
     router_bias: bool = False
+    always_on_rank: int = 0  # r0 of an always-on LoRA per module beside the pool; 0: none
     learning_rate: float = 2e-3
     router_learning_rate: float | None = None  # default: learning_rate
     weight_decay: float = 0.0
@@ -75,16 +84,21 @@ class TrainConfig:
     eval_every: int = 50  # 0: only at the end
     save_every: int = 0  # 0: only at the end
     balance_coef: float = 0.01  # mixlora load-balance loss weight
+    rsl_alpha: float = 0.1  # mixer: LoRA-Mixer's RSL balance weight (the paper's alpha)
+    rsl_lambda: float = 0.5  # mixer: RSL entropy weight (the paper's lambda)
 
     def remix_config(self, base_model: str, architecture: str, num_layers: int) -> RemixConfig:
         """The checkpoint config this training run produces."""
         if self.method == "lora":
             n, k, r = 1, 1, self.lora_rank or self.top_k * self.rank
         else:
-            n, k, r = self.num_loras, self.top_k, self.rank
-        # mixlora's softmax gates sum to 1, so its per-LoRA scale is alpha/r (k = 1 in the rule):
-        # with equal gates it matches ReMix's omega = alpha/(k r).
-        omega = resolve_omega(self.omega_rule, self.alpha, 1 if self.method == "mixlora" else k, r)
+            n, k, r = self.num_loras, 1 if self.method == "mor" else self.top_k, self.rank
+        # softmax gates (mixlora, mixer) sum to 1, so their per-LoRA scale is alpha/r (k = 1 in
+        # the rule): with equal gates it matches ReMix's omega = alpha/(k r).
+        softmax = self.method in SOFTMAX_METHODS
+        omega = resolve_omega(self.omega_rule, self.alpha, 1 if softmax else k, r)
+        if self.method == "mor":
+            omega = 1.0  # MoR-LoRA's unit scale
         return RemixConfig(
             base_model=base_model,
             architecture=architecture,
@@ -94,8 +108,9 @@ class TrainConfig:
             top_k=k,
             rank=r,
             omega=omega,
-            weighting="softmax_topk" if self.method == "mixlora" else "constant",
+            weighting="softmax_topk" if softmax else "constant",
             router_bias=self.router_bias,
+            always_on_rank=self.always_on_rank,
             dtype=self.dtype,
             method=self.method,
         )
@@ -194,6 +209,9 @@ class Trainer:
             m.reset_adapter_parameters(generator)
         if frozen_pool:
             self._load_frozen_pool(frozen_pool)
+        if config.method == "mor":  # hard top-1, straight-through gradient, no sampling
+            for m in self.modules.values():
+                m.sample_in_training, m.straight_through = False, True
         self.model.train()
         router_params = [m.router.weight for m in self.modules.values()] + [
             m.router.bias for m in self.modules.values() if m.router.bias is not None
@@ -201,8 +219,14 @@ class Trainer:
         groups = [
             {"params": router_params, "lr": config.router_learning_rate or config.learning_rate}
         ]
-        if not frozen_pool:
-            lora_params = [p for m in self.modules.values() for p in (m.lora_a, m.lora_b)]
+        # LoRA pools (unless frozen) and always-on LoRAs learn at the LoRA learning rate.
+        lora_params = [
+            p
+            for m in self.modules.values()
+            for p in (m.lora_a, m.lora_b, m.always_a, m.always_b)
+            if p is not None and p.requires_grad
+        ]
+        if lora_params:
             groups.insert(0, {"params": lora_params, "lr": config.learning_rate})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -247,24 +271,27 @@ class Trainer:
             log_q = sum((m.last_routing.log_prob * mask).sum(-1) for m in self.modules.values())
             objective = rloo_surrogate(losses.view(-1, samples), log_q.view(-1, samples))
         elif cfg.method == "mixlora":
-            balance = torch.stack(
-                [self._balance_loss(m, mask) for m in self.modules.values()]
-            ).mean()
+            balance = self._routing_loss(mask)
             objective = losses.mean() + cfg.balance_coef * balance
             info["balance"] = float(balance.detach())
+        elif cfg.method == "mixer":
+            rsl = self._routing_loss(mask)
+            objective = losses.mean() + rsl
+            info["rsl"] = float(rsl.detach())
         else:
             objective = losses.mean()
         return objective, info
 
-    @staticmethod
-    def _balance_loss(module: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
-        """Switch-Transformer load balance: n * sum_i (share of selections to i) * (mean prob of i)."""
-        r = module.last_routing
-        n = module.num_loras
-        share = torch.bincount(r.selected[mask].flatten(), minlength=n).float()
-        share = share / share.sum().clamp_min(1)
-        mean_prob = torch.softmax(r.logits[mask], -1).mean(0)
-        return n * (share * mean_prob).sum()
+    def _routing_loss(self, mask: torch.Tensor) -> torch.Tensor:
+        """The method's routing regulariser, averaged over the modules (mixlora, mixer)."""
+        cfg, losses = self.config, []
+        for m in self.modules.values():
+            logits, selected = m.last_routing.logits[mask], m.last_routing.selected[mask]
+            if cfg.method == "mixer":
+                losses.append(rsl_loss(logits, selected, cfg.rsl_alpha, cfg.rsl_lambda))
+            else:
+                losses.append(switch_balance_loss(logits, selected))
+        return torch.stack(losses).mean()
 
     def train_step(self) -> dict:
         """One optimizer step over grad_accum micro-batches; its log record joins self.history."""

@@ -24,6 +24,8 @@ from vllm.model_executor.models.utils import PPMissingLayer
 
 from remix_infer.checkpoint import load_checkpoint, read_config
 from remix_infer.config import (
+    ALWAYS_A,
+    ALWAYS_B,
     LORA_A,
     LORA_B,
     ROUTER_BIAS,
@@ -129,12 +131,16 @@ class RemixForCausalLMMixin:
                 pool.layout.adapted, pool.part_names, self._remix_shards[name], strict=True
             ):
                 bias = tensors.pop(tensor_name(module, ROUTER_BIAS), None)
+                always_a = tensors.pop(tensor_name(module, ALWAYS_A), None)
+                always_b = tensors.pop(tensor_name(module, ALWAYS_B), None)
                 pool.load_part(
                     part,
                     tensors.pop(tensor_name(module, LORA_A))[:, :, cols],
                     tensors.pop(tensor_name(module, LORA_B))[:, rows, :],
                     tensors.pop(tensor_name(module, ROUTER_WEIGHT))[:, cols],
                     bias,
+                    None if always_a is None else always_a[:, cols],
+                    None if always_b is None else always_b[rows, :],
                 )
         held = {
             i for i, layer in enumerate(self.model.layers) if not isinstance(layer, PPMissingLayer)
