@@ -27,6 +27,8 @@ from remix_infer.config import (
     LORA_B,
     ROUTER_BIAS,
     ROUTER_WEIGHT,
+    SHARED_ROUTER_BIAS,
+    SHARED_ROUTER_WEIGHT,
     RemixConfig,
     tensor_name,
 )
@@ -103,13 +105,19 @@ def expected_tensor_shapes(
     config: RemixConfig, shape: BaseModelShape
 ) -> dict[str, tuple[int, ...]]:
     n, r = config.num_loras, config.rank
+    shared = config.routing_scope == "shared"
     out: dict[str, tuple[int, ...]] = {}
+    if shared:  # one router for the model instead of one per module
+        out[SHARED_ROUTER_WEIGHT] = (n, shape.hidden_size)
+        if config.router_bias:
+            out[SHARED_ROUTER_BIAS] = (n,)
     for module in config.module_names():
         d_in, d_out = shape.linear_shape(module.rsplit(".", 1)[1])
         out[tensor_name(module, LORA_A)] = (n, r, d_in)
         out[tensor_name(module, LORA_B)] = (n, d_out, r)
-        out[tensor_name(module, ROUTER_WEIGHT)] = (n, d_in)
-        if config.router_bias:
+        if not shared:
+            out[tensor_name(module, ROUTER_WEIGHT)] = (n, d_in)
+        if config.router_bias and not shared:
             out[tensor_name(module, ROUTER_BIAS)] = (n,)
         if config.always_on_rank:
             out[tensor_name(module, ALWAYS_A)] = (config.always_on_rank, d_in)

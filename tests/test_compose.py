@@ -296,20 +296,26 @@ def test_compose_trains_an_always_on_lora_beside_the_frozen_pool(base, experts, 
 
 
 @pytest.mark.parametrize(
-    ("method", "routing"),
-    [("mor", (1, 1.0, "constant")), ("mixer", (2, 1.0, "softmax_topk"))],
+    ("method", "scope", "routing"),
+    [
+        ("mor", "auto", (1, 1.0, "constant", "shared")),
+        ("mixer", "auto", (2, 1.0, "softmax_topk", "module")),
+        ("remix", "shared", (2, 1.0, "constant", "shared")),
+    ],
 )
-def test_compose_mor_and_mixer_train_their_routers(method, routing, base, experts, tmp_path):
-    """mor: hard top-1 at unit scale whatever --top-k says, routers moved by the straight-through
-    gradient; mixer: softmax top-k gates, routers moved by the task loss plus RSL."""
+def test_compose_methods_train_their_routers(method, scope, routing, base, experts, tmp_path):
+    """mor: hard top-1 at unit scale whatever --top-k says, one shared router (MoR-LoRA's default
+    scope) moved by the straight-through gradient; mixer: softmax top-k gates, routers moved by
+    the task loss plus RSL; remix in the shared scope: one router, RLOO over its one decision."""
     out = tmp_path / method
     argv = ["compose", "--base-model", str(base), "--experts", *map(str, experts.values()),
             "--data", str(write_router_data(tmp_path / "router.jsonl")), "--out", str(out),
-            "--method", method, "--top-k", "2", "--max-steps", "2", "--batch-size", "4",
+            "--method", method, "--routing-scope", scope, "--top-k", "2", "--max-steps", "2", "--batch-size", "4",
             "--warmup-steps", "1", "--learning-rate", "0.05"]  # fmt: skip
     assert remix_train(argv) == 0
     ckpt = load_checkpoint(out)
-    assert (ckpt.config.top_k, ckpt.config.omega, ckpt.config.weighting) == routing
+    config = ckpt.config
+    assert (config.top_k, config.omega, config.weighting, config.routing_scope) == routing
     assert ckpt.config.method == f"compose-{method}"
     state = torch.load(out / "trainer_state.pt", weights_only=False)
     initial = initial_routers(base, experts, state["train_config"])
@@ -326,9 +332,11 @@ def initial_routers(base, experts, train_config) -> dict[str, torch.Tensor]:
     from remix_infer.modeling import adapter_tensors
     from remix_infer.train.trainer import TrainConfig, Trainer
 
+    config = TrainConfig(**train_config)
     shape, architecture = read_base_model(base)
-    pool = build_pool("base", read_experts(list(experts.values()), shape), shape, architecture)
-    trainer = Trainer(TrainConfig(**train_config), str(base), None, frozen_pool=pool)
-    return {
-        n: t.clone() for n, t in adapter_tensors(trainer.model).items() if n.endswith(ROUTER_WEIGHT)
-    }
+    experts = read_experts(list(experts.values()), shape)
+    scope = config.resolved_routing_scope()
+    pool = build_pool("base", experts, shape, architecture, routing_scope=scope)
+    trainer = Trainer(config, str(base), None, frozen_pool=pool)
+    routers = adapter_tensors(trainer.model).items()
+    return {n: t.clone() for n, t in routers if n.endswith("router_weight")}

@@ -210,3 +210,26 @@ def test_parity_other_families(family, tmp_path):
         outputs = greedy(engine, prompts, MAX_TOKENS, prompt_logprobs=True)
         selections = captured_prefill_selections(engine, prompts)
     assert_parity(outputs, selections, runs, prompts)
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "compiled"])
+def test_parity_shared_routing_scope(eager, tmp_path):
+    """The shared routing scope (one router per token from the first layer's input, its choice
+    in every module), with a router bias and an always-on LoRA: eager with the per-token
+    selections, and vLLM's compiled mode (the router's logits cross the graph's pieces)."""
+    ckpt = make_parity_checkpoint(
+        tmp_path / "shared", seed=5, routing_scope="shared", router_bias=True, always_on_rank=2
+    )
+    model, _ = load_remix_model(ckpt)
+    prompts = mixed_prompts(6, seed=6)
+    runs = [reference_run(model, p, MAX_TOKENS) for p in prompts]
+    first = next(iter(runs[1].selections.values()))
+    assert all(torch.equal(s, first) for s in runs[1].selections.values())  # one decision
+    with remix_llm(ckpt, in_process=False, enforce_eager=eager) as engine:
+        outputs = greedy(engine, prompts, MAX_TOKENS, prompt_logprobs=True)
+        selections = (
+            captured_prefill_selections(engine, prompts) if eager else [{} for _ in prompts]
+        )
+    if not eager:
+        runs = [dataclasses.replace(r, selections={}) for r in runs]
+    assert_parity(outputs, selections, runs, prompts)

@@ -13,10 +13,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from remix_infer.config import RemixConfig
-from remix_infer.modeling import RemixLinear
-from remix_infer.ops import FusedRemixLinear, PoolLayout, RemixPool, StatsRow, set_padding_provider
+from remix_infer.modeling import RemixLinear, SharedRouting
+from remix_infer.ops import (
+    FusedRemixLinear,
+    PoolLayout,
+    RemixPool,
+    SharedRouter,
+    StatsRow,
+    set_padding_provider,
+)
 from remix_infer.ops.stats import stats_width
 from remix_infer.ops.triton_route import route
+from remix_infer.routing import topk_select
 
 KERNELS = ["torch", "numba", "triton"]
 D_IN = 48
@@ -297,3 +305,48 @@ def test_more_tokens_than_the_pool_was_sized_for_are_refused():
     layer = build("triton", parts, adapted)[0]  # sized for 256 tokens per step
     with pytest.raises(ValueError, match="max_step_tokens"):
         layer(torch.randn(300, D_IN))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_shared_router_routes_every_pool_from_the_first_input(kernel):
+    """Shared routing scope: the pool on the first layer's input (here a merged two-part one)
+    runs the one router; a later pool, on another input, takes the same choice. Oracle: the
+    reference model's shared scope (SharedRouting and RemixLinears that reuse its decision)."""
+    gen = torch.Generator().manual_seed(8)
+    cfg = config().model_copy(update={"routing_scope": "shared"})
+    reference_router = SharedRouting(D_IN, cfg, torch.device("cpu"))
+    router = SharedRouter(N, D_IN, 256, bias=True, device="cpu")
+    layers, references = [], []
+    for first, parts in ((True, (32, 24)), (False, (40,))):
+        weight = torch.randn(sum(parts), D_IN, generator=gen) * D_IN**-0.5
+        layout = PoolLayout.from_config(cfg, D_IN, list(parts), list(range(len(parts))))
+        pool = RemixPool(layout, torch.float32, 256, kernel=kernel, device="cpu", shared=router,
+                         routes_shared=first)  # fmt: skip
+        refs = []
+        for part, rows in enumerate(weight.split(list(parts))):
+            base = nn.Linear(D_IN, parts[part], bias=False)
+            base.weight.data = rows.clone()
+            ref = RemixLinear(base, cfg, reference_router, routes_shared=first and part == 0).eval()
+            with torch.no_grad():
+                ref.lora_a.normal_(0, D_IN**-0.5, generator=gen)
+                ref.lora_b.normal_(0, 0.3, generator=gen)
+            pool.load_part(part, ref.lora_a, ref.lora_b, None)
+            refs.append(ref)
+        layers.append(FusedRemixLinear(weight, pool))
+        references.append(refs)
+    with torch.no_grad():  # after the RemixLinears, whose init draws the shared router
+        reference_router.router.weight.normal_(0, 1.0, generator=gen)
+        reference_router.router.bias.normal_(0, 0.5, generator=gen)
+        router.weight.copy_(reference_router.router.weight)
+        router.bias.copy_(reference_router.router.bias)
+    x1, x2 = (torch.randn(21, D_IN, generator=gen) for _ in range(2))
+    with torch.no_grad():
+        got = [layers[0](x1), layers[1](x2)]
+        want = [torch.cat([ref(x1) for ref in references[0]], -1), references[1][0](x2)]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    chosen = topk_select(F.linear(x1, router.weight, router.bias), K)  # from x1, not x2
+    assert torch.equal(references[1][0].last_routing.selected, chosen)
+    expected = as_mask(chosen)
+    assert torch.equal(layers[0].pool.step_selected[:21], torch.stack([expected] * 2, 1))
+    assert torch.equal(layers[1].pool.step_selected[:21, 0], expected)

@@ -25,6 +25,10 @@ The base product is never run alone: it shares one GEMM with the pool, in one of
         A and router products (router in float32), routes, gates, writes [x | gated h] and
         accumulates the routing statistics (triton_route.py).
 
+In the shared routing scope (ops/shared.py) the pools take their logits from the model's one
+router instead of their own (no router rows in the GEMM; on triton the kernel routes the given
+products).
+
 Tensor parallelism is the caller's: a row-parallel shard passes its input slice, a `reduce` for
 the partial pool products, and count_b=False on every rank but one, so B's term is added once.
 """
@@ -41,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from remix_infer.config import RemixConfig
+from remix_infer.ops.shared import SharedRouter
 from remix_infer.ops.stats import record_routing, stats_width
 from remix_infer.routing import routing_gates, topk_select
 
@@ -141,9 +146,14 @@ class RemixPool(nn.Module):
         device: torch.device | str | None = None,
         name: str = "",
         part_names: list[str] | None = None,
+        shared: SharedRouter | None = None,
+        routes_shared: bool = False,
     ) -> None:
         """count_b=False: leave B's term to another rank of a row-parallel group;
-        part_names: what each adapted part is called in reports (e.g. its HF module path)."""
+        part_names: what each adapted part is called in reports (e.g. its HF module path);
+        shared: the model's one router (shared routing scope; its owner registers it), whose
+        logits replace this pool's own router; routes_shared: this pool reads the first layer's
+        input and runs the shared router for every pool."""
         super().__init__()
         device = torch.device(device) if device is not None else torch.get_default_device()
         self.layout, self.name, self.count_b = layout, name, count_b
@@ -167,7 +177,9 @@ class RemixPool(nn.Module):
             frozen(layout.part_widths[i], r0) for i in (layout.adapted if r0 else ())
         )
         # The stacked GEMM carries the router rows only when it runs in float32.
-        self.fold_router = self.kernel != "triton" and dtype == torch.float32
+        self.fold_router = self.kernel != "triton" and dtype == torch.float32 and shared is None
+        self._shared = (shared,) if shared is not None else ()  # a tuple: not a submodule here
+        self.routes_shared = routes_shared
         self.register_buffer(
             "stats", torch.zeros(s, stats_width(n), dtype=torch.float64, device=device)
         )
@@ -195,7 +207,7 @@ class RemixPool(nn.Module):
         part: int,
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
-        router_weight: torch.Tensor,
+        router_weight: torch.Tensor | None,
         router_bias: torch.Tensor | None = None,
         always_a: torch.Tensor | None = None,
         always_b: torch.Tensor | None = None,
@@ -209,7 +221,8 @@ class RemixPool(nn.Module):
             self.always_a[j * r0 : (j + 1) * r0].copy_(always_a)
             self.always_b[j].copy_(always_b)
         self.lora_a[j * n * r : (j + 1) * n * r].copy_(lora_a.reshape(n * r, -1))
-        self.router[j * n : (j + 1) * n].copy_(router_weight)
+        if router_weight is not None:  # None in the shared routing scope
+            self.router[j * n : (j + 1) * n].copy_(router_weight)
         if self.router_bias is not None:
             self.router_bias[j].copy_(router_bias)
         self.lora_b[j].copy_(lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], n * r))
@@ -277,9 +290,15 @@ class RemixPool(nn.Module):
         y = gemm(x)
         base, lora_h = y[:, :d_out], y[:, d_out : d_out + width]
         always_h = y[:, d_out + width : d_out + a_width]
-        logits = y[:, d_out + a_width :] if self.fold_router else F.linear(x.float(), self.router)
-        if reduce is not None:
-            lora_h, logits = reduce(lora_h.contiguous()), reduce(logits.contiguous())
+        if self._shared:
+            logits = self._shared_logits(x)
+        elif self.fold_router:
+            logits = y[:, d_out + a_width :]
+        else:
+            logits = F.linear(x.float(), self.router)
+        if reduce is not None:  # the shared logits are whole already
+            lora_h = reduce(lora_h.contiguous())
+            logits = logits if self._shared else reduce(logits.contiguous())
             always_h = reduce(always_h.contiguous()) if layout.always_rank else always_h
         logits = logits.unflatten(-1, (s, n))
         if self.router_bias is not None:
@@ -297,6 +316,14 @@ class RemixPool(nn.Module):
             part_major = always_h.view(-1, s, layout.always_rank).transpose(0, 1)
             hidden = torch.cat([hidden, part_major.to(hidden.dtype)], dim=-1)
         return self._add_pool_outputs(base, hidden)
+
+    def _shared_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared router's logits of this step, [T, S*n]: the same for every part (run
+        here first if this pool reads the first layer's input)."""
+        shared = self._shared[0]
+        if self.routes_shared:
+            shared.route(x)
+        return shared.logits(x.shape[0]).repeat(1, self.layout.num_parts)
 
     def _route_numba(
         self, logits: torch.Tensor, lora_h: torch.Tensor
@@ -346,9 +373,12 @@ class RemixPool(nn.Module):
         """[x | gated h] for the column-stacked GEMM, written by the routing kernel."""
         layout = self.layout
         lora_h = logits = None
-        if reduce is not None:  # partial products from a shard: sum them first, then route
-            lora_h = reduce(F.linear(x, self.lora_a).float())
-            logits = reduce(F.linear(x.float(), self.router))
+        if reduce is not None or self._shared:  # the kernel routes given products
+            lora_h = F.linear(x, self.lora_a).float()
+            lora_h = lora_h if reduce is None else reduce(lora_h)  # a shard's partial products
+            logits = (
+                self._shared_logits(x) if self._shared else reduce(F.linear(x.float(), self.router))
+            )
         from remix_infer.ops.triton_route import route
 
         x_cat = x.new_empty(

@@ -71,6 +71,7 @@ def build_pool(
     method: str = "peft",
     always_on_rank: int = 0,
     weighting: str = "constant",
+    routing_scope: str = "module",
 ) -> FrozenPool:
     """Stack the experts into one pool per module (expert e is LoRA e everywhere)."""
     adapted = set().union(*(e.projections() for e in experts))
@@ -86,6 +87,7 @@ def build_pool(
         method=method,
         always_on_rank=always_on_rank,
         weighting=weighting,
+        routing_scope=routing_scope,
     )
     n, rank = config.num_loras, config.rank
     tensors = {}
@@ -167,6 +169,7 @@ def compose(
         omega=1.0 if train_config.method == "mor" else omega,
         method=f"compose-{train_config.method}",
         weighting="softmax_topk" if train_config.method == "mixer" else "constant",
+        routing_scope=train_config.resolved_routing_scope(),
         always_on_rank=train_config.always_on_rank,
     )
     log.info(

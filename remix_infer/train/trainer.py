@@ -71,6 +71,7 @@ class TrainConfig:
     target_modules: list[str] = field(default_factory=lambda: list(ALL_TARGET_MODULES))
     router_bias: bool = False
     always_on_rank: int = 0  # r0 of an always-on LoRA per module beside the pool; 0: none
+    routing_scope: Literal["auto", "module", "shared"] = "auto"  # auto: shared for mor
     learning_rate: float = 2e-3
     router_learning_rate: float | None = None  # default: learning_rate
     weight_decay: float = 0.0
@@ -86,6 +87,12 @@ class TrainConfig:
     balance_coef: float = 0.01  # mixlora load-balance loss weight
     rsl_alpha: float = 0.1  # mixer: LoRA-Mixer's RSL balance weight (the paper's alpha)
     rsl_lambda: float = 0.5  # mixer: RSL entropy weight (the paper's lambda)
+
+    def resolved_routing_scope(self) -> str:
+        """module or shared: 'auto' is MoR-LoRA's shared router for mor, one per module else."""
+        if self.routing_scope != "auto":
+            return self.routing_scope
+        return "shared" if self.method == "mor" else "module"
 
     def remix_config(self, base_model: str, architecture: str, num_layers: int) -> RemixConfig:
         """The checkpoint config this training run produces."""
@@ -111,6 +118,7 @@ class TrainConfig:
             weighting="softmax_topk" if softmax else "constant",
             router_bias=self.router_bias,
             always_on_rank=self.always_on_rank,
+            routing_scope=self.resolved_routing_scope(),
             dtype=self.dtype,
             method=self.method,
         )
@@ -213,9 +221,8 @@ class Trainer:
             for m in self.modules.values():
                 m.sample_in_training, m.straight_through = False, True
         self.model.train()
-        router_params = [m.router.weight for m in self.modules.values()] + [
-            m.router.bias for m in self.modules.values() if m.router.bias is not None
-        ]
+        routers = {id(r): r for r in (m.routing_router() for m in self.modules.values())}
+        router_params = [p for r in routers.values() for p in r.parameters()]
         groups = [
             {"params": router_params, "lr": config.router_learning_rate or config.learning_rate}
         ]
@@ -268,7 +275,9 @@ class Trainer:
         stats.add(self.model, mask)
         info = {"loss": float(losses.detach().mean()), "ess": stats.mean_ess()}
         if cfg.method == "remix":
-            log_q = sum((m.last_routing.log_prob * mask).sum(-1) for m in self.modules.values())
+            # each routing decision once (in the shared scope every module holds the same one)
+            decisions = {id(m.last_routing): m.last_routing for m in self.modules.values()}
+            log_q = sum((d.log_prob * mask).sum(-1) for d in decisions.values())
             objective = rloo_surrogate(losses.view(-1, samples), log_q.view(-1, samples))
         elif cfg.method == "mixlora":
             balance = self._routing_loss(mask)
