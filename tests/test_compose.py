@@ -340,3 +340,80 @@ def initial_routers(base, experts, train_config) -> dict[str, torch.Tensor]:
     trainer = Trainer(config, str(base), None, frozen_pool=pool)
     routers = adapter_tensors(trainer.model).items()
     return {n: t.clone() for n, t in routers if n.endswith("router_weight")}
+
+
+def test_remix_serve_serves_a_composed_mor_checkpoint(demo_checkpoint, tmp_path):
+    """PEFT LoRAs on the demo base -> compose --method mor (shared routing scope, an always-on
+    LoRA) -> remix-serve: its greedy completion is the reference model's."""
+    import openai
+    from helpers.servers import SMALL_ENGINE, running_server
+    from transformers import AutoTokenizer
+
+    base = demo_checkpoint / "base"
+    experts = [
+        train_peft_lora(base, tmp_path / f"e{i}", seed=i, r=4, lora_alpha=8, target_modules=names)
+        for i, names in enumerate((["q_proj", "v_proj"], ["q_proj", "o_proj", "down_proj"]))
+    ]
+    out = tmp_path / "composed"
+    argv = ["compose", "--base-model", str(base), "--experts", *map(str, experts),
+            "--data", str(write_router_data(tmp_path / "router.jsonl")), "--out", str(out),
+            "--method", "mor", "--always-on-rank", "2", "--max-steps", "2", "--batch-size", "4",
+            "--warmup-steps", "1", "--learning-rate", "0.05"]  # fmt: skip
+    assert remix_train(argv) == 0
+    config = load_checkpoint(out).config
+    assert (config.routing_scope, config.always_on_rank) == ("shared", 2)
+    model, _ = load_remix_model(out)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    ids = tokenizer("add 1 2 =", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1] :]
+    args = [*SMALL_ENGINE, "--max-model-len", "128", "--served-model-name", "composed"]
+    with running_server(out, tmp_path / "server.log", args) as server:
+        client = openai.OpenAI(base_url=server["base"] + "/v1", api_key="none", max_retries=0)
+        got = client.completions.create(
+            model="composed", prompt="add 1 2 =", max_tokens=6, temperature=0
+        )
+    assert got.choices[0].text == tokenizer.decode(want, skip_special_tokens=True)
+
+
+def test_distill_writes_each_experts_greedy_answers(base, experts, tmp_path):
+    """remix-train distill: each prompt answered by its domain's expert, greedy, as PEFT's own
+    model answers it (BOS + prompt, until EOS or --max-new-tokens)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folders = list(experts.values())
+    prompts = [("w5 w9 w11", 0), ("w40 w3", "all_rslora"), ("w7", 2), ("w20 w21 w22", 1)]
+    file = tmp_path / "prompts.jsonl"
+    file.write_text("".join(json.dumps({"prompt": p, "domain": d}) + "\n" for p, d in prompts))
+    out = tmp_path / "traces.jsonl"
+    argv = ["distill", "--base-model", str(base), "--experts", *map(str, folders),
+            "--prompts", str(file), "--out", str(out), "--max-new-tokens", "5"]  # fmt: skip
+    assert remix_train(argv) == 0
+    traces = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(t["prompt"], t["domain"]) for t in traces] == [("w5 w9 w11", 0), ("w40 w3", 1),
+                                                             ("w7", 2), ("w20 w21 w22", 1)]  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    answers = set()
+    for trace in traces:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        peft_model = PeftModel.from_pretrained(model, folders[trace["domain"]]).eval()
+        ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(trace["prompt"])["input_ids"]]])
+        with torch.no_grad():
+            want = peft_model.generate(input_ids=ids, max_new_tokens=5, do_sample=False,
+                                       pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+        assert trace["completion"] == tokenizer.decode(
+            want[0, ids.shape[1] :], skip_special_tokens=True
+        )
+        answers.add(trace["completion"])
+    assert len(answers) > 1  # the experts (and prompts) give different answers
+
+
+def test_distill_refuses_an_unknown_domain(base, experts, tmp_path, capsys):
+    file = tmp_path / "prompts.jsonl"
+    file.write_text('{"prompt": "w5", "domain": 0}\n{"prompt": "w6", "domain": "nobody"}\n')
+    argv = ["distill", "--base-model", str(base), "--experts", *map(str, experts.values()),
+            "--prompts", str(file), "--out", str(tmp_path / "out.jsonl")]  # fmt: skip
+    assert remix_train(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{file}:2: field 'domain' is 'nobody'" in err and "Traceback" not in err

@@ -81,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     comp.add_argument("--top-k", type=int, default=1, help="experts per token (mor: always 1)")
     _add_train_config_flags(comp, skip=POOL_FIELDS | {"top_k"})
+
+    dist = sub.add_parser(
+        "distill", help="each PEFT expert answers its domain's prompts: the router's data"
+    )
+    dist.add_argument("--base-model", required=True, help="local base model directory")
+    dist.add_argument("--experts", required=True, nargs="+", type=Path, help="PEFT LoRA folders")
+    dist.add_argument(
+        "--prompts", required=True, type=Path,
+        help='JSONL of {"prompt", "domain"}: domain = expert index or folder name',
+    )  # fmt: skip
+    dist.add_argument("--out", required=True, type=Path, help="JSONL to write")
+    dist.add_argument("--max-new-tokens", type=int, default=64)
     return parser
 
 
@@ -96,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_import_command(args)
         if args.command == "compose":
             return run_compose_command(args)
+        if args.command == "distill":
+            return run_distill_command(args)
         return run_train_command(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"remix-train: error: {e}", file=sys.stderr)
@@ -151,6 +165,19 @@ def run_compose_command(args: argparse.Namespace) -> int:
         args.base_model, args.experts, args.out, config, train_data, eval_data, args.omega
     )
     print(f"checkpoint: {out}")
+    return 0
+
+
+def run_distill_command(args: argparse.Namespace) -> int:
+    import json
+
+    from remix_infer.train.compose import distill, read_domain_prompts
+
+    prompts = read_domain_prompts(args.prompts, args.experts)
+    records = distill(args.base_model, args.experts, prompts, args.max_new_tokens)
+    with open(args.out, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    print(f"{len(records)} traces: {args.out}")
     return 0
 
 

@@ -180,3 +180,94 @@ def compose(
     trainer = Trainer(train_config, base_model, train_data, eval_data, frozen_pool=pool)
     trainer.train(out, base_reference=pool.config.base_model)
     return out
+
+
+@dataclass
+class DomainPrompt:
+    prompt: str
+    expert: int  # index into the experts
+
+
+def read_domain_prompts(path: str | os.PathLike, experts: list[Path]) -> list[DomainPrompt]:
+    """JSONL of {"prompt": str, "domain": D}: D is an expert's index in `experts` (0-based) or
+    its folder name. Errors name the file, the line and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: prompts file not found")
+    names = {folder.name: i for i, folder in enumerate(experts)}
+    out = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(f"{path}:{lineno}: field 'prompt' must be a string")
+        domain = record.get("domain")
+        index = domain if isinstance(domain, int) and not isinstance(domain, bool) else None
+        index = names.get(domain) if isinstance(domain, str) else index
+        if index is None or not 0 <= index < len(experts):
+            raise ValueError(
+                f"{path}:{lineno}: field 'domain' is {domain!r}; expected an expert index "
+                f"0..{len(experts) - 1} or one of {sorted(names)}"
+            )
+        out.append(DomainPrompt(record["prompt"], index))
+    if not out:
+        raise ValueError(f"{path}: no records")
+    return out
+
+
+def distill(
+    base_model: str,
+    experts: list[Path],
+    prompts: list[DomainPrompt],
+    max_new_tokens: int = 64,
+    progress: bool = True,
+) -> list[dict]:
+    """MoR-LoRA's traces when the experts' data is gone: each expert answers the prompts of its
+    domain greedily (BOS + prompt, as the trainer tokenizes, until EOS or max_new_tokens).
+    Returns {"prompt", "completion", "domain"} records, the router's training set."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from remix_infer.modeling import inject_remix, load_adapter_tensors
+    from remix_infer.train.trainer import default_device, load_base_model
+
+    shape, architecture = read_base_model(base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    device = default_device()
+    records: list[dict | None] = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), desc="distill", unit="prompt", disable=not progress)
+    for e, folder in enumerate(experts):
+        pool = build_pool(base_model, [read_peft_lora(folder, shape)], shape, architecture)
+        model = load_base_model(base_model, pool.config.dtype, device)
+        inject_remix(model, pool.config)
+        load_adapter_tensors(model, pool.tensors)
+        model.eval()
+        for i, item in enumerate(prompts):
+            if item.expert != e:
+                continue
+            completion = greedy_completion(model, tokenizer, item.prompt, max_new_tokens)
+            records[i] = {"prompt": item.prompt, "completion": completion, "domain": e}
+            bar.update(1)
+    bar.close()
+    return records
+
+
+@torch.no_grad()
+def greedy_completion(model, tokenizer, prompt: str, max_new_tokens: int) -> str:  # noqa: ANN001
+    """The model's greedy continuation of BOS + prompt, decoded without special tokens."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    input_ids = torch.tensor([ids], device=model.device)
+    out = model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
