@@ -191,26 +191,19 @@ class DomainPrompt:
 def read_domain_prompts(path: str | os.PathLike, experts: list[Path]) -> list[DomainPrompt]:
     """JSONL of {"prompt": str, "domain": D}: D is an expert's index in `experts` (0-based) or
     its folder name. Errors name the file, the line and the field."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: prompts file not found")
+    from remix_infer.train.data import jsonl_records
+
     names = {folder.name: i for i, folder in enumerate(experts)}
     out = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ValueError(f"{path}:{lineno}: field 'prompt' must be a string")
+    for where, record in jsonl_records(path, "'prompt' and 'domain'"):
+        if not isinstance(record.get("prompt"), str):
+            raise ValueError(f"{where}: field 'prompt' must be a string")
         domain = record.get("domain")
         index = domain if isinstance(domain, int) and not isinstance(domain, bool) else None
         index = names.get(domain) if isinstance(domain, str) else index
         if index is None or not 0 <= index < len(experts):
             raise ValueError(
-                f"{path}:{lineno}: field 'domain' is {domain!r}; expected an expert index "
+                f"{where}: field 'domain' is {domain!r}; expected an expert index "
                 f"0..{len(experts) - 1} or one of {sorted(names)}"
             )
         out.append(DomainPrompt(record["prompt"], index))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +19,13 @@ class Example:
     completion: str
 
 
-def read_jsonl(path: str | os.PathLike) -> list[Example]:
-    """Read prompt/completion records; errors name the file, the line and the field."""
+def jsonl_records(path: str | os.PathLike, fields: str) -> Iterator[tuple[str, dict]]:
+    """(where, record) of each non-empty line of a JSONL file, `where` being 'FILE:LINE' for
+    error messages; refuses a missing file, bad JSON and non-objects (`fields`: what an object
+    should hold, for the message)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found")
-    examples = []
     for lineno, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -32,10 +34,17 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(record, dict):
-            raise ValueError(f"{path}:{lineno}: expected an object with 'prompt' and 'completion'")
+            raise ValueError(f"{path}:{lineno}: expected an object with {fields}")
+        yield f"{path}:{lineno}", record
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Example]:
+    """Read prompt/completion records; errors name the file, the line and the field."""
+    examples = []
+    for where, record in jsonl_records(path, "'prompt' and 'completion'"):
         for field in ("prompt", "completion"):
             if not isinstance(record.get(field), str):
-                raise ValueError(f"{path}:{lineno}: field '{field}' must be a string")
+                raise ValueError(f"{where}: field '{field}' must be a string")
         examples.append(Example(record["prompt"], record["completion"]))
     if not examples:
         raise ValueError(f"{path}: no records")
