@@ -226,6 +226,7 @@ def distill(
     from transformers import AutoTokenizer
 
     from remix_infer.modeling import inject_remix, load_adapter_tensors
+    from remix_infer.train.evaluate import greedy_complete
     from remix_infer.train.trainer import default_device, load_base_model
 
     shape, architecture = read_base_model(base_model)
@@ -233,34 +234,19 @@ def distill(
     device = default_device()
     records: list[dict | None] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc="distill", unit="prompt", disable=not progress)
+    # one expert at a time: its prompts in left-padded batches (evaluate.greedy_complete)
     for e, folder in enumerate(experts):
         pool = build_pool(base_model, [read_peft_lora(folder, shape)], shape, architecture)
         model = load_base_model(base_model, pool.config.dtype, device)
         inject_remix(model, pool.config)
         load_adapter_tensors(model, pool.tensors)
         model.eval()
-        for i, item in enumerate(prompts):
-            if item.expert != e:
-                continue
-            completion = greedy_completion(model, tokenizer, item.prompt, max_new_tokens)
-            records[i] = {"prompt": item.prompt, "completion": completion, "domain": e}
-            bar.update(1)
+        mine = [i for i, item in enumerate(prompts) if item.expert == e]
+        answers = greedy_complete(
+            model, tokenizer, [prompts[i].prompt for i in mine], max_new_tokens
+        )
+        for i, completion in zip(mine, answers, strict=True):
+            records[i] = {"prompt": prompts[i].prompt, "completion": completion, "domain": e}
+        bar.update(len(mine))
     bar.close()
     return records
-
-
-@torch.no_grad()
-def greedy_completion(model, tokenizer, prompt: str, max_new_tokens: int) -> str:  # noqa: ANN001
-    """The model's greedy continuation of BOS + prompt, decoded without special tokens."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    input_ids = torch.tensor([ids], device=model.device)
-    out = model.generate(
-        input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-    )
-    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
