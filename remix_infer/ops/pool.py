@@ -105,11 +105,6 @@ class PoolLayout:
         """Columns of the always-on LoRAs' hidden states, all parts: S*r0."""
         return self.num_parts * self.always_rank
 
-    @property
-    def part_hidden_width(self) -> int:
-        """Columns of one part's hidden states as its B product reads them: n*r (+ r0)."""
-        return self.num_loras * self.rank + self.always_rank
-
     def part_columns(self) -> list[slice]:
         """The base output columns of each part (adapted or not), in order."""
         starts = [sum(self.part_widths[:i]) for i in range(len(self.part_widths))]
@@ -229,7 +224,8 @@ class RemixPool(nn.Module):
 
     def prepare(self, make_gemm: Callable[[torch.Tensor], Gemm] | None = None) -> None:
         """Pick the kernels of the B products (torch kernel) for the current weights; call again
-        after loading (an always-on LoRA's [B | B0] is a copy made here). make_gemm(weight) -> (x -> x @ weight.T); default F.linear."""
+        after loading (an always-on LoRA's [B | B0] is a copy made here).
+        make_gemm(weight) -> (x -> x @ weight.T); default F.linear."""
         make_gemm = make_gemm or (lambda w: lambda x: F.linear(x, w))
         self._product_b = [make_gemm(b) for b in self.part_b_weights()]
 
