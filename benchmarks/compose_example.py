@@ -2,9 +2,11 @@
 one PEFT LoRA per demo task with the real `peft` package, then compose the four with each method
 (remix, mor, mixer: frozen pool, routers trained on the union of the tasks' data), and report
 held-out exact match per task of each expert alone, of each composed model, and of one PEFT
-LoRA trained on the union, with wall times. Writes results/compose_example.json.
+LoRA trained on the union, with wall times. Writes results/compose_example_<N>_steps.json.
 
-    python benchmarks/compose_example.py [--work DIR] [--steps N] [--router-steps N]
+    python benchmarks/compose_example.py [--work DIR] [--steps N] [--router-steps N] [--router-lr]
+
+A rerun in the same --work reuses its base model and LoRAs (their wall times are then absent).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("compose-example"))
     parser.add_argument("--steps", type=int, default=150, help="PEFT LoRA training steps")
     parser.add_argument("--router-steps", type=int, default=100)
+    parser.add_argument("--router-lr", type=float, default=2e-2)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     s, work = DemoSettings(), args.work
@@ -87,18 +90,20 @@ def main() -> None:
     for i, task in enumerate(TASKS):
         folder = work / f"lora-{task}"
         mine = [e for e in train_set if task_of(e) == task]
-        times[f"LoRA {task}"] = train_peft_lora(base, tokenizer, mine, folder, args.steps, i)
+        if not (folder / "adapter_config.json").exists():  # reused by a rerun in the same --work
+            times[f"LoRA {task}"] = train_peft_lora(base, tokenizer, mine, folder, args.steps, i)
         rows[f"LoRA {task} alone"] = peft_accuracy(base, folder, tokenizer, eval_set)
         experts.append(folder)
     union = work / "lora-union"
-    times["LoRA union"] = train_peft_lora(base, tokenizer, train_set, union, args.steps, 9)
+    if not (union / "adapter_config.json").exists():
+        times["LoRA union"] = train_peft_lora(base, tokenizer, train_set, union, args.steps, 9)
     rows["one LoRA on the union"] = peft_accuracy(base, union, tokenizer, eval_set)
 
     train_data = tokenize(tokenizer, train_set, max_length=64)
     for method, top_k in (("remix", 1), ("mor", 1), ("mixer", 2)):
         t0 = time.perf_counter()
         config = TrainConfig(method=method, top_k=top_k, max_steps=args.router_steps,
-                             batch_size=16, learning_rate=2e-2, warmup_steps=10,
+                             batch_size=16, learning_rate=args.router_lr, warmup_steps=10,
                              eval_every=0)  # fmt: skip
         out = compose(str(base), experts, work / f"composed-{method}", config, train_data)
         times[f"compose {method}"] = time.perf_counter() - t0
@@ -109,8 +114,10 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     report = {"accuracy": rows, "seconds": {k: round(v, 1) for k, v in times.items()},
               "settings": {"peft": LORA, "steps": args.steps, "router_steps": args.router_steps,
+                           "router_lr": args.router_lr,
                            "eval_examples": len(eval_set)}}  # fmt: skip
-    (RESULTS / "compose_example.json").write_text(json.dumps(report, indent=1) + "\n")
+    name = f"compose_example_{args.router_steps}_steps.json"
+    (RESULTS / name).write_text(json.dumps(report, indent=1) + "\n")
     print(f"| | all | {' | '.join(TASKS)} |")
     for name, acc in rows.items():
         print(f"| {name} | {acc['all']:.3f} | " + " | ".join(f"{acc[t]:.3f}" for t in TASKS) + " |")
