@@ -101,6 +101,9 @@ class RemixLinear(nn.Module):
         # are the hard ones plus softmax(logits) - its detached copy, so the forward is the hard
         # selection and the backward is the router softmax's gradient.
         self.straight_through = False
+        # Hard routing by domain (LoRA-Mixer's joint expert training; the trainer sets it per
+        # batch): [B, 1, 1] LoRA indices that replace the routers' choice for those sequences.
+        self.forced_selection: torch.Tensor | None = None
         self.last_routing: Routing | None = None
         self.reset_adapter_parameters()
 
@@ -145,7 +148,10 @@ class RemixLinear(nn.Module):
         router_in = x.detach() if detach else x
         bias = None if router.bias is None else router.bias.float()
         logits = F.linear(router_in.float(), router.weight.float(), bias)
-        if self.training and self.sample_in_training:
+        if self.forced_selection is not None:
+            selected = self.forced_selection.expand(*logits.shape[:-1], 1)
+            log_prob = None
+        elif self.training and self.sample_in_training:
             selected = gumbel_topk_sample(logits, self.top_k)
             log_prob = plackett_luce_log_prob(logits, selected)
         else:

@@ -417,3 +417,44 @@ def test_distill_refuses_an_unknown_domain(base, experts, tmp_path, capsys):
     assert remix_train(argv) == 2
     err = capsys.readouterr().err
     assert f"{file}:2: field 'domain' is 'nobody'" in err and "Traceback" not in err
+
+
+def test_joint_expert_training_by_domain_then_router_training_over_that_pool(base, tmp_path):
+    """LoRA-Mixer's two stages: `train --domain-routing` sends each record to LoRA `domain`
+    (LoRA 2, which no record names, stays untrained), then `compose --pool` freezes that pool
+    and trains only the routers."""
+    records = [
+        json.loads(line)
+        for line in write_router_data(tmp_path / "r.jsonl").read_text().splitlines()
+    ]
+    data = tmp_path / "domains.jsonl"
+    data.write_text(
+        "".join(json.dumps(r | {"domain": i % 2}) + "\n" for i, r in enumerate(records))
+    )
+    stage1 = tmp_path / "stage1"
+    common = ["--base-model", str(base), "--data", str(data), "--max-steps", "3",
+              "--batch-size", "4", "--warmup-steps", "1", "--learning-rate", "0.05"]  # fmt: skip
+    argv = ["train", *common, "--out", str(stage1), "--method", "mixer", "--domain-routing",
+            "--num-loras", "3", "--top-k", "1", "--rank", "4"]  # fmt: skip
+    assert remix_train(argv) == 0
+    pool = load_checkpoint(stage1).tensors
+    b = {n: t for n, t in pool.items() if n.endswith("remix_lora_b")}
+    assert all(t[0].abs().sum() > 0 and t[1].abs().sum() > 0 for t in b.values())
+    assert all(not t[2].any() for t in b.values())  # no record was routed to LoRA 2
+    stage2 = tmp_path / "stage2"
+    argv = ["compose", *common, "--pool", str(stage1), "--out", str(stage2), "--method", "mixer",
+            "--top-k", "2"]  # fmt: skip
+    assert remix_train(argv) == 0
+    composed = load_checkpoint(stage2)
+    assert (composed.config.num_loras, composed.config.weighting) == (3, "softmax_topk")
+    for name, tensor in pool.items():
+        if name.endswith(("remix_lora_a", "remix_lora_b")):
+            assert torch.equal(composed.tensors[name], tensor), name  # frozen
+
+
+def test_domain_routing_needs_a_domain_on_every_record(base, tmp_path, capsys):
+    argv = ["train", "--base-model", str(base), "--data", str(write_router_data(tmp_path / "r.jsonl")),
+            "--out", str(tmp_path / "out"), "--method", "mixer", "--domain-routing",
+            "--max-steps", "1", "--batch-size", "4"]  # fmt: skip
+    assert remix_train(argv) == 2
+    assert "every training record needs a 'domain' field" in capsys.readouterr().err

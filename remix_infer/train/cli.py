@@ -70,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         "compose", help="PEFT LoRA folders as a frozen pool; train only the routers"
     )
     comp.add_argument("--base-model", required=True, help="local base model directory")
-    comp.add_argument("--experts", required=True, nargs="+", type=Path, help="PEFT LoRA folders")
+    pool = comp.add_mutually_exclusive_group(required=True)
+    pool.add_argument("--experts", nargs="+", type=Path, help="PEFT LoRA folders")
+    pool.add_argument(
+        "--pool", type=Path, help="or a ReMix checkpoint whose LoRA pools are the experts"
+    )
     comp.add_argument("--data", required=True, type=Path, help="router training JSONL")
     comp.add_argument("--eval-data", type=Path)
     comp.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
@@ -162,8 +166,9 @@ def run_compose_command(args: argparse.Namespace) -> int:
 
     config, train_data, eval_data = _train_inputs(args)
     out = compose(
-        args.base_model, args.experts, args.out, config, train_data, eval_data, args.omega
-    )
+        args.base_model, args.experts, args.out, config, train_data, eval_data, args.omega,
+        pool_checkpoint=args.pool,
+    )  # fmt: skip
     print(f"checkpoint: {out}")
     return 0
 

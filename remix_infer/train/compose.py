@@ -104,6 +104,28 @@ def build_pool(
     return FrozenPool(config, tensors)
 
 
+def checkpoint_pool(
+    path: Path, base_model: str, shape: BaseModelShape, **routing: object
+) -> FrozenPool:
+    """The LoRA pools of ReMix checkpoint `path` as a frozen pool over `base_model`, with the
+    routing settings `routing` (the checkpoint's routers are not kept)."""
+    from remix_infer.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    if ckpt.base_shape != shape:
+        raise ValueError(
+            f"{path}: its base model {ckpt.base_model_path} is not --base-model's shape"
+        )
+    if ckpt.config.always_on_rank:
+        raise ValueError(
+            f"{path}: field 'always_on_rank': a pool with an always-on LoRA is not composed"
+        )
+    fields = {**ckpt.config.model_dump(), "base_model": base_model, "router_bias": False, **routing}
+    config = RemixConfig.model_validate(fields)
+    tensors = {n: t.float() for n, t in ckpt.tensors.items() if n.endswith((LORA_A, LORA_B))}
+    return FrozenPool(config, tensors)
+
+
 def read_experts(folders: list[Path], shape: BaseModelShape) -> list[PeftLora]:
     return [read_peft_lora(folder, shape) for folder in folders]
 
@@ -145,14 +167,16 @@ COMPOSE_METHODS = ("remix", "mor", "mixer")
 
 def compose(
     base_model: str,
-    experts: list[Path],
+    experts: list[Path] | None,
     out: str | os.PathLike,
     train_config: TrainConfig,
     train_data: TokenizedData,
     eval_data: TokenizedData | None = None,
     omega: float = 1.0,
+    pool_checkpoint: Path | None = None,
 ) -> Path:
-    """Freeze the experts as one pool and train only its routers with `train_config.method`;
+    """Freeze the experts (PEFT folders), or the pool of a ReMix checkpoint (e.g. one trained
+    with --domain-routing), as one pool and train only its routers with `train_config.method`;
     writes the checkpoint (and the trainer's state and log) to `out`."""
     from remix_infer.train.trainer import Trainer, portable_base_path
 
@@ -160,18 +184,22 @@ def compose(
         raise ValueError(f"--method {train_config.method}: compose trains {list(COMPOSE_METHODS)}")
     out = Path(out)
     shape, architecture = read_base_model(base_model)
-    pool = build_pool(
-        portable_base_path(base_model, out),
-        read_experts(experts, shape),
-        shape,
-        architecture,
-        top_k=1 if train_config.method == "mor" else train_config.top_k,
-        omega=1.0 if train_config.method == "mor" else omega,
-        method=f"compose-{train_config.method}",
-        weighting="softmax_topk" if train_config.method == "mixer" else "constant",
+    method = train_config.method
+    routing = dict(
+        top_k=1 if method == "mor" else train_config.top_k,
+        omega=1.0 if method == "mor" else omega,
+        method=f"compose-{method}",
+        weighting="softmax_topk" if method == "mixer" else "constant",
         routing_scope=train_config.resolved_routing_scope(),
         always_on_rank=train_config.always_on_rank,
     )
+    base_reference = portable_base_path(base_model, out)
+    if pool_checkpoint is not None:
+        pool = checkpoint_pool(pool_checkpoint, base_reference, shape, **routing)
+    else:
+        pool = build_pool(
+            base_reference, read_experts(experts, shape), shape, architecture, **routing
+        )
     log.info(
         "pool of %d experts, rank %d, on %s; training the routers (%s, %d steps)",
         pool.config.num_loras, pool.config.rank, pool.config.target_modules,

@@ -17,6 +17,7 @@ IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss there
 class Example:
     prompt: str
     completion: str
+    domain: int | None = None  # the LoRA that hard domain routing sends it to (--domain-routing)
 
 
 def jsonl_records(path: str | os.PathLike, fields: str) -> Iterator[tuple[str, dict]]:
@@ -45,7 +46,12 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
         for field in ("prompt", "completion"):
             if not isinstance(record.get(field), str):
                 raise ValueError(f"{where}: field '{field}' must be a string")
-        examples.append(Example(record["prompt"], record["completion"]))
+        domain = record.get("domain")
+        if domain is not None and (
+            not isinstance(domain, int) or isinstance(domain, bool) or domain < 0
+        ):
+            raise ValueError(f"{where}: field 'domain' must be a LoRA index (an integer >= 0)")
+        examples.append(Example(record["prompt"], record["completion"], domain))
     if not examples:
         raise ValueError(f"{path}: no records")
     return examples
@@ -64,6 +70,7 @@ class TokenizedData:
     input_ids: torch.Tensor  # [N, S]
     attention_mask: torch.Tensor  # [N, S]
     labels: torch.Tensor  # [N, S], IGNORE_INDEX on prompt and padding
+    domains: torch.Tensor | None = None  # [N] each example's domain, -1 where it has none
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -71,11 +78,14 @@ class TokenizedData:
     def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """Rows `index`, trimmed to the longest sequence among them."""
         length = int(self.attention_mask[index].sum(-1).max())
-        return {
+        rows = {
             "input_ids": self.input_ids[index, :length],
             "attention_mask": self.attention_mask[index, :length],
             "labels": self.labels[index, :length],
         }
+        if self.domains is not None:
+            rows["domains"] = self.domains[index]
+        return rows
 
 
 def tokenize(tokenizer, examples: list[Example], max_length: int) -> TokenizedData:  # noqa: ANN001
@@ -99,7 +109,10 @@ def tokenize(tokenizer, examples: list[Example], max_length: int) -> TokenizedDa
         input_ids[i, : len(ids)] = torch.tensor(ids)
         attention_mask[i, : len(ids)] = 1
         labels[i, : len(labs)] = torch.tensor(labs)
-    return TokenizedData(input_ids, attention_mask, labels)
+    domains = None
+    if any(ex.domain is not None for ex in examples):
+        domains = torch.tensor([-1 if ex.domain is None else ex.domain for ex in examples])
+    return TokenizedData(input_ids, attention_mask, labels, domains)
 
 
 def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

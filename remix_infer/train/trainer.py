@@ -85,6 +85,9 @@ class TrainConfig:
     eval_every: int = 50  # 0: only at the end
     save_every: int = 0  # 0: only at the end
     balance_coef: float = 0.01  # mixlora load-balance loss weight
+    # route each training sequence to LoRA `domain` (its data's field) and train the pools only:
+    # LoRA-Mixer's joint expert training; then `compose --pool` trains the routers
+    domain_routing: bool = False
     rsl_alpha: float = 0.1  # mixer: LoRA-Mixer's RSL balance weight (the paper's alpha)
     rsl_lambda: float = 0.5  # mixer: RSL entropy weight (the paper's lambda)
 
@@ -265,6 +268,8 @@ class Trainer:
         """Training objective of one micro-batch and what to log about it."""
         cfg = self.config
         batch = {k: v.to(self.device) for k, v in batch.items()}
+        if cfg.domain_routing:
+            return self._domain_routed_loss(batch)
         samples = cfg.num_samples if cfg.method == "remix" else 1
         if samples > 1:  # M copies of each sequence, each with its own sampled selections
             batch = {k: v.repeat_interleave(samples, dim=0) for k, v in batch.items()}
@@ -290,6 +295,28 @@ class Trainer:
         else:
             objective = losses.mean()
         return objective, info
+
+    def _domain_routed_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """LoRA-Mixer's joint expert training: every token of a sequence goes to LoRA `domain`
+        (hard, one LoRA, its weight the config's), so each LoRA learns its domain's data alone;
+        the routers are left as they are. The objective is the SFT loss."""
+        domains = batch.get("domains")
+        if domains is None or bool((domains < 0).any()):
+            raise ValueError("--domain-routing: every training record needs a 'domain' field")
+        if int(domains.max()) >= self.remix_config.num_loras:
+            raise ValueError(
+                f"--domain-routing: domain {int(domains.max())} but the pool has "
+                f"{self.remix_config.num_loras} LoRAs (domains are LoRA indices)"
+            )
+        for m in self.modules.values():
+            m.forced_selection = domains[:, None, None]
+        try:
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        finally:
+            for m in self.modules.values():
+                m.forced_selection = None
+        losses = sequence_losses(out.logits, batch["labels"])
+        return losses.mean(), {"loss": float(losses.detach().mean()), "ess": 1.0}
 
     def _routing_loss(self, mask: torch.Tensor) -> torch.Tensor:
         """The method's routing regulariser, averaged over the modules (mixlora, mixer)."""
