@@ -158,7 +158,7 @@ def read_lora_tensors(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     modules: dict[str, dict[str, torch.Tensor]] = {}
     try:
         with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            for key in f.keys():
                 module, side = _parse_key(file, key)
                 modules.setdefault(module, {})[side] = f.get_tensor(key).float()
     except (SafetensorError, OSError) as e:

@@ -1,9 +1,11 @@
-"""LoRAs people already have as a ReMix pool: `remix-train import-peft` and `remix-train compose`.
+"""LoRAs people already have as a ReMix pool: `remix-train import-peft`, `compose`, `distill`.
 
 Each PEFT LoRA (remix_infer.peft_adapter) becomes one LoRA of every module's pool: its scaling
 is folded into B (so weight 1 reproduces it), ranks are zero-padded to the largest, and a module
 it does not adapt gets a zero LoRA. import-peft writes one LoRA as a checkpoint of n = 1, k = 1,
-omega = 1; compose freezes n of them and trains only the routers (FrozenPool, trainer.py).
+omega = 1; compose freezes n of them (or a checkpoint's pools, --pool) and trains only the
+routers (FrozenPool, trainer.py); distill has each expert answer its domain's prompts, the
+routers' training data when the experts' own data is gone.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ from remix_infer.config import (
     RemixConfig,
     tensor_name,
 )
-from remix_infer.peft_adapter import PeftAdapterError, PeftLora, read_peft_lora
+from remix_infer.peft_adapter import (
+    CONFIG_FILE,
+    PeftAdapterError,
+    PeftLora,
+    read_adapter_config,
+    read_peft_lora,
+)
 
 if TYPE_CHECKING:
     from remix_infer.train.data import TokenizedData
@@ -132,8 +140,6 @@ def read_experts(folders: list[Path], shape: BaseModelShape) -> list[PeftLora]:
 
 def recorded_base_model(folder: Path) -> str:
     """The base model a PEFT adapter names, for import-peft without --base-model."""
-    from remix_infer.peft_adapter import CONFIG_FILE, read_adapter_config
-
     recorded = read_adapter_config(folder).get("base_model_name_or_path")
     if not recorded or not (Path(recorded) / "config.json").is_file():
         raise PeftAdapterError(
