@@ -29,7 +29,8 @@ def mixed_prompts(count: int = 10, seed: int = 0) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return make_parity_checkpoint(tmp_path_factory.mktemp("parity") / "ckpt")
+    """With an always-on LoRA beside every pool (the other families' test has none)."""
+    return make_parity_checkpoint(tmp_path_factory.mktemp("parity") / "ckpt", always_on_rank=3)
 
 
 @pytest.fixture(scope="module")
@@ -241,4 +242,27 @@ def test_parity_other_families(family, tmp_path):
     with remix_llm(ckpt, in_process=False) as engine:
         outputs = greedy(engine, prompts, MAX_TOKENS, prompt_logprobs=True)
         selections = captured_prefill_selections(engine, prompts)
+    assert_parity(outputs, selections, runs, prompts)
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "compiled"])
+def test_parity_shared_routing_scope(eager, tmp_path):
+    """The shared routing scope (one router per token from the first layer's input, its choice
+    in every module), with a router bias and an always-on LoRA: eager with the per-token
+    selections, and vLLM's compiled mode (the router's logits cross the graph's pieces)."""
+    ckpt = make_parity_checkpoint(
+        tmp_path / "shared", seed=5, routing_scope="shared", router_bias=True, always_on_rank=2
+    )
+    model, _ = load_remix_model(ckpt)
+    prompts = mixed_prompts(6, seed=6)
+    runs = [reference_run(model, p, MAX_TOKENS) for p in prompts]
+    first = next(iter(runs[1].selections.values()))
+    assert all(torch.equal(s, first) for s in runs[1].selections.values())  # one decision
+    with remix_llm(ckpt, in_process=False, enforce_eager=eager) as engine:
+        outputs = greedy(engine, prompts, MAX_TOKENS, prompt_logprobs=True)
+        selections = (
+            captured_prefill_selections(engine, prompts) if eager else [{} for _ in prompts]
+        )
+    if not eager:
+        runs = [dataclasses.replace(r, selections={}) for r in runs]
     assert_parity(outputs, selections, runs, prompts)

@@ -41,7 +41,7 @@ def make_parity_checkpoint(
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, t in adapter_tensors(model).items():
-            scale = t.shape[-1] ** -0.5 if name.endswith("lora_a") else 0.5
+            scale = t.shape[-1] ** -0.5 if name.endswith(("lora_a", "always_a")) else 0.5
             t.copy_(torch.randn(t.shape, generator=gen) * scale)
     return save_checkpoint(directory, config, adapter_tensors(model))
 
