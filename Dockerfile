@@ -50,7 +50,8 @@ WORKDIR /opt/remix
 COPY pyproject.toml README.md ./
 COPY remix_infer remix_infer
 COPY server server
-RUN pip install --no-cache-dir . && rm -rf build
+# The ray extra: vLLM's Ray executor (deploy/multinode). The CUDA build of vLLM brings Ray too.
+RUN pip install --no-cache-dir "./[ray]" && rm -rf build
 
 # The checkpoint and the model caches are volumes; the server runs as an unprivileged user.
 RUN useradd --create-home --uid 1000 remix \

@@ -19,12 +19,16 @@ from safetensors.torch import save_file
 
 from remix_infer.config import (
     ADAPTERS_FILE,
+    ALWAYS_A,
+    ALWAYS_B,
     CONFIG_FILE,
     FAMILIES,
     LORA_A,
     LORA_B,
     ROUTER_BIAS,
     ROUTER_WEIGHT,
+    SHARED_ROUTER_BIAS,
+    SHARED_ROUTER_WEIGHT,
     RemixConfig,
     tensor_name,
 )
@@ -101,14 +105,23 @@ def expected_tensor_shapes(
     config: RemixConfig, shape: BaseModelShape
 ) -> dict[str, tuple[int, ...]]:
     n, r = config.num_loras, config.rank
+    shared = config.routing_scope == "shared"
     out: dict[str, tuple[int, ...]] = {}
+    if shared:  # one router for the model instead of one per module
+        out[SHARED_ROUTER_WEIGHT] = (n, shape.hidden_size)
+        if config.router_bias:
+            out[SHARED_ROUTER_BIAS] = (n,)
     for module in config.module_names():
         d_in, d_out = shape.linear_shape(module.rsplit(".", 1)[1])
         out[tensor_name(module, LORA_A)] = (n, r, d_in)
         out[tensor_name(module, LORA_B)] = (n, d_out, r)
-        out[tensor_name(module, ROUTER_WEIGHT)] = (n, d_in)
-        if config.router_bias:
+        if not shared:
+            out[tensor_name(module, ROUTER_WEIGHT)] = (n, d_in)
+        if config.router_bias and not shared:
             out[tensor_name(module, ROUTER_BIAS)] = (n,)
+        if config.always_on_rank:
+            out[tensor_name(module, ALWAYS_A)] = (config.always_on_rank, d_in)
+            out[tensor_name(module, ALWAYS_B)] = (d_out, config.always_on_rank)
     return out
 
 
@@ -127,17 +140,26 @@ def save_checkpoint(
     return path
 
 
+def read_json_file(
+    folder: Path, name: str, kind: str, error: type[ValueError] = CheckpointError
+) -> object:
+    """Parse the JSON file `name` of `folder` (a `kind`, e.g. "ReMix checkpoint directory");
+    raises `error` naming the folder or file when either is missing or the JSON is broken."""
+    file = folder / name
+    if not folder.is_dir():
+        raise error(f"{folder}: {kind} not found")
+    if not file.is_file():
+        raise error(f"{file}: missing (a {kind} holds {name})")
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{file}: not valid JSON ({e})") from None
+
+
 def read_config(path: str | os.PathLike) -> RemixConfig:
     """Parse and validate remix_config.json of checkpoint directory `path`."""
     file = Path(path) / CONFIG_FILE
-    if not Path(path).is_dir():
-        raise CheckpointError(f"{path}: checkpoint directory not found")
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing (a ReMix checkpoint directory holds {CONFIG_FILE})")
-    try:
-        raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    raw = read_json_file(Path(path), CONFIG_FILE, "ReMix checkpoint directory")
     try:
         return RemixConfig.model_validate(raw)
     except ValidationError as e:

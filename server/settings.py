@@ -11,10 +11,22 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
 
-def setting(default: Any, help: str, *, engine_arg: bool = False, flag: bool = True) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    *,
+    engine_arg: bool = False,
+    flag: bool = True,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
     """A dataclass field that is also a command-line flag. engine_arg: passed as is to vLLM's
-    AsyncEngineArgs under the same name (when not None)."""
-    return field(default=default, metadata={"help": help, "engine_arg": engine_arg, "flag": flag})
+    AsyncEngineArgs under the same name (when not None); choices: the values the flag takes."""
+    metadata = {"help": help, "engine_arg": engine_arg, "flag": flag, "choices": choices}
+    return field(default=default, metadata=metadata)
+
+
+class SettingsError(ValueError):
+    """Settings that cannot work together; the message names the flags."""
 
 
 @dataclass
@@ -23,6 +35,36 @@ class EngineSettings:
 
     max_model_len: int | None = setting(None, "context length (tokens)", engine_arg=True)
     tensor_parallel_size: int = setting(1, "tensor-parallel ranks", engine_arg=True)
+    # Beyond one engine process group on one host: vLLM's own distributed runtime
+    # (deploy/README.md, "Multi-node serving").
+    pipeline_parallel_size: int = setting(
+        1, "pipeline stages: the layers split over this many ranks (or hosts)", engine_arg=True
+    )
+    data_parallel_size: int = setting(
+        1,
+        "engine replicas inside this one server (vLLM data parallelism, one host)",
+        engine_arg=True,
+    )
+    distributed_executor_backend: str | None = setting(
+        None,
+        "how the ranks run: mp (processes; across hosts with --nnodes) or ray (a Ray cluster); "
+        "default: mp",
+        engine_arg=True,
+        choices=("mp", "ray"),
+    )
+    nnodes: int = setting(
+        1,
+        "hosts the mp backend spans (rank 0 serves HTTP, the others run --headless)",
+        engine_arg=True,
+    )
+    node_rank: int = setting(0, "this host's rank among --nnodes", engine_arg=True)
+    master_addr: str = setting(
+        "127.0.0.1",
+        "the rank-0 host's address, reachable from every host (--nnodes > 1)",
+        engine_arg=True,
+    )
+    master_port: int = setting(29501, "the rank-0 host's torch.distributed port", engine_arg=True)
+    headless: bool = setting(False, "run this host's workers only, no HTTP (--node-rank > 0)")
     dtype: str = setting("auto", "auto (the checkpoint's), float32, bfloat16, float16")
     kv_cache_gib: int | None = setting(
         None, "KV cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE; default 4)"
@@ -33,6 +75,70 @@ class EngineSettings:
     enforce_eager: bool = setting(False, "no compiled mode (faster start)", engine_arg=True)
     seed: int = setting(0, "the engine's random seed", engine_arg=True)
     extra: dict[str, Any] = field(default_factory=dict, metadata={"flag": False})  # more args
+
+    @property
+    def ranks(self) -> int:
+        """Worker processes of the engine, over all hosts."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+
+    def check(self) -> None:
+        """Refuse combinations that cannot work, before any engine process starts."""
+        sizes = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "nnodes")
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise SettingsError(
+                f"--node-rank {self.node_rank} must be between 0 and --nnodes - 1 ({self.nnodes})"
+            )
+        if self.nnodes > 1:
+            self._check_hosts()
+        elif self.headless:
+            raise SettingsError("--headless runs a host other than rank 0: it needs --nnodes > 1")
+        if self.distributed_executor_backend not in (None, "mp", "ray"):
+            raise SettingsError(
+                f"--distributed-executor-backend {self.distributed_executor_backend}: "
+                "expected mp or ray"
+            )
+        if self.distributed_executor_backend == "ray":
+            self._check_ray()
+
+    def _check_hosts(self) -> None:
+        if self.headless != (self.node_rank > 0):
+            raise SettingsError(
+                "with --nnodes > 1, rank 0 serves HTTP and every other host runs --headless: "
+                f"--node-rank {self.node_rank} needs "
+                + ("--headless" if self.node_rank > 0 else "no --headless")
+            )
+        if self.distributed_executor_backend == "ray":
+            raise SettingsError(
+                "--nnodes is the mp backend's way across hosts; with "
+                "--distributed-executor-backend ray, the Ray cluster spans the hosts: start "
+                "remix-serve on the Ray head only, without --nnodes"
+            )
+        if self.data_parallel_size > 1:
+            raise SettingsError(
+                "--data-parallel-size > 1 with --nnodes > 1 is not supported: run one server "
+                "per group of hosts behind a load balancer (deploy/README.md)"
+            )
+        if self.ranks % self.nnodes:
+            raise SettingsError(
+                f"--nnodes {self.nnodes} must divide the ranks: --tensor-parallel-size x "
+                f"--pipeline-parallel-size = {self.ranks}"
+            )
+
+    def _check_ray(self) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise SettingsError(
+                "--distributed-executor-backend ray needs Ray: pip install 'remix-infer[ray]'"
+            )
+        if self.data_parallel_size > 1:
+            raise SettingsError(
+                "--data-parallel-size > 1 runs on the mp backend only: its engines are local "
+                "processes, not Ray workers"
+            )
 
     def engine_args(self) -> dict[str, Any]:
         """The settings that vLLM takes under their own names."""
@@ -83,7 +189,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         kind = str(f.type).split(" | ")[0]
         convert = {"int": int, "float": float}.get(kind, str)
-        parser.add_argument(name, type=convert, default=_env_default(f), help=help)
+        choices = f.metadata.get("choices")
+        parser.add_argument(name, type=convert, default=_env_default(f), choices=choices, help=help)
 
 
 def from_args(cls: type, args: argparse.Namespace, **more: Any) -> Any:

@@ -180,6 +180,68 @@ def test_router_bias_round_trip(tmp_path):
         torch.testing.assert_close(rebuilt(tokens()).logits, model(tokens()).logits, rtol=0, atol=0)
 
 
+def test_always_on_lora_round_trip(tmp_path):
+    """always_on_rank: one more A [r0, d_in] and B [d_out, r0] per module, added with weight 1."""
+    base = make_tiny_base(tmp_path / "ckpt" / "base")
+    config = RemixConfig(base_model="base", **{**TINY_REMIX, "always_on_rank": 3})
+    model = make_remix_model(base, config, seed=5)
+    ckpt = save_checkpoint(tmp_path / "ckpt", config, adapter_tensors(model))
+    loaded = load_checkpoint(ckpt)
+    assert loaded.tensors["model.layers.0.self_attn.k_proj.remix_always_a"].shape == (3, 128)
+    assert loaded.tensors["model.layers.0.self_attn.k_proj.remix_always_b"].shape == (64, 3)
+    rebuilt, _ = load_remix_model(ckpt)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(tokens()).logits, model(tokens()).logits, rtol=0, atol=0)
+        with_always = rebuilt(tokens()).logits
+        for module in remix_modules(rebuilt).values():
+            module.always_b.zero_()
+        assert (rebuilt(tokens()).logits - with_always).abs().max() > 1e-3  # the term is applied
+
+
+def test_shared_routing_scope_round_trip(tmp_path):
+    """routing_scope 'shared': one router for the model (its tensors named model.remix_shared_*)
+    and none per module; every module takes the same decision, from the first layer's input."""
+    base = make_tiny_base(tmp_path / "ckpt" / "base")
+    overrides = {"routing_scope": "shared", "router_bias": True}
+    config = RemixConfig(base_model="base", **{**TINY_REMIX, **overrides})
+    model = make_remix_model(base, config, seed=6)
+    ckpt = save_checkpoint(tmp_path / "ckpt", config, adapter_tensors(model))
+    loaded = load_checkpoint(ckpt)
+    assert loaded.tensors["model.remix_shared_router_weight"].shape == (4, 128)
+    assert loaded.tensors["model.remix_shared_router_bias"].shape == (4,)
+    assert not [
+        n for n in loaded.tensors if n.endswith(("remix_router_weight", "remix_router_bias"))
+    ]
+    rebuilt, _ = load_remix_model(ckpt)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(tokens()).logits, model(tokens()).logits, rtol=0, atol=0)
+    choices = [m.last_routing.selected for m in remix_modules(rebuilt).values()]
+    assert all(torch.equal(c, choices[0]) for c in choices)
+
+
+def test_refuses_shared_scope_without_an_attention_input_projection(checkpoint_dir):
+    edit_config(checkpoint_dir, routing_scope="shared", target_modules=["o_proj", "down_proj"])
+    msg = refused(checkpoint_dir)
+    assert "routing_scope 'shared'" in msg and "q_proj" in msg
+
+
+def test_refuses_shared_scope_without_its_router(checkpoint_dir):
+    edit_config(checkpoint_dir, routing_scope="shared")
+    msg = refused(checkpoint_dir)
+    assert "missing tensor 'model.remix_shared_router_weight'" in msg
+
+
+def test_refuses_always_on_config_without_its_tensors(checkpoint_dir):
+    edit_config(checkpoint_dir, always_on_rank=2)
+    msg = refused(checkpoint_dir)
+    assert "missing tensor 'model.layers.0.mlp.down_proj.remix_always_a' and 27 more" in msg
+
+
+def test_refuses_negative_always_on_rank(checkpoint_dir):
+    edit_config(checkpoint_dir, always_on_rank=-1)
+    assert "field 'always_on_rank'" in refused(checkpoint_dir)
+
+
 def test_bfloat16_checkpoint_round_trip(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt", dtype="bfloat16")
     loaded = load_checkpoint(ckpt)

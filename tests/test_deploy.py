@@ -16,7 +16,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -295,8 +296,8 @@ def test_dashboard_shows_serving_and_routing_diversity():
         "remix_prompt_tokens_total",  # tokens/s
         "remix_generation_tokens_total",
         "remix_kv_cache_usage_ratio",
-        "remix_lora_selections_total",  # LoRA usage heatmap
-        "remix_routing_effective_loras",
+        "remix_lora_selections_total",  # LoRA usage heatmap, effective LoRAs over replicas
+        "remix_routed_tokens_total",  # weights of the per-replica means
         "remix_routing_weight_ess",
         "remix_routing_collapsed_modules",  # collapse indicator
     } <= shown
@@ -329,18 +330,17 @@ def served(demo_checkpoint, tmp_path_factory):
         yield s
 
 
-@pytest.fixture(scope="module")
-def prometheus(served, tmp_path_factory):
-    """Debian's prometheus with deploy/prometheus's config and rules, the target rewritten to
-    the test server, scraping and evaluating every second."""
+@contextmanager
+def running_prometheus(config_path: Path, targets: list[str], tmp: Path) -> Iterator[dict]:
+    """Debian's prometheus with `config_path` and deploy/prometheus's rules, its targets
+    replaced by `targets`, scraping and evaluating every second."""
     binary = tool("prometheus")
-    tmp = tmp_path_factory.mktemp("prometheus")
-    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    config = yaml.safe_load(config_path.read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str(path) for path in rule_files()]
     for job in config["scrape_configs"]:
         for static in job["static_configs"]:
-            static["targets"] = [served["base"].removeprefix("http://")]
+            static["targets"] = targets
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
     base = f"http://127.0.0.1:{free_port()}"
     cmd = [
@@ -356,6 +356,14 @@ def prometheus(served, tmp_path_factory):
 
     with running_process(cmd, log_path, ready, timeout=60):
         yield {"base": base, "log": log_path}
+
+
+@pytest.fixture(scope="module")
+def prometheus(served, tmp_path_factory):
+    """deploy/prometheus's config and rules, the target rewritten to the test server."""
+    tmp = tmp_path_factory.mktemp("prometheus")
+    with running_prometheus(PROMETHEUS_CONFIG, [served["base"].removeprefix("http://")], tmp) as p:
+        yield p
 
 
 def query(prometheus: dict, expr: str) -> list[dict]:
@@ -415,3 +423,197 @@ def test_dashboard_queries_return_series_and_alert_rules_load(served, prometheus
         assert rules["RemixRoutingCollapsed"]["health"] == "ok", rules
 
     eventually(all_answer, timeout=60)
+
+
+# --- replicas behind a balancer (deploy/replicas) --------------------------------------------
+
+REPLICAS = DEPLOY / "replicas"
+
+
+def test_replicas_compose_balancer_and_scrape_targets_agree(tmp_path):
+    config = compose_config("-f", str(REPLICAS / "docker-compose.yml"))
+    services = config["services"]
+    replicas = sorted(name for name in services if name.startswith("remix-"))
+    assert replicas == ["remix-0", "remix-1"]
+    gpus = [
+        services[r]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+        for r in replicas
+    ]
+    assert gpus == [["0"], ["1"]]  # one GPU each
+    nginx = (REPLICAS / "nginx.conf").read_text()
+    upstream = re.findall(r"^\s*server (\S+:\d+)", nginx, re.M)
+    assert upstream == [f"{r}:8000" for r in replicas]
+    assert "least_conn;" in nginx and "proxy_buffering off;" in nginx
+    assert re.search(r"proxy_next_upstream .*http_429 http_503", nginx)
+    scrape_config = yaml.safe_load((REPLICAS / "prometheus.yml").read_text())
+    (job,) = scrape_config["scrape_configs"]
+    assert [t for sc in job["static_configs"] for t in sc["targets"]] == upstream
+    # promtool, with the alert rules where the compose file mounts them
+    shutil.copy(REPLICAS / "prometheus.yml", tmp_path / "prometheus.yml")
+    shutil.copy(PROMETHEUS_DIR / "alerts.yml", tmp_path / "alerts.yml")
+    mounts = services["prometheus"]["volumes"]
+    assert f"{PROMETHEUS_DIR / 'alerts.yml'}:/etc/prometheus/alerts.yml:ro" in mounts
+    run("promtool", "check", "config", str(tmp_path / "prometheus.yml"))
+
+
+@pytest.fixture(scope="module")
+def two_replicas_prometheus(served, tmp_path_factory):
+    """deploy/replicas' Prometheus config scraping the test server as two replicas: under
+    127.0.0.1 and under localhost, two `instance` labels for the same counters."""
+    port = served["base"].rsplit(":", 1)[1]
+    tmp = tmp_path_factory.mktemp("prometheus-replicas")
+    targets = [f"127.0.0.1:{port}", f"localhost:{port}"]
+    with running_prometheus(REPLICAS / "prometheus.yml", targets, tmp) as p:
+        yield p
+
+
+def panel_expressions(title_start: str) -> list[str]:
+    (panel,) = [p for p in panels() if p["title"].startswith(title_start)]
+    return with_all_values([t["expr"] for t in panel["targets"]])
+
+
+@pytest.mark.slow
+def test_dashboard_aggregates_routing_over_replicas(served, two_replicas_prometheus):
+    """Two replicas that counted the same: the dashboard's routing panels show one series per
+    layer and module (not per replica), with each replica's figures (shares, effective LoRAs,
+    token-weighted ESS) and twice the tokens."""
+    samples = scrape(served)
+
+    def per_module(name: str) -> dict:
+        return {
+            (labels["layer"], labels["module"]): v
+            for (n, items), v in samples.items()
+            if n == name
+            for labels in [dict(items)]
+        }
+
+    effective, ess = (
+        per_module("remix_routing_effective_loras"),
+        per_module("remix_routing_weight_ess"),
+    )
+
+    def as_dict(expr: str) -> dict:
+        series = query(two_replicas_prometheus, expr)
+        assert all("instance" not in r["metric"] for r in series), expr
+        return {(r["metric"]["layer"], r["metric"]["module"]): float(r["value"][1]) for r in series}
+
+    def aggregated() -> None:
+        up = query(two_replicas_prometheus, 'up{job="remix"}')
+        assert sorted(float(r["value"][1]) for r in up) == [1.0, 1.0]
+        (effective_expr,) = panel_expressions("Effective LoRAs")
+        got = as_dict(effective_expr)
+        assert got.keys() == effective.keys()
+        # the server computes its gauge in float32
+        assert all(math.isclose(got[k], effective[k], rel_tol=1e-5) for k in got), (got, effective)
+        (ess_expr,) = panel_expressions("Routing weight ESS")
+        got = as_dict(ess_expr)
+        assert all(math.isclose(got[k], ess[k], rel_tol=1e-9) for k in ess), (got, ess)
+        tokens = query(two_replicas_prometheus, "sum(remix_routed_tokens_total)")
+        mine = sum(v for (n, _), v in samples.items() if n == "remix_routed_tokens_total")
+        assert math.isclose(float(tokens[0]["value"][1]), 2 * mine, rel_tol=1e-12)
+
+    eventually(aggregated, timeout=60)
+
+
+# --- multi-node: Ray head and worker with compose, a LeaderWorkerSet on Kubernetes -----------
+
+MULTINODE = DEPLOY / "multinode" / "docker-compose.yml"
+KUBERNETES = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
+
+
+def engine_settings(args: list[str], env: dict[str, str]):
+    """remix-serve's engine settings for these arguments and REMIX_* variables, checked."""
+    from server.cli import build_parser
+    from server.settings import EngineSettings, from_args
+
+    saved = dict(os.environ)
+    try:
+        os.environ.update(env)
+        settings = from_args(EngineSettings, build_parser().parse_args(args))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    settings.check()
+    return settings
+
+
+def test_multinode_compose_runs_a_ray_head_and_a_worker():
+    env = {"HOST_IP": "10.0.0.1", "RAY_HEAD_IP": "10.0.0.1"}
+    os.environ.update(env)  # compose_config passes this process's environment
+    try:
+        head = compose_config("-f", str(MULTINODE), "--profile", "head")
+        worker = compose_config("-f", str(MULTINODE), "--profile", "worker")
+    finally:
+        for key in env:
+            os.environ.pop(key)
+    assert enabled_services(head, ["head"]) == {"ray-head"}
+    assert enabled_services(worker, ["worker"]) == {"ray-worker"}
+    head, worker = head["services"]["ray-head"], worker["services"]["ray-worker"]
+    for node in (head, worker):
+        assert node["network_mode"] == "host" and node["image"] == "remix-serve:gpu"
+        assert node["environment"]["VLLM_HOST_IP"] == "10.0.0.1"
+    assert "ray start --head" in head["command"][0] and "exec remix-serve" in head["command"][0]
+    assert worker["entrypoint"][:3] == ["ray", "start", "--block"]
+    assert "--address=10.0.0.1:6379" in worker["entrypoint"]
+    remix_env = {k: str(v) for k, v in head["environment"].items() if k.startswith("REMIX_")}
+    settings = engine_settings([], remix_env)
+    assert (settings.distributed_executor_backend, settings.pipeline_parallel_size) == ("ray", 2)
+    assert re.search(r'pip install .*"\./\[ray\]"', (ROOT / "Dockerfile").read_text())
+
+
+def kubernetes_documents() -> list[dict]:
+    return [doc for path in KUBERNETES for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def test_kubernetes_manifests_validate():
+    """kubernetes-validate (the Kubernetes API's own schemas) on every built-in resource, and on
+    the LeaderWorkerSet's leader and worker pod templates as Pods (the LWS custom resource itself
+    has no schema there: its fields are checked below)."""
+    import kubernetes_validate
+
+    assert KUBERNETES
+    for doc in kubernetes_documents():
+        if doc["kind"] == "LeaderWorkerSet":
+            lws = doc["spec"]["leaderWorkerTemplate"]
+            for role in ("leaderTemplate", "workerTemplate"):
+                pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": role.lower()}}
+                kubernetes_validate.validate({**pod, "spec": lws[role]["spec"]}, "1.30", True)
+        else:
+            kubernetes_validate.validate(doc, "1.30", True)
+
+
+def test_kubernetes_serves_one_checkpoint_across_two_nodes():
+    docs = {doc["kind"]: doc for doc in kubernetes_documents()}
+    lws = docs["LeaderWorkerSet"]
+    assert lws["apiVersion"] == "leaderworkerset.x-k8s.io/v1"
+    group = lws["spec"]["leaderWorkerTemplate"]
+    assert group["size"] == 2
+    (leader,) = group["leaderTemplate"]["spec"]["containers"]
+    (worker,) = group["workerTemplate"]["spec"]["containers"]
+    assert leader["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert leader["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert "readinessProbe" not in worker  # headless: no HTTP
+    # what LWS puts in each pod's environment
+    lws_env = {
+        "LWS_GROUP_SIZE": "2",
+        "LWS_LEADER_ADDRESS": "remix-0.remix",
+        "LWS_WORKER_INDEX": "1",
+    }
+
+    def expand(args: list[str]) -> list[str]:
+        return [re.sub(r"\$\((\w+)\)", lambda m: lws_env[m[1]], a) for a in args]
+
+    env = {e["name"]: e["value"] for e in leader["env"]}
+    assert env == {e["name"]: e["value"] for e in worker["env"]}  # one engine's settings
+    rank0 = engine_settings(expand(leader["args"]), env)
+    rank1 = engine_settings(expand(worker["args"]), env)
+    assert (rank0.node_rank, rank0.headless, rank1.node_rank, rank1.headless) == (0, False, 1, True)
+    assert rank0.nnodes == rank1.nnodes == group["size"] == rank0.pipeline_parallel_size
+    service = docs["Service"]
+    assert (
+        service["spec"]["selector"]["role"] == group["leaderTemplate"]["metadata"]["labels"]["role"]
+    )
+    claim = docs["PersistentVolumeClaim"]["metadata"]["name"]
+    for template in (group["leaderTemplate"], group["workerTemplate"]):
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        assert volumes["models"]["persistentVolumeClaim"]["claimName"] == claim

@@ -13,6 +13,7 @@ import torch
 from helpers.engines import captured_prefill_selections, greedy, make_parity_checkpoint, remix_llm
 from reference import reference_run
 
+from remix_infer.config import split_module_path
 from remix_infer.modeling import load_remix_model, remix_modules
 from remix_infer.ops import StatsRow
 
@@ -28,7 +29,8 @@ def mixed_prompts(count: int = 10, seed: int = 0) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return make_parity_checkpoint(tmp_path_factory.mktemp("parity") / "ckpt")
+    """With an always-on LoRA beside every pool (the other families' test has none)."""
+    return make_parity_checkpoint(tmp_path_factory.mktemp("parity") / "ckpt", always_on_rank=3)
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +133,12 @@ def assert_request_routing(engine, runs, prompts) -> None:
     from vllm import SamplingParams
 
     from remix_infer.vllm_plugin.worker import ROUTING_KEY
+    from server.engine_client import merge_request_routing
+
+    def take(key: str) -> dict | None:  # every worker's part: pipeline stages hold their layers
+        return merge_request_routing(
+            [engine.collective_rpc("remix_take_request_routing", args=(key,))]
+        )
 
     engine.collective_rpc("remix_track_request_routing")
     keys = ["a", None, "a", "b"]  # "a" spans two requests; the unkeyed one is not tracked
@@ -147,7 +155,7 @@ def assert_request_routing(engine, runs, prompts) -> None:
     engine.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     n = 4
     for key in ("a", "b"):
-        summary = engine.collective_rpc("remix_take_request_routing", args=(key,))[0]
+        summary = take(key)
         mine = [i for i, k in enumerate(keys) if k == key]
         lengths = [len(prompts[i]) + MAX_TOKENS - 1 for i in mine]
         assert summary["tokens"] == sum(lengths)
@@ -158,8 +166,8 @@ def assert_request_routing(engine, runs, prompts) -> None:
                 for i, length in zip(mine, lengths, strict=True)
             )
             assert counts == expected.tolist(), (key, module)
-        assert engine.collective_rpc("remix_take_request_routing", args=(key,))[0] is None
-    assert engine.collective_rpc("remix_take_request_routing", args=("nobody",))[0] is None
+        assert take(key) is None
+    assert take("nobody") is None
 
 
 def test_request_routing_summary_matches_reference(llm, reference_runs):
@@ -198,6 +206,32 @@ def test_parity_compiled_mode(checkpoint, reference_runs):
     assert all(StatsRow.parse(row).tokens == tokens for row in stats.values())
 
 
+def test_parity_pipeline_parallel_2(checkpoint, reference_runs):
+    """PP=2 (mp backend, gloo on CPU, eager): stage 0 holds layer 0, stage 1 layer 1; together
+    the same greedy tokens, top-k choices and logprobs as the reference, routing counters that
+    count every token in every layer, and per-request summaries over both stages' layers."""
+    from server.engine_client import merge_routing_stats
+
+    prompts = mixed_prompts()
+    pp2 = dict(pipeline_parallel_size=2, distributed_executor_backend="mp")
+    with remix_llm(
+        checkpoint, in_process=False, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, **pp2
+    ) as engine:
+        outputs = greedy(engine, prompts, MAX_TOKENS, prompt_logprobs=True)
+        selections = captured_prefill_selections(engine, prompts)
+        engine.collective_rpc("remix_reset_routing_stats")
+        greedy(engine, prompts, max_tokens=4)
+        stages = engine.collective_rpc("remix_routing_stats")
+        assert_request_routing(engine, reference_runs[3:], prompts[3:])
+    assert_parity(outputs, selections, reference_runs, prompts)
+    layers = [{split_module_path(m)[0] for m in stage} for stage in stages]
+    assert layers == [{0}, {1}]  # each stage holds (and reports) its own layer's pools
+    merged = merge_routing_stats([stages])
+    assert set(merged) == set(reference_runs[0].selections)
+    tokens = sum(map(len, prompts)) + len(prompts) * 3
+    assert all(StatsRow.parse(row).tokens == tokens for row in merged.values())
+
+
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
 def test_parity_other_families(family, tmp_path):
     """Mistral and Qwen2 (q/k/v biases) through their own vLLM classes, with a router bias."""
@@ -208,4 +242,27 @@ def test_parity_other_families(family, tmp_path):
     with remix_llm(ckpt, in_process=False) as engine:
         outputs = greedy(engine, prompts, MAX_TOKENS, prompt_logprobs=True)
         selections = captured_prefill_selections(engine, prompts)
+    assert_parity(outputs, selections, runs, prompts)
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "compiled"])
+def test_parity_shared_routing_scope(eager, tmp_path):
+    """The shared routing scope (one router per token from the first layer's input, its choice
+    in every module), with a router bias and an always-on LoRA: eager with the per-token
+    selections, and vLLM's compiled mode (the router's logits cross the graph's pieces)."""
+    ckpt = make_parity_checkpoint(
+        tmp_path / "shared", seed=5, routing_scope="shared", router_bias=True, always_on_rank=2
+    )
+    model, _ = load_remix_model(ckpt)
+    prompts = mixed_prompts(6, seed=6)
+    runs = [reference_run(model, p, MAX_TOKENS) for p in prompts]
+    first = next(iter(runs[1].selections.values()))
+    assert all(torch.equal(s, first) for s in runs[1].selections.values())  # one decision
+    with remix_llm(ckpt, in_process=False, enforce_eager=eager) as engine:
+        outputs = greedy(engine, prompts, MAX_TOKENS, prompt_logprobs=True)
+        selections = (
+            captured_prefill_selections(engine, prompts) if eager else [{} for _ in prompts]
+        )
+    if not eager:
+        runs = [dataclasses.replace(r, selections={}) for r in runs]
     assert_parity(outputs, selections, runs, prompts)

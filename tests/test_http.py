@@ -420,4 +420,6 @@ def test_every_setting_reads_its_flag_and_environment(monkeypatch):
     engine = from_args(EngineSettings, args)
     assert engine.engine_args() == {
         "tensor_parallel_size": 1, "max_num_seqs": 9, "enforce_eager": True, "seed": 7,
+        "pipeline_parallel_size": 1, "data_parallel_size": 1, "nnodes": 1, "node_rank": 0,
+        "master_addr": "127.0.0.1", "master_port": 29501,
     }  # fmt: skip

@@ -13,10 +13,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from remix_infer.config import RemixConfig
-from remix_infer.modeling import RemixLinear
-from remix_infer.ops import FusedRemixLinear, PoolLayout, RemixPool, StatsRow, set_padding_provider
+from remix_infer.modeling import RemixLinear, SharedRouting
+from remix_infer.ops import (
+    FusedRemixLinear,
+    PoolLayout,
+    RemixPool,
+    SharedRouter,
+    StatsRow,
+    set_padding_provider,
+)
 from remix_infer.ops.stats import stats_width
 from remix_infer.ops.triton_route import route
+from remix_infer.routing import topk_select
 
 KERNELS = ["torch", "numba", "triton"]
 D_IN = 48
@@ -29,18 +37,21 @@ MERGED = {  # parts of a merged projection (like qkv_proj) and which carry a poo
 }
 
 
-def config(weighting: str = "constant", router_bias: bool = True) -> RemixConfig:
+def config(weighting: str = "constant", router_bias: bool = True, always: int = 0) -> RemixConfig:
     return RemixConfig(
         base_model="test", architecture="llama", num_layers=1, target_modules=["q_proj"],
         num_loras=N, top_k=K, rank=R, omega=0.7, weighting=weighting, router_bias=router_bias,
+        always_on_rank=always,
     )  # fmt: skip
 
 
-def build(kernel, parts, adapted, weighting="constant", dtype=torch.float32, seed=0, **pool_kw):
+def build(
+    kernel, parts, adapted, weighting="constant", dtype=torch.float32, seed=0, always=0, **pool_kw
+):
     """A FusedRemixLinear of random weights and, per adapted part, the reference RemixLinear
-    holding the same tensors (over the same base rows)."""
+    holding the same tensors (over the same base rows); `always`: rank of an always-on LoRA."""
     gen = torch.Generator().manual_seed(seed)
-    cfg = config(weighting)
+    cfg = config(weighting, always=always)
     weight = torch.randn(sum(parts), D_IN, generator=gen) * D_IN**-0.5
     layout = PoolLayout.from_config(cfg, D_IN, list(parts), list(adapted))
     pool = RemixPool(layout, dtype, 256, router_bias=True, kernel=kernel, device="cpu", **pool_kw)
@@ -55,7 +66,13 @@ def build(kernel, parts, adapted, weighting="constant", dtype=torch.float32, see
             ref.lora_b.normal_(0, 0.3, generator=gen)
             ref.router.weight.normal_(0, 1.0, generator=gen)
             ref.router.bias.normal_(0, 0.5, generator=gen)
-        pool.load_part(part, ref.lora_a, ref.lora_b, ref.router.weight, ref.router.bias)
+            if always:
+                ref.always_a.normal_(0, D_IN**-0.5, generator=gen)
+                ref.always_b.normal_(0, 0.3, generator=gen)
+        pool.load_part(
+            part, ref.lora_a, ref.lora_b, ref.router.weight, ref.router.bias, ref.always_a,
+            ref.always_b,
+        )  # fmt: skip
         references[part] = ref
     return FusedRemixLinear(weight.to(dtype), pool), references, weight
 
@@ -100,6 +117,25 @@ def test_pool_matches_reference(kernel, weighting, merged):
         weights = ref.last_routing.weights
         ess = (weights.sum(-1) ** 2 / (weights**2).sum(-1)).sum().item()
         assert row.ess_sum == pytest.approx(ess, rel=1e-5)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("merged", ["one part", "middle part not adapted"])
+def test_always_on_lora_matches_reference(kernel, merged):
+    """An always-on LoRA beside the pool (weight 1, every token): the reference's output and
+    routing, and a term that matters (dropping it changes the output)."""
+    parts, adapted = MERGED[merged]
+    layer, references, weight = build(kernel, parts, adapted, always=3)
+    x = torch.randn(29, D_IN, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        got = layer(x)
+        want, selected = reference_outputs(references, weight, parts, x)
+        for ref in references.values():
+            ref.always_b.zero_()
+        without, _ = reference_outputs(references, weight, parts, x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (want - without).abs().max() > 0.1
+    assert torch.equal(layer.pool.step_selected[:29], as_mask(selected))
 
 
 @pytest.mark.parametrize("weighting", ["constant", "softmax_topk"])
@@ -175,18 +211,19 @@ def test_ties_go_to_the_lower_index(kernel):
     assert layer.pool.step_selected[:5, 0].tolist() == [[1] * K + [0] * (N - K)] * 5
 
 
+@pytest.mark.parametrize("always", [0, 2])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_row_parallel_shards_sum_to_the_whole(kernel):
+def test_row_parallel_shards_sum_to_the_whole(kernel, always):
     """Two ranks of a row-parallel layer: each sees half of d_in, sums its partial pool products
     with the other's (the all-reduce), and only rank 0 adds B's term; the sum of their outputs
     (vLLM's all-reduce) is the unsharded layer's output, with the same routing on both."""
     parts, adapted = MERGED["one part"]
-    whole, _, weight = build(kernel, parts, adapted)
+    whole, _, weight = build(kernel, parts, adapted, always=always)
     x = torch.randn(24, D_IN, generator=torch.Generator().manual_seed(5))
     half = D_IN // 2
     shards = []
     for rank, cols in enumerate((slice(0, half), slice(half, D_IN))):
-        layout = PoolLayout.from_config(config(), half, list(parts), list(adapted))
+        layout = PoolLayout.from_config(config(always=always), half, list(parts), list(adapted))
         pool = RemixPool(layout, torch.float32, 64, True, kernel, count_b=rank == 0, device="cpu")
         src = whole.pool
         pool.load_part(
@@ -195,12 +232,15 @@ def test_row_parallel_shards_sum_to_the_whole(kernel):
             src.lora_b[0].view(-1, N, R).permute(1, 0, 2),
             src.router[:, cols],
             src.router_bias[0],
+            src.always_a[:, cols] if always else None,
+            src.always_b[0] if always else None,
         )
         shards.append((FusedRemixLinear(weight[:, cols], pool), x[:, cols]))
 
     def partial_products(layer, xs):  # what the other rank contributes to the all-reduce
         pool = layer.pool
-        return [F.linear(xs, pool.lora_a).float(), F.linear(xs.float(), pool.router)]
+        always = [F.linear(xs, pool.always_a).float()] if pool.always_a is not None else []
+        return [F.linear(xs, pool.lora_a).float(), F.linear(xs.float(), pool.router)] + always
 
     outs = []
     with torch.no_grad():
@@ -265,3 +305,48 @@ def test_more_tokens_than_the_pool_was_sized_for_are_refused():
     layer = build("triton", parts, adapted)[0]  # sized for 256 tokens per step
     with pytest.raises(ValueError, match="max_step_tokens"):
         layer(torch.randn(300, D_IN))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_shared_router_routes_every_pool_from_the_first_input(kernel):
+    """Shared routing scope: the pool on the first layer's input (here a merged two-part one)
+    runs the one router; a later pool, on another input, takes the same choice. Oracle: the
+    reference model's shared scope (SharedRouting and RemixLinears that reuse its decision)."""
+    gen = torch.Generator().manual_seed(8)
+    cfg = config().model_copy(update={"routing_scope": "shared"})
+    reference_router = SharedRouting(D_IN, cfg, torch.device("cpu"))
+    router = SharedRouter(N, D_IN, 256, bias=True, device="cpu")
+    layers, references = [], []
+    for first, parts in ((True, (32, 24)), (False, (40,))):
+        weight = torch.randn(sum(parts), D_IN, generator=gen) * D_IN**-0.5
+        layout = PoolLayout.from_config(cfg, D_IN, list(parts), list(range(len(parts))))
+        pool = RemixPool(layout, torch.float32, 256, kernel=kernel, device="cpu", shared=router,
+                         routes_shared=first)  # fmt: skip
+        refs = []
+        for part, rows in enumerate(weight.split(list(parts))):
+            base = nn.Linear(D_IN, parts[part], bias=False)
+            base.weight.data = rows.clone()
+            ref = RemixLinear(base, cfg, reference_router, routes_shared=first and part == 0).eval()
+            with torch.no_grad():
+                ref.lora_a.normal_(0, D_IN**-0.5, generator=gen)
+                ref.lora_b.normal_(0, 0.3, generator=gen)
+            pool.load_part(part, ref.lora_a, ref.lora_b, None)
+            refs.append(ref)
+        layers.append(FusedRemixLinear(weight, pool))
+        references.append(refs)
+    with torch.no_grad():  # after the RemixLinears, whose init draws the shared router
+        reference_router.router.weight.normal_(0, 1.0, generator=gen)
+        reference_router.router.bias.normal_(0, 0.5, generator=gen)
+        router.weight.copy_(reference_router.router.weight)
+        router.bias.copy_(reference_router.router.bias)
+    x1, x2 = (torch.randn(21, D_IN, generator=gen) for _ in range(2))
+    with torch.no_grad():
+        got = [layers[0](x1), layers[1](x2)]
+        want = [torch.cat([ref(x1) for ref in references[0]], -1), references[1][0](x2)]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    chosen = topk_select(F.linear(x1, router.weight, router.bias), K)  # from x1, not x2
+    assert torch.equal(references[1][0].last_routing.selected, chosen)
+    expected = as_mask(chosen)
+    assert torch.equal(layers[0].pool.step_selected[:21], torch.stack([expected] * 2, 1))
+    assert torch.equal(layers[1].pool.step_selected[:21, 0], expected)

@@ -474,3 +474,56 @@ def test_remix_linear_train_softmax_topk_is_deterministic():
     # Learned gates: the router gets its gradient through y.
     y1.sum().backward()
     assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# MoR-LoRA's straight-through estimator and LoRA-Mixer's RSL loss, against hand computation
+
+
+def test_straight_through_forward_is_hard_and_gradient_is_the_softmax_one():
+    """n = 3 LoRAs of rank 1 on a 2 -> 1 linear, hard top-1 at unit scale, loss = y. By hand:
+    c_i = B_i (A_i . x) is LoRA i's output; the forward adds c of the argmax only; the router
+    logit gradient is dL/dl_j = p_j (c_j - sum_i p_i c_i) and dL/dP_j = dL/dl_j * x."""
+    config = RemixConfig(
+        base_model="test", architecture="llama", num_layers=1, target_modules=["q_proj"],
+        num_loras=3, top_k=1, rank=1, omega=1.0,
+    )  # fmt: skip
+    layer = RemixLinear(nn.Linear(2, 1, bias=False), config).train()
+    layer.sample_in_training, layer.straight_through = False, True
+    with torch.no_grad():
+        layer.base.weight.fill_(0.25)
+        layer.lora_a.copy_(torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[1.0, 1.0]]]))
+        layer.lora_b.copy_(torch.tensor([[[2.0]], [[-1.0]], [[0.5]]]))
+        layer.router.weight.copy_(torch.tensor([[0.1, 0.2], [0.3, -0.1], [0.0, 0.0]]))
+    x = [1.0, 2.0]
+    y = layer(torch.tensor([x]))
+    logits = [0.1 * 1 + 0.2 * 2, 0.3 * 1 - 0.1 * 2, 0.0]  # 0.5, 0.1, 0: LoRA 0 is chosen
+    c = [2.0 * 1, -1.0 * 2, 0.5 * 3]
+    assert y.item() == pytest.approx(0.25 * 3 + c[0], abs=1e-6)  # hard: c_0 at weight 1
+    y.sum().backward()
+    z = sum(math.exp(v) for v in logits)
+    p = [math.exp(v) / z for v in logits]
+    mean_c = sum(pi * ci for pi, ci in zip(p, c, strict=True))
+    expected = [[p[j] * (c[j] - mean_c) * xi for xi in x] for j in range(3)]
+    torch.testing.assert_close(layer.router.weight.grad, torch.tensor(expected), atol=1e-6, rtol=0)
+    assert layer.lora_a.grad is not None  # the LoRAs see the hard forward's gradient too
+
+
+def test_rsl_loss_matches_hand_computation():
+    """Two tokens, n = 3, k = 1: L = alpha * sum_i pbar_i fbar_i - lambda * mean_t H(p_t)."""
+    from remix_infer.train.losses import rsl_loss
+    from remix_infer.train.trainer import TrainConfig
+
+    e = math.e
+    p1 = [e**2 / (e**2 + 2), 1 / (e**2 + 2), 1 / (e**2 + 2)]  # softmax of [2, 0, 0]
+    p2 = [1 / (e + 2), e / (e + 2), 1 / (e + 2)]  # softmax of [0, 1, 0]
+    pbar = [(a + b) / 2 for a, b in zip(p1, p2, strict=True)]
+    fbar = [0.5, 0.5, 0.0]  # token 1 chose LoRA 0, token 2 LoRA 1
+    entropy_mean = (-sum(q * math.log(q) for q in p1) - sum(q * math.log(q) for q in p2)) / 2
+    config = TrainConfig()
+    alpha, lam = config.rsl_alpha, config.rsl_lambda
+    assert (alpha, lam) == (0.1, 0.5)  # the paper's values (LoRA-Mixer, appendix)
+    expected = alpha * sum(a * b for a, b in zip(pbar, fbar, strict=True)) - lam * entropy_mean
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    got = rsl_loss(logits, torch.tensor([[0], [1]]), alpha, lam)
+    assert got.item() == pytest.approx(expected, abs=1e-6)

@@ -170,6 +170,36 @@ def test_lora_method_is_a_pool_of_one(tmp_path):
     assert (config.num_loras, config.top_k, config.rank, config.weighting) == (1, 1, 6, "constant")
 
 
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [("mor", (1, 1.0, "constant", "shared")), ("mixer", (2, 2.0, "softmax_topk", "module"))],
+)
+def test_mor_and_mixer_train_pools_and_routers_from_scratch(tmp_path, method, expected):
+    """mor: hard top-1 at unit scale, one shared router, learning through the straight-through
+    gradient; mixer: softmax top-k with the RSL loss. Pools, routers and the always-on LoRA all
+    move from their init, and the saved checkpoint reloads to the trained model."""
+    trainer, data = small_run(
+        tmp_path, method=method, max_steps=3, alpha=8.0, always_on_rank=2, learning_rate=1e-2
+    )
+    routers = {id(r): r for r in (m.routing_router() for m in trainer.modules.values())}
+    before = [r.weight.detach().clone() for r in routers.values()]
+    trainer.train(tmp_path / "ckpt", progress=False)
+    config = load_checkpoint(tmp_path / "ckpt").config
+    assert (config.top_k, config.omega, config.weighting, config.routing_scope) == expected
+    assert len(routers) == (1 if method == "mor" else len(trainer.modules))
+    assert all(not torch.equal(b, r.weight) for b, r in zip(before, routers.values(), strict=True))
+    assert all(
+        m.lora_b.abs().sum() > 0 and m.always_b.abs().sum() > 0 for m in trainer.modules.values()
+    )
+    model, _ = load_remix_model(tmp_path / "ckpt")
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=data.input_ids[:4]).logits,
+            trainer.model(input_ids=data.input_ids[:4]).logits,
+        )
+
+
 def test_remix_requires_two_samples(tmp_path):
     with pytest.raises(ValueError, match="M\\) >= 2"):
         small_run(tmp_path, num_samples=1)

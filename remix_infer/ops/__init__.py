@@ -3,6 +3,7 @@
 pool.py          RemixPool: pool tensors, the folded GEMM weight, the forwards of the three
                  kernels (torch: the oracle; numba: CPU; triton: GPU); FusedRemixLinear: a base
                  linear and its pool as one module
+shared.py        SharedRouter: the shared routing scope's one router per model
 stats.py         routing statistics: the stats row layout, per-token figures, the accumulate op
 cpu_route.py     the CPU routing kernel (numba), one call per projection
 triton_route.py  the GPU routing kernel (Triton), one launch per projection
@@ -10,12 +11,14 @@ custom_op.py     registering the kernels as torch custom ops (torch.ops.remix.*)
 """
 
 from remix_infer.ops.pool import FusedRemixLinear, PoolLayout, RemixPool, default_kernel
+from remix_infer.ops.shared import SharedRouter
 from remix_infer.ops.stats import StatsRow, set_padding_provider
 
 __all__ = [
     "FusedRemixLinear",
     "PoolLayout",
     "RemixPool",
+    "SharedRouter",
     "StatsRow",
     "default_kernel",
     "set_padding_provider",

@@ -9,6 +9,10 @@ its S adapted parts has its own pool of n LoRAs of rank r and its own router. Fo
                omega * softmax over the k chosen logits (softmax_topk); zero elsewhere
     y        = x W^T + [ (h_s * gates_s) B_s^T  for each part s ]
 
+An optional always-on LoRA per part (A0_s [r0, d_in], B0_s [d_out_s, r0], weight 1) is one more
+always-selected member of the pool: its A rows ride on the pool's A product, its hidden states
+h0_s = x A0_s^T follow the gated ones ungated, and B0_s sits beside B_s in the same product.
+
 The base product is never run alone: it shares one GEMM with the pool, in one of two ways that
 `fold_base_weight` prepares and `forward` consumes.
 
@@ -20,6 +24,10 @@ The base product is never run alone: it shares one GEMM with the pool, in one of
         product and every B product are one GEMM; before it, ONE Triton kernel reads x, does the
         A and router products (router in float32), routes, gates, writes [x | gated h] and
         accumulates the routing statistics (triton_route.py).
+
+In the shared routing scope (ops/shared.py) the pools take their logits from the model's one
+router instead of their own (no router rows in the GEMM; on triton the kernel routes the given
+products).
 
 Tensor parallelism is the caller's: a row-parallel shard passes its input slice, a `reduce` for
 the partial pool products, and count_b=False on every rank but one, so B's term is added once.
@@ -37,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from remix_infer.config import RemixConfig
+from remix_infer.ops.shared import SharedRouter
 from remix_infer.ops.stats import record_routing, stats_width
 from remix_infer.routing import routing_gates, topk_select
 
@@ -56,6 +65,7 @@ class PoolLayout:
     top_k: int
     omega: float
     weighting: str
+    always_rank: int = 0  # r0 of the always-on LoRA of every adapted part; 0: none
 
     @classmethod
     def from_config(
@@ -74,6 +84,7 @@ class PoolLayout:
             config.top_k,
             config.omega,
             config.weighting,
+            config.always_on_rank,
         )
 
     @property
@@ -88,6 +99,11 @@ class PoolLayout:
     def pool_width(self) -> int:
         """Columns of the pool's hidden states, all parts: S*n*r."""
         return self.num_parts * self.num_loras * self.rank
+
+    @property
+    def always_width(self) -> int:
+        """Columns of the always-on LoRAs' hidden states, all parts: S*r0."""
+        return self.num_parts * self.always_rank
 
     def part_columns(self) -> list[slice]:
         """The base output columns of each part (adapted or not), in order."""
@@ -110,7 +126,8 @@ class RemixPool(nn.Module):
 
     Parameters (this rank's shard): lora_a [S*n*r, d_in] (part-major, then LoRA, then rank) in
     the serving dtype; router [S*n, d_in] and router_bias [S, n] in float32; lora_b[j]
-    [d_out of part j, n*r] (column i*r + c is rank c of LoRA i) in the serving dtype.
+    [d_out of part j, n*r] (column i*r + c is rank c of LoRA i) in the serving dtype; with an
+    always-on LoRA, always_a [S*r0, d_in] and always_b[j] [d_out of part j, r0].
     """
 
     def __init__(
@@ -124,9 +141,14 @@ class RemixPool(nn.Module):
         device: torch.device | str | None = None,
         name: str = "",
         part_names: list[str] | None = None,
+        shared: SharedRouter | None = None,
+        routes_shared: bool = False,
     ) -> None:
         """count_b=False: leave B's term to another rank of a row-parallel group;
-        part_names: what each adapted part is called in reports (e.g. its HF module path)."""
+        part_names: what each adapted part is called in reports (e.g. its HF module path);
+        shared: the model's one router (shared routing scope; its owner registers it), whose
+        logits replace this pool's own router; routes_shared: this pool reads the first layer's
+        input and runs the shared router for every pool."""
         super().__init__()
         device = torch.device(device) if device is not None else torch.get_default_device()
         self.layout, self.name, self.count_b = layout, name, count_b
@@ -144,8 +166,15 @@ class RemixPool(nn.Module):
         self.router = frozen(s * n, d_in, dtype=torch.float32)
         self.router_bias = frozen(s, n, dtype=torch.float32) if router_bias else None
         self.lora_b = nn.ParameterList(frozen(layout.part_widths[i], n * r) for i in layout.adapted)
+        r0 = layout.always_rank
+        self.always_a = frozen(s * r0, d_in) if r0 else None
+        self.always_b = nn.ParameterList(
+            frozen(layout.part_widths[i], r0) for i in (layout.adapted if r0 else ())
+        )
         # The stacked GEMM carries the router rows only when it runs in float32.
-        self.fold_router = self.kernel != "triton" and dtype == torch.float32
+        self.fold_router = self.kernel != "triton" and dtype == torch.float32 and shared is None
+        self._shared = (shared,) if shared is not None else ()  # a tuple: not a submodule here
+        self.routes_shared = routes_shared
         self.register_buffer(
             "stats", torch.zeros(s, stats_width(n), dtype=torch.float64, device=device)
         )
@@ -173,24 +202,38 @@ class RemixPool(nn.Module):
         part: int,
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
-        router_weight: torch.Tensor,
+        router_weight: torch.Tensor | None,
         router_bias: torch.Tensor | None = None,
+        always_a: torch.Tensor | None = None,
+        always_b: torch.Tensor | None = None,
     ) -> None:
         """Copy one adapted part's tensors, already cut to this rank's shard: lora_a
-        [n, r, d_in], lora_b [n, d_out, r], router_weight [n, d_in], router_bias [n]."""
-        n, r = self.layout.num_loras, self.layout.rank
+        [n, r, d_in], lora_b [n, d_out, r], router_weight [n, d_in], router_bias [n], and with
+        an always-on LoRA always_a [r0, d_in], always_b [d_out, r0]."""
+        n, r, r0 = self.layout.num_loras, self.layout.rank, self.layout.always_rank
         j = self.layout.adapted.index(part)
+        if r0:
+            self.always_a[j * r0 : (j + 1) * r0].copy_(always_a)
+            self.always_b[j].copy_(always_b)
         self.lora_a[j * n * r : (j + 1) * n * r].copy_(lora_a.reshape(n * r, -1))
-        self.router[j * n : (j + 1) * n].copy_(router_weight)
+        if router_weight is not None:  # None in the shared routing scope
+            self.router[j * n : (j + 1) * n].copy_(router_weight)
         if self.router_bias is not None:
             self.router_bias[j].copy_(router_bias)
         self.lora_b[j].copy_(lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], n * r))
 
     def prepare(self, make_gemm: Callable[[torch.Tensor], Gemm] | None = None) -> None:
         """Pick the kernels of the B products (torch kernel) for the current weights; call again
-        after loading. make_gemm(weight) -> (x -> x @ weight.T); default F.linear."""
+        after loading (an always-on LoRA's [B | B0] is a copy made here).
+        make_gemm(weight) -> (x -> x @ weight.T); default F.linear."""
         make_gemm = make_gemm or (lambda w: lambda x: F.linear(x, w))
-        self._product_b = [make_gemm(b) for b in self.lora_b]
+        self._product_b = [make_gemm(b) for b in self.part_b_weights()]
+
+    def part_b_weights(self) -> list[torch.Tensor]:
+        """Each adapted part's B as its product reads the hidden states: [B_j | B0_j]."""
+        if not self.layout.always_rank:
+            return list(self.lora_b)
+        return [torch.cat([b, b0], dim=1) for b, b0 in zip(self.lora_b, self.always_b, strict=True)]
 
     @torch.no_grad()
     def fold_base_weight(self, weight: torch.Tensor) -> torch.Tensor:
@@ -198,18 +241,24 @@ class RemixPool(nn.Module):
         [d_out, d_in]: [W ; A (; P)] for the torch kernel, [W | block-diagonal B] for triton."""
         if self.kernel != "triton":
             rows = [weight, self.lora_a.to(weight.dtype)]
+            if self.always_a is not None:
+                rows.append(self.always_a.to(weight.dtype))
             if self.fold_router:
                 rows.append(self.router.to(weight.dtype))
             return torch.cat(rows)
+        layout = self.layout
         b = torch.zeros(
-            self.layout.out_features, self.layout.pool_width, dtype=weight.dtype,
+            layout.out_features, layout.pool_width + layout.always_width, dtype=weight.dtype,
             device=weight.device,
         )  # fmt: skip
-        if self.count_b:
-            width = self.layout.num_loras * self.layout.rank
-            columns = self.layout.part_columns()
-            for j, part in enumerate(self.layout.adapted):
+        if self.count_b:  # block-diagonal: the pool's columns, then the always-on LoRAs'
+            width, r0 = layout.num_loras * layout.rank, layout.always_rank
+            columns = layout.part_columns()
+            for j, part in enumerate(layout.adapted):
                 b[columns[part], j * width : (j + 1) * width] = self.lora_b[j]
+                if r0:
+                    start = layout.pool_width + j * r0
+                    b[columns[part], start : start + r0] = self.always_b[j]
         return torch.cat([weight, b], dim=1)
 
     def forward(
@@ -233,11 +282,20 @@ class RemixPool(nn.Module):
         layout = self.layout
         s, n = layout.num_parts, layout.num_loras
         d_out, width = layout.out_features, layout.pool_width
+        a_width = width + layout.always_width
         y = gemm(x)
         base, lora_h = y[:, :d_out], y[:, d_out : d_out + width]
-        logits = y[:, d_out + width :] if self.fold_router else F.linear(x.float(), self.router)
-        if reduce is not None:
-            lora_h, logits = reduce(lora_h.contiguous()), reduce(logits.contiguous())
+        always_h = y[:, d_out + width : d_out + a_width]
+        if self._shared:
+            logits = self._shared_logits(x)
+        elif self.fold_router:
+            logits = y[:, d_out + a_width :]
+        else:
+            logits = F.linear(x.float(), self.router)
+        if reduce is not None:  # the shared logits are whole already
+            lora_h = reduce(lora_h.contiguous())
+            logits = logits if self._shared else reduce(logits.contiguous())
+            always_h = reduce(always_h.contiguous()) if layout.always_rank else always_h
         logits = logits.unflatten(-1, (s, n))
         if self.router_bias is not None:
             logits = logits + self.router_bias
@@ -250,7 +308,18 @@ class RemixPool(nn.Module):
             hidden = self._gate_hidden(lora_h, gates)
         if self.capture_selections:
             self.captured.append(selected.detach().clone())
+        if layout.always_rank:  # the always-on hidden states follow the gated ones, ungated
+            part_major = always_h.view(-1, s, layout.always_rank).transpose(0, 1)
+            hidden = torch.cat([hidden, part_major.to(hidden.dtype)], dim=-1)
         return self._add_pool_outputs(base, hidden)
+
+    def _shared_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared router's logits of this step, [T, S*n]: the same for every part (run
+        here first if this pool reads the first layer's input)."""
+        shared = self._shared[0]
+        if self.routes_shared:
+            shared.route(x)
+        return shared.logits(x.shape[0]).repeat(1, self.layout.num_parts)
 
     def _route_numba(
         self, logits: torch.Tensor, lora_h: torch.Tensor
@@ -300,12 +369,22 @@ class RemixPool(nn.Module):
         """[x | gated h] for the column-stacked GEMM, written by the routing kernel."""
         layout = self.layout
         lora_h = logits = None
-        if reduce is not None:  # partial products from a shard: sum them first, then route
-            lora_h = reduce(F.linear(x, self.lora_a).float())
-            logits = reduce(F.linear(x.float(), self.router))
+        if reduce is not None or self._shared:  # the kernel routes given products
+            lora_h = F.linear(x, self.lora_a).float()
+            lora_h = lora_h if reduce is None else reduce(lora_h)  # a shard's partial products
+            logits = (
+                self._shared_logits(x) if self._shared else reduce(F.linear(x.float(), self.router))
+            )
         from remix_infer.ops.triton_route import route
 
-        x_cat = x.new_empty(x.shape[0], layout.in_features + layout.pool_width)
+        x_cat = x.new_empty(
+            x.shape[0], layout.in_features + layout.pool_width + layout.always_width
+        )
+        if layout.always_rank:  # the always-on hidden states, in the columns after the pool's
+            always_h = F.linear(x, self.always_a)
+            x_cat[:, layout.in_features + layout.pool_width :] = (
+                always_h if reduce is None else reduce(always_h.float()).to(x.dtype)
+            )
         route(
             x, self.lora_a, self.router, self.router_bias, x_cat, self.stats,
             self.step_selected, self.semaphore, lora_h, logits,
@@ -323,6 +402,7 @@ class FusedRemixLinear(nn.Module):
         super().__init__()
         self.pool = pool
         self.register_buffer("folded", pool.fold_base_weight(weight))
+        pool.prepare()  # B products over the loaded tensors ([B | B0] is a copy)
 
     def refold(self, weight: torch.Tensor) -> None:
         """Rebuild the one GEMM's weight after the pool's tensors changed."""

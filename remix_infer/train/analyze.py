@@ -18,7 +18,7 @@ from remix_infer.config import split_module_path
 from remix_infer.modeling import load_remix_model, remix_modules
 from remix_infer.ops.stats import StatsRow, is_collapsed, per_token_figures, routing_figures
 from remix_infer.routing import dense_gates
-from remix_infer.train.data import read_records, string_field
+from remix_infer.train.data import jsonl_records
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
@@ -26,11 +26,15 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     'completion' appended to it (the tokens a served request would run). Errors name the file,
     the line and the field."""
     texts = []
-    for lineno, record in read_records(path):
-        completion = (
-            string_field(path, lineno, record, "completion") if "completion" in record else ""
-        )
-        texts.append(string_field(path, lineno, record, "prompt") + completion)
+    for where, record in jsonl_records(path, "'prompt'"):
+        completion = record.get("completion", "")  # optional
+        if not isinstance(record.get("prompt"), str):
+            raise ValueError(f"{where}: field 'prompt' must be a string")
+        if not isinstance(completion, str):
+            raise ValueError(f"{where}: field 'completion' must be a string")
+        texts.append(record["prompt"] + completion)
+    if not texts:
+        raise ValueError(f"{path}: no records")
     return texts
 
 

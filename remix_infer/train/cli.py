@@ -1,4 +1,5 @@
-"""`remix-train`: fine-tune ReMix checkpoints, or build the demo checkpoint."""
+"""`remix-train`: fine-tune ReMix checkpoints, compose or import PEFT LoRAs, or build the demo
+checkpoint."""
 
 from __future__ import annotations
 
@@ -15,13 +16,21 @@ from pathlib import Path
 # when another process holds one of the cores (measured on the shared 2-core dev machine).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from remix_infer.train.compose import COMPOSE_METHODS  # noqa: E402
+from remix_infer.train.data import TokenizedData  # noqa: E402
 from remix_infer.train.trainer import TrainConfig  # noqa: E402
 
+# TrainConfig fields that a composed pool takes from its experts, not from flags.
+POOL_FIELDS = {"method", "num_loras", "rank", "lora_rank", "alpha", "omega_rule", "target_modules"}
 
-def _add_train_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (--max-steps, --num-samples, ...), defaults from the dataclass."""
+
+def _add_train_config_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
+    """One flag per TrainConfig field (--max-steps, --num-samples, ...), defaults from the
+    dataclass; none for the fields in `skip`."""
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         hint = hints[f.name]
@@ -53,6 +62,43 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     _add_train_config_flags(train)
 
+    imp = sub.add_parser("import-peft", help="one PEFT LoRA folder as a checkpoint (n=1, k=1)")
+    imp.add_argument("adapter", type=Path, help="PEFT LoRA folder (adapter_config.json, ...)")
+    imp.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
+    imp.add_argument("--base-model", help="default: the adapter's base_model_name_or_path")
+
+    comp = sub.add_parser(
+        "compose", help="PEFT LoRA folders as a frozen pool; train only the routers"
+    )
+    comp.add_argument("--base-model", required=True, help="local base model directory")
+    pool = comp.add_mutually_exclusive_group(required=True)
+    pool.add_argument("--experts", nargs="+", type=Path, help="PEFT LoRA folders")
+    pool.add_argument(
+        "--pool", type=Path, help="or a ReMix checkpoint whose LoRA pools are the experts"
+    )
+    comp.add_argument("--data", required=True, type=Path, help="router training JSONL")
+    comp.add_argument("--eval-data", type=Path)
+    comp.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
+    comp.add_argument("--method", choices=COMPOSE_METHODS, default="remix")
+    comp.add_argument(
+        "--omega", type=float, default=1.0,
+        help="scale of a selected expert (remix; mixer: of its softmax weight; mor: always 1)",
+    )  # fmt: skip
+    comp.add_argument("--top-k", type=int, default=1, help="experts per token (mor: always 1)")
+    _add_train_config_flags(comp, skip=POOL_FIELDS | {"top_k"})
+
+    dist = sub.add_parser(
+        "distill", help="each PEFT expert answers its domain's prompts: the router's data"
+    )
+    dist.add_argument("--base-model", required=True, help="local base model directory")
+    dist.add_argument("--experts", required=True, nargs="+", type=Path, help="PEFT LoRA folders")
+    dist.add_argument(
+        "--prompts", required=True, type=Path,
+        help='JSONL of {"prompt", "domain"}: domain = expert index or folder name',
+    )  # fmt: skip
+    dist.add_argument("--out", required=True, type=Path, help="JSONL to write")
+    dist.add_argument("--max-new-tokens", type=int, default=64)
+
     analyze = sub.add_parser(
         "analyze", help="routing of a checkpoint over prompts, per layer and module"
     )
@@ -82,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         commands = {
             "demo": run_demo_command,
             "train": run_train_command,
+            "import-peft": run_import_command,
+            "compose": run_compose_command,
+            "distill": run_distill_command,
             "analyze": run_analyze_command,
             "study": run_study_command,
         }
@@ -104,11 +153,13 @@ def run_demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_train_command(args: argparse.Namespace) -> int:
+def _train_inputs(
+    args: argparse.Namespace,
+) -> tuple[TrainConfig, TokenizedData, TokenizedData | None]:
+    """The TrainConfig of the flags, and the tokenized --data and --eval-data."""
     from transformers import AutoTokenizer
 
     from remix_infer.train.data import read_jsonl, tokenize
-    from remix_infer.train.trainer import Trainer
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
@@ -119,6 +170,46 @@ def run_train_command(args: argparse.Namespace) -> int:
         if args.eval_data
         else None
     )
+    return config, train_data, eval_data
+
+
+def run_import_command(args: argparse.Namespace) -> int:
+    from remix_infer.train.compose import import_peft
+
+    out = import_peft(args.adapter, args.out, args.base_model)
+    print(f"checkpoint: {out}")
+    return 0
+
+
+def run_compose_command(args: argparse.Namespace) -> int:
+    from remix_infer.train.compose import compose
+
+    config, train_data, eval_data = _train_inputs(args)
+    out = compose(
+        args.base_model, args.experts, args.out, config, train_data, eval_data, args.omega,
+        pool_checkpoint=args.pool,
+    )  # fmt: skip
+    print(f"checkpoint: {out}")
+    return 0
+
+
+def run_distill_command(args: argparse.Namespace) -> int:
+    import json
+
+    from remix_infer.train.compose import distill, read_domain_prompts
+
+    prompts = read_domain_prompts(args.prompts, args.experts)
+    records = distill(args.base_model, args.experts, prompts, args.max_new_tokens)
+    with open(args.out, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    print(f"{len(records)} traces: {args.out}")
+    return 0
+
+
+def run_train_command(args: argparse.Namespace) -> int:
+    from remix_infer.train.trainer import Trainer
+
+    config, train_data, eval_data = _train_inputs(args)
     trainer = Trainer(config, args.base_model, train_data, eval_data)
     if args.resume:
         trainer.resume(args.out)

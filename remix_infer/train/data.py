@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,14 +17,16 @@ IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss there
 class Example:
     prompt: str
     completion: str
+    domain: int | None = None  # the LoRA that hard domain routing sends it to (--domain-routing)
 
 
-def read_records(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """The JSON objects of a JSONL file with their line numbers; errors name the file and line."""
+def jsonl_records(path: str | os.PathLike, fields: str) -> Iterator[tuple[str, dict]]:
+    """(where, record) of each non-empty line of a JSONL file, `where` being 'FILE:LINE' for
+    error messages; refuses a missing file, bad JSON and non-objects (`fields`: what an object
+    should hold, for the message)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found")
-    records = []
     for lineno, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -32,25 +35,26 @@ def read_records(path: str | os.PathLike) -> list[tuple[int, dict]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(record, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object")
-        records.append((lineno, record))
-    if not records:
-        raise ValueError(f"{path}: no records")
-    return records
-
-
-def string_field(path: str | os.PathLike, lineno: int, record: dict, field: str) -> str:
-    if not isinstance(record.get(field), str):
-        raise ValueError(f"{path}:{lineno}: field '{field}' must be a string")
-    return record[field]
+            raise ValueError(f"{path}:{lineno}: expected an object with {fields}")
+        yield f"{path}:{lineno}", record
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Example]:
     """Read prompt/completion records; errors name the file, the line and the field."""
-    return [
-        Example(string_field(path, n, r, "prompt"), string_field(path, n, r, "completion"))
-        for n, r in read_records(path)
-    ]
+    examples = []
+    for where, record in jsonl_records(path, "'prompt' and 'completion'"):
+        for field in ("prompt", "completion"):
+            if not isinstance(record.get(field), str):
+                raise ValueError(f"{where}: field '{field}' must be a string")
+        domain = record.get("domain")
+        if domain is not None and (
+            not isinstance(domain, int) or isinstance(domain, bool) or domain < 0
+        ):
+            raise ValueError(f"{where}: field 'domain' must be a LoRA index (an integer >= 0)")
+        examples.append(Example(record["prompt"], record["completion"], domain))
+    if not examples:
+        raise ValueError(f"{path}: no records")
+    return examples
 
 
 def write_jsonl(path: str | os.PathLike, examples: list[Example]) -> None:
@@ -66,6 +70,7 @@ class TokenizedData:
     input_ids: torch.Tensor  # [N, S]
     attention_mask: torch.Tensor  # [N, S]
     labels: torch.Tensor  # [N, S], IGNORE_INDEX on prompt and padding
+    domains: torch.Tensor | None = None  # [N] each example's domain, -1 where it has none
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -73,11 +78,14 @@ class TokenizedData:
     def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """Rows `index`, trimmed to the longest sequence among them."""
         length = int(self.attention_mask[index].sum(-1).max())
-        return {
+        rows = {
             "input_ids": self.input_ids[index, :length],
             "attention_mask": self.attention_mask[index, :length],
             "labels": self.labels[index, :length],
         }
+        if self.domains is not None:
+            rows["domains"] = self.domains[index]
+        return rows
 
 
 def tokenize(tokenizer, examples: list[Example], max_length: int) -> TokenizedData:  # noqa: ANN001
@@ -101,7 +109,10 @@ def tokenize(tokenizer, examples: list[Example], max_length: int) -> TokenizedDa
         input_ids[i, : len(ids)] = torch.tensor(ids)
         attention_mask[i, : len(ids)] = 1
         labels[i, : len(labs)] = torch.tensor(labs)
-    return TokenizedData(input_ids, attention_mask, labels)
+    domains = None
+    if any(ex.domain is not None for ex in examples):
+        domains = torch.tensor([-1 if ex.domain is None else ex.domain for ex in examples])
+    return TokenizedData(input_ids, attention_mask, labels, domains)
 
 
 def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

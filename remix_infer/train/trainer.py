@@ -5,6 +5,12 @@ remix:   n LoRAs per module, k sampled per token (Gumbel-top-k) with constant we
 mixlora: same pools, deterministic top-k with softmax weights learned end to end, plus a
          Switch-style load-balance loss (the baseline whose routing weights collapse).
 lora:    one LoRA of rank R (stored as a pool of n=1, k=1).
+mor:     MoR-LoRA's hard top-1 with unit scale (k = 1, omega = 1), deterministic in training;
+         the router learns through the straight-through estimator (modeling.straight_through_gates).
+mixer:   LoRA-Mixer's softmax top-k gates, end to end, plus its RSL loss (losses.rsl_loss).
+
+Over a frozen pool of existing LoRAs (compose.py, `frozen_pool`) only the routers (and an
+always-on LoRA, if any) train.
 """
 
 from __future__ import annotations
@@ -16,13 +22,21 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from tqdm import tqdm
 
 from remix_infer.checkpoint import TORCH_DTYPES, read_config, save_checkpoint
-from remix_infer.config import ALL_TARGET_MODULES, FAMILIES, RemixConfig, resolve_omega
+from remix_infer.config import (
+    ALL_TARGET_MODULES,
+    FAMILIES,
+    LORA_A,
+    LORA_B,
+    RemixConfig,
+    resolve_omega,
+    tensor_name,
+)
 from remix_infer.modeling import (
     adapter_tensors,
     inject_remix,
@@ -31,17 +45,22 @@ from remix_infer.modeling import (
 )
 from remix_infer.routing import effective_loras, effective_support_size, entropy
 from remix_infer.train.data import TokenizedData, sequence_losses
+from remix_infer.train.losses import rsl_loss, switch_balance_loss
 from remix_infer.train.rloo import rloo_surrogate
+
+if TYPE_CHECKING:
+    from remix_infer.train.compose import FrozenPool
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
 ARCHITECTURES = {family.hf_model_type for family in FAMILIES.values()}  # base model_types
+SOFTMAX_METHODS = ("mixlora", "mixer")  # trained with softmax_topk gates
 
 
 @dataclass
 class TrainConfig:
-    method: Literal["remix", "mixlora", "lora"] = "remix"
+    method: Literal["remix", "mixlora", "lora", "mor", "mixer"] = "remix"
     num_loras: int = 8
     top_k: int = 4
     rank: int = 8
@@ -51,6 +70,8 @@ class TrainConfig:
     num_samples: int = 4  # M, selections per sequence (remix)
     target_modules: list[str] = field(default_factory=lambda: list(ALL_TARGET_MODULES))
     router_bias: bool = False
+    always_on_rank: int = 0  # r0 of an always-on LoRA per module beside the pool; 0: none
+    routing_scope: Literal["auto", "module", "shared"] = "auto"  # auto: shared for mor
     learning_rate: float = 2e-3
     router_learning_rate: float | None = None  # default: learning_rate
     weight_decay: float = 0.0
@@ -64,16 +85,30 @@ class TrainConfig:
     eval_every: int = 50  # 0: only at the end
     save_every: int = 0  # 0: only at the end
     balance_coef: float = 0.01  # mixlora load-balance loss weight
+    # route each training sequence to LoRA `domain` (its data's field) and train the pools only:
+    # LoRA-Mixer's joint expert training; then `compose --pool` trains the routers
+    domain_routing: bool = False
+    rsl_alpha: float = 0.1  # mixer: LoRA-Mixer's RSL balance weight (the paper's alpha)
+    rsl_lambda: float = 0.5  # mixer: RSL entropy weight (the paper's lambda)
+
+    def resolved_routing_scope(self) -> str:
+        """module or shared: 'auto' is MoR-LoRA's shared router for mor, one per module else."""
+        if self.routing_scope != "auto":
+            return self.routing_scope
+        return "shared" if self.method == "mor" else "module"
 
     def remix_config(self, base_model: str, architecture: str, num_layers: int) -> RemixConfig:
         """The checkpoint config this training run produces."""
         if self.method == "lora":
             n, k, r = 1, 1, self.lora_rank or self.top_k * self.rank
         else:
-            n, k, r = self.num_loras, self.top_k, self.rank
-        # mixlora's softmax gates sum to 1, so its per-LoRA scale is alpha/r (k = 1 in the rule):
-        # with equal gates it matches ReMix's omega = alpha/(k r).
-        omega = resolve_omega(self.omega_rule, self.alpha, 1 if self.method == "mixlora" else k, r)
+            n, k, r = self.num_loras, 1 if self.method == "mor" else self.top_k, self.rank
+        # softmax gates (mixlora, mixer) sum to 1, so their per-LoRA scale is alpha/r (k = 1 in
+        # the rule): with equal gates it matches ReMix's omega = alpha/(k r).
+        softmax = self.method in SOFTMAX_METHODS
+        omega = resolve_omega(self.omega_rule, self.alpha, 1 if softmax else k, r)
+        if self.method == "mor":
+            omega = 1.0  # MoR-LoRA's unit scale
         return RemixConfig(
             base_model=base_model,
             architecture=architecture,
@@ -83,8 +118,10 @@ class TrainConfig:
             top_k=k,
             rank=r,
             omega=omega,
-            weighting="softmax_topk" if self.method == "mixlora" else "constant",
+            weighting="softmax_topk" if softmax else "constant",
             router_bias=self.router_bias,
+            always_on_rank=self.always_on_rank,
+            routing_scope=self.resolved_routing_scope(),
             dtype=self.dtype,
             method=self.method,
         )
@@ -156,7 +193,10 @@ class Trainer:
         train_data: TokenizedData,
         eval_data: TokenizedData | None = None,
         device: torch.device | None = None,
+        frozen_pool: FrozenPool | None = None,
     ) -> None:
+        """frozen_pool: LoRAs that already exist (compose.py); they load frozen and only the
+        routers train. The pool's config replaces the one `config` would give."""
         if config.method == "remix" and config.num_samples < 2:
             raise ValueError("remix training needs --num-samples (M) >= 2")
         self.config, self.train_data, self.eval_data = config, train_data, eval_data
@@ -169,31 +209,50 @@ class Trainer:
             raise ValueError(
                 f"{base_model}: model_type '{hf.model_type}' is not Llama/Mistral/Qwen2"
             )
-        self.remix_config = config.remix_config(base_model, hf.model_type, hf.num_hidden_layers)
+        self.remix_config = (
+            frozen_pool.config
+            if frozen_pool
+            else config.remix_config(base_model, hf.model_type, hf.num_hidden_layers)
+        )
         self.modules = inject_remix(self.model, self.remix_config)
         generator = torch.Generator().manual_seed(config.seed)
         for m in self.modules.values():
             m.reset_adapter_parameters(generator)
+        if frozen_pool:
+            self._load_frozen_pool(frozen_pool)
+        if config.method == "mor":  # hard top-1, straight-through gradient, no sampling
+            for m in self.modules.values():
+                m.sample_in_training, m.straight_through = False, True
         self.model.train()
-        router_params = [m.router.weight for m in self.modules.values()] + [
-            m.router.bias for m in self.modules.values() if m.router.bias is not None
+        routers = {id(r): r for r in (m.routing_router() for m in self.modules.values())}
+        router_params = [p for r in routers.values() for p in r.parameters()]
+        groups = [
+            {"params": router_params, "lr": config.router_learning_rate or config.learning_rate}
         ]
-        lora_params = [p for m in self.modules.values() for p in (m.lora_a, m.lora_b)]
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": lora_params, "lr": config.learning_rate},
-                {
-                    "params": router_params,
-                    "lr": config.router_learning_rate or config.learning_rate,
-                },
-            ],
-            weight_decay=config.weight_decay,
-        )
+        # LoRA pools (unless frozen) and always-on LoRAs learn at the LoRA learning rate.
+        lora_params = [
+            p
+            for m in self.modules.values()
+            for p in (m.lora_a, m.lora_b, m.always_a, m.always_b)
+            if p is not None and p.requires_grad
+        ]
+        if lora_params:
+            groups.insert(0, {"params": lora_params, "lr": config.learning_rate})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.max_steps)
         )
         self.step = 0
         self.history: list[dict] = []
+
+    def _load_frozen_pool(self, pool: FrozenPool) -> None:
+        """Copy the existing LoRAs into the pools and freeze them (routers keep their init)."""
+        for name, m in self.modules.items():
+            with torch.no_grad():
+                m.lora_a.copy_(pool.tensors[tensor_name(name, LORA_A)])
+                m.lora_b.copy_(pool.tensors[tensor_name(name, LORA_B)])
+            m.lora_a.requires_grad_(False)
+            m.lora_b.requires_grad_(False)
 
     # -- data order: a pure function of (seed, micro-batch number), so resuming is exact --
     def _batch_indices(self, micro: int) -> torch.Tensor:
@@ -209,6 +268,8 @@ class Trainer:
         """Training objective of one micro-batch and what to log about it."""
         cfg = self.config
         batch = {k: v.to(self.device) for k, v in batch.items()}
+        if cfg.domain_routing:
+            return self._domain_routed_loss(batch)
         samples = cfg.num_samples if cfg.method == "remix" else 1
         if samples > 1:  # M copies of each sequence, each with its own sampled selections
             batch = {k: v.repeat_interleave(samples, dim=0) for k, v in batch.items()}
@@ -219,27 +280,54 @@ class Trainer:
         stats.add(self.model, mask)
         info = {"loss": float(losses.detach().mean()), "ess": stats.mean_ess()}
         if cfg.method == "remix":
-            log_q = sum((m.last_routing.log_prob * mask).sum(-1) for m in self.modules.values())
+            # each routing decision once (in the shared scope every module holds the same one)
+            decisions = {id(m.last_routing): m.last_routing for m in self.modules.values()}
+            log_q = sum((d.log_prob * mask).sum(-1) for d in decisions.values())
             objective = rloo_surrogate(losses.view(-1, samples), log_q.view(-1, samples))
         elif cfg.method == "mixlora":
-            balance = torch.stack(
-                [self._balance_loss(m, mask) for m in self.modules.values()]
-            ).mean()
+            balance = self._routing_loss(mask)
             objective = losses.mean() + cfg.balance_coef * balance
             info["balance"] = float(balance.detach())
+        elif cfg.method == "mixer":
+            rsl = self._routing_loss(mask)
+            objective = losses.mean() + rsl
+            info["rsl"] = float(rsl.detach())
         else:
             objective = losses.mean()
         return objective, info
 
-    @staticmethod
-    def _balance_loss(module: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
-        """Switch-Transformer load balance: n * sum_i (share of selections to i) * (mean prob of i)."""
-        r = module.last_routing
-        n = module.num_loras
-        share = torch.bincount(r.selected[mask].flatten(), minlength=n).float()
-        share = share / share.sum().clamp_min(1)
-        mean_prob = torch.softmax(r.logits[mask], -1).mean(0)
-        return n * (share * mean_prob).sum()
+    def _domain_routed_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """LoRA-Mixer's joint expert training: every token of a sequence goes to LoRA `domain`
+        (hard, one LoRA, its weight the config's), so each LoRA learns its domain's data alone;
+        the routers are left as they are. The objective is the SFT loss."""
+        domains = batch.get("domains")
+        if domains is None or bool((domains < 0).any()):
+            raise ValueError("--domain-routing: every training record needs a 'domain' field")
+        if int(domains.max()) >= self.remix_config.num_loras:
+            raise ValueError(
+                f"--domain-routing: domain {int(domains.max())} but the pool has "
+                f"{self.remix_config.num_loras} LoRAs (domains are LoRA indices)"
+            )
+        for m in self.modules.values():
+            m.forced_selection = domains[:, None, None]
+        try:
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        finally:
+            for m in self.modules.values():
+                m.forced_selection = None
+        losses = sequence_losses(out.logits, batch["labels"])
+        return losses.mean(), {"loss": float(losses.detach().mean()), "ess": 1.0}
+
+    def _routing_loss(self, mask: torch.Tensor) -> torch.Tensor:
+        """The method's routing regulariser, averaged over the modules (mixlora, mixer)."""
+        cfg, losses = self.config, []
+        for m in self.modules.values():
+            logits, selected = m.last_routing.logits[mask], m.last_routing.selected[mask]
+            if cfg.method == "mixer":
+                losses.append(rsl_loss(logits, selected, cfg.rsl_alpha, cfg.rsl_lambda))
+            else:
+                losses.append(switch_balance_loss(logits, selected))
+        return torch.stack(losses).mean()
 
     def train_step(self) -> dict:
         """One optimizer step over grad_accum micro-batches; its log record joins self.history."""

@@ -24,16 +24,20 @@ from vllm.model_executor.models.utils import PPMissingLayer
 
 from remix_infer.checkpoint import load_checkpoint, read_config
 from remix_infer.config import (
+    ALWAYS_A,
+    ALWAYS_B,
     LORA_A,
     LORA_B,
     ROUTER_BIAS,
     ROUTER_WEIGHT,
+    SHARED_ROUTER_BIAS,
+    SHARED_ROUTER_WEIGHT,
     RemixConfig,
     module_path,
     split_module_path,
     tensor_name,
 )
-from remix_infer.ops import PoolLayout, RemixPool
+from remix_infer.ops import PoolLayout, RemixPool, SharedRouter
 from remix_infer.vllm_plugin.layer import RemixLinearMethod
 
 # vLLM projection -> (parent module, HF projections stacked in its output, in order)
@@ -95,6 +99,7 @@ class RemixForCausalLMMixin:
         self._remix_shards: dict[str, list] = {}
         dtype = vllm_config.model_config.dtype
         max_step_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        shared = self._attach_shared_router(config, max_step_tokens)
         for index, layer in enumerate(self.model.layers):
             if isinstance(layer, PPMissingLayer):
                 continue
@@ -109,32 +114,68 @@ class RemixForCausalLMMixin:
                     PoolLayout.from_config(config, width, out_sizes, adapted),
                     dtype,
                     max_step_tokens,
-                    router_bias=config.router_bias,
+                    router_bias=config.router_bias and shared is None,
                     count_b=not (reduce_input and linear.tp_rank > 0),
                     device=linear.weight.device,
                     name=name,
                     part_names=[module_path(index, parts[i]) for i in adapted],
+                    shared=shared,
+                    # the first pool is layer 0's qkv_proj (config validation), on the first layer's input
+                    routes_shared=shared is not None and not self.remix_adapters,
                 )
                 linear.remix = pool
                 linear.quant_method = RemixLinearMethod(linear.quant_method, pool, reduce_input)
                 self.remix_adapters[name] = pool
                 self._remix_shards[name] = [shards[i] for i in adapted]
 
+    def _attach_shared_router(
+        self, config: RemixConfig, max_step_tokens: int
+    ) -> SharedRouter | None:
+        """The shared routing scope's one router, on the device of the first layer (which must
+        be this rank's: the first layer's input is routed here)."""
+        if config.routing_scope != "shared":
+            self.remix_shared_router = None
+            return None
+        first = self.model.layers[0]
+        if isinstance(first, PPMissingLayer):
+            raise ValueError(
+                f"{self.remix_checkpoint}: routing_scope 'shared' is not served with pipeline "
+                "parallelism (the router reads the first layer's input on the first stage only)"
+            )
+        self.remix_shared_router = SharedRouter(
+            config.num_loras,
+            self.config.hidden_size,
+            max_step_tokens,
+            bias=config.router_bias,
+            device=first.self_attn.qkv_proj.weight.device,
+        )
+        return self.remix_shared_router
+
     def _load_remix_weights(self) -> set[str]:
         """Load the (validated) adapter file into every adapter; returns the parameter names."""
         ckpt = load_checkpoint(self.remix_checkpoint)
         tensors = ckpt.tensors
+        if self.remix_shared_router is not None:
+            with torch.no_grad():
+                self.remix_shared_router.weight.copy_(tensors.pop(SHARED_ROUTER_WEIGHT))
+                if self.remix_shared_router.bias is not None:
+                    self.remix_shared_router.bias.copy_(tensors.pop(SHARED_ROUTER_BIAS))
         for name, pool in self.remix_adapters.items():
             for part, module, (cols, rows) in zip(
                 pool.layout.adapted, pool.part_names, self._remix_shards[name], strict=True
             ):
                 bias = tensors.pop(tensor_name(module, ROUTER_BIAS), None)
+                router = tensors.pop(tensor_name(module, ROUTER_WEIGHT), None)
+                always_a = tensors.pop(tensor_name(module, ALWAYS_A), None)
+                always_b = tensors.pop(tensor_name(module, ALWAYS_B), None)
                 pool.load_part(
                     part,
                     tensors.pop(tensor_name(module, LORA_A))[:, :, cols],
                     tensors.pop(tensor_name(module, LORA_B))[:, rows, :],
-                    tensors.pop(tensor_name(module, ROUTER_WEIGHT))[:, cols],
+                    None if router is None else router[:, cols],
                     bias,
+                    None if always_a is None else always_a[:, cols],
+                    None if always_b is None else always_b[rows, :],
                 )
         held = {
             i for i, layer in enumerate(self.model.layers) if not isinstance(layer, PPMissingLayer)
@@ -144,7 +185,9 @@ class RemixForCausalLMMixin:
             raise ValueError(
                 f"{self.remix_checkpoint}: adapter tensors not used: {sorted(tensors)[:3]}"
             )
-        return {n for n, _ in self.named_parameters() if ".remix." in n}
+        return {
+            n for n, _ in self.named_parameters() if ".remix." in n or "remix_shared_router" in n
+        }
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return super().load_weights(weights) | self._load_remix_weights()

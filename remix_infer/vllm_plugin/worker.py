@@ -92,6 +92,21 @@ class RemixWorkerExtension:
     def _remix_adapters(self) -> list:
         return list(getattr(self.model_runner.model, "remix_adapters", {}).values())
 
+    def remix_prepare_pipeline_stage(self) -> None:
+        """Give a later pipeline stage its buffer for the activations it receives, before the
+        first request. vLLM allocates it in a dummy forward that its GPU runner always makes but
+        its CPU runner makes only to warm up compiled mode: in eager mode on CPU, stage 1's
+        first step fails on `assert self.intermediate_tensors is not None` without this.
+        Idempotent; a no-op on the first stage and wherever vLLM has allocated it."""
+        from vllm.distributed import get_pp_group
+
+        runner = self.model_runner
+        if get_pp_group().is_first_rank or runner.intermediate_tensors is not None:
+            return
+        runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+            batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device
+        )
+
     def remix_routing_stats(self) -> dict[str, list[list[float]]]:
         """Per HF module (model.layers.{i}.self_attn.q_proj ...): its stats row [n + 3]
         (remix_infer.ops.stats.StatsRow reads it). Copies a few KB from the device."""

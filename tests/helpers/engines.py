@@ -41,7 +41,7 @@ def make_parity_checkpoint(
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, t in adapter_tensors(model).items():
-            scale = t.shape[-1] ** -0.5 if name.endswith("lora_a") else 0.5
+            scale = t.shape[-1] ** -0.5 if name.endswith(("lora_a", "always_a")) else 0.5
             t.copy_(torch.randn(t.shape, generator=gen) * scale)
     return save_checkpoint(directory, config, adapter_tensors(model))
 
@@ -85,6 +85,7 @@ def remix_llm(
         os.environ.clear()
         os.environ.update(saved)
     try:
+        llm.collective_rpc("remix_prepare_pipeline_stage")  # as RemixEngine.start does
         yield llm
     finally:
         llm.llm_engine.engine_core.shutdown()
@@ -113,7 +114,9 @@ def captured_prefill_selections(llm, token_lists: list[list[int]]) -> list[dict[
     prompt: one {module: [len, k]} dict per prompt, in submission (= scheduling) order."""
     llm.collective_rpc("remix_capture_selections", args=(True,))
     greedy(llm, token_lists, max_tokens=1)
-    captured = llm.collective_rpc("remix_captured_selections")[0]
+    captured = {}  # every worker's: pipeline stages capture their own layers
+    for worker in llm.collective_rpc("remix_captured_selections"):
+        captured.update(worker)
     llm.collective_rpc("remix_capture_selections", args=(False,))
     total = sum(map(len, token_lists))
     out: list[dict[str, torch.Tensor]] = [{} for _ in token_lists]
