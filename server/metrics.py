@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -25,8 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from remix_infer.config import RemixConfig, split_module_path
-from remix_infer.ops.stats import StatsRow
-from remix_infer.routing import effective_loras
+from remix_infer.ops.stats import StatsRow, is_collapsed, routing_figures
 
 if TYPE_CHECKING:
     from server.engine_client import RemixEngine
@@ -138,26 +136,6 @@ def stat_logger_factory(metrics: ServingMetrics) -> type:
             pass
 
     return SchedulerGauges
-
-
-def routing_figures(row: StatsRow) -> dict[str, float]:
-    """Derived figures of one module's accumulated counters."""
-    tokens = row.tokens
-    in_use = float(effective_loras(torch.tensor(row.selections))) if sum(row.selections) else 0.0
-    return {
-        "tokens": tokens,
-        "effective_loras": in_use,
-        "router_entropy": row.entropy_sum / tokens if tokens else 0.0,
-        "ess": row.ess_sum / tokens if tokens else 0.0,
-    }
-
-
-def is_collapsed(figures: dict[str, float], top_k: int) -> bool:
-    """A module has collapsed when its traffic uses fewer distinct LoRAs than each token selects,
-    or its routing weights concentrate (ESS below the midpoint between 1 and k)."""
-    if not figures["tokens"]:
-        return False
-    return figures["effective_loras"] < top_k or (top_k > 1 and figures["ess"] < (top_k + 1) / 2)
 
 
 class RoutingCollector(Collector):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from remix_infer.ops.custom_op import remix_op
+from remix_infer.routing import effective_loras
 
 EXTRA_COLUMNS = 3  # tokens, entropy sum, ESS sum
 
@@ -47,6 +48,27 @@ class StatsRow:
     def parse(cls, row: list[float]) -> StatsRow:
         n = len(row) - EXTRA_COLUMNS
         return cls(list(row[:n]), row[n], row[n + 1], row[n + 2])
+
+
+# What the server's /metrics and `remix-train analyze` report about a module, from its row.
+def routing_figures(row: StatsRow) -> dict[str, float]:
+    """Derived figures of one module's accumulated counters."""
+    tokens = row.tokens
+    in_use = float(effective_loras(torch.tensor(row.selections))) if sum(row.selections) else 0.0
+    return {
+        "tokens": tokens,
+        "effective_loras": in_use,
+        "router_entropy": row.entropy_sum / tokens if tokens else 0.0,
+        "ess": row.ess_sum / tokens if tokens else 0.0,
+    }
+
+
+def is_collapsed(figures: dict[str, float], top_k: int) -> bool:
+    """A module has collapsed when its traffic uses fewer distinct LoRAs than each token selects,
+    or its routing weights concentrate (ESS below the midpoint between 1 and k)."""
+    if not figures["tokens"]:
+        return False
+    return figures["effective_loras"] < top_k or (top_k > 1 and figures["ess"] < (top_k + 1) / 2)
 
 
 _padding_provider: Callable[[], torch.Tensor | None] = lambda: None  # noqa: E731

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -97,6 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     dist.add_argument("--out", required=True, type=Path, help="JSONL to write")
     dist.add_argument("--max-new-tokens", type=int, default=64)
+
+    analyze = sub.add_parser(
+        "analyze", help="routing of a checkpoint over prompts, per layer and module"
+    )
+    analyze.add_argument("checkpoint", type=Path, help="ReMix checkpoint directory")
+    analyze.add_argument(
+        "--data", required=True, type=Path, help='JSONL of {"prompt"} (+ optional "completion")'
+    )
+    analyze.add_argument(
+        "--out", type=Path, default=Path("analysis"), help="writes analysis.json, analysis.png"
+    )
+    analyze.add_argument("--batch-size", type=int, default=16)
+
+    study = sub.add_parser("study", help="measure the ReMix paper's claims over seeds (95%% CIs)")
+    study.add_argument(
+        "--preset", choices=["cpu", "gpu", "quick"], default="cpu", help="quick: seconds (tests)"
+    )
+    study.add_argument("--out", type=Path, default=Path("study"), help="writes study.json, PNGs")
     return parser
 
 
@@ -106,15 +125,16 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        if args.command == "demo":
-            return run_demo_command(args)
-        if args.command == "import-peft":
-            return run_import_command(args)
-        if args.command == "compose":
-            return run_compose_command(args)
-        if args.command == "distill":
-            return run_distill_command(args)
-        return run_train_command(args)
+        commands = {
+            "demo": run_demo_command,
+            "train": run_train_command,
+            "import-peft": run_import_command,
+            "compose": run_compose_command,
+            "distill": run_distill_command,
+            "analyze": run_analyze_command,
+            "study": run_study_command,
+        }
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"remix-train: error: {e}", file=sys.stderr)
         return 2
@@ -195,6 +215,36 @@ def run_train_command(args: argparse.Namespace) -> int:
         trainer.resume(args.out)
     trainer.train(args.out)
     print(f"checkpoint: {args.out}")
+    return 0
+
+
+def run_analyze_command(args: argparse.Namespace) -> int:
+    from remix_infer.train.analyze import analyze_checkpoint, plot_shares, read_prompts
+
+    report = analyze_checkpoint(args.checkpoint, read_prompts(args.data), args.batch_size)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "analysis.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot_shares(report, args.out / "analysis.png")
+    modules = report["modules"].values()
+    print(
+        f"{len(report['modules'])} adapted modules over {report['sequences']} sequences: "
+        f"effective LoRAs in use {min(m['effective_loras'] for m in modules):.2f} to "
+        f"{max(m['effective_loras'] for m in modules):.2f} of {report['num_loras']}, "
+        f"{len(report['collapsed_modules'])} collapsed"
+    )
+    for name in report["collapsed_modules"]:
+        print(f"  collapsed: {name}")
+    print(f"report: {args.out / 'analysis.json'}, {args.out / 'analysis.png'}")
+    return 0
+
+
+def run_study_command(args: argparse.Namespace) -> int:
+    from remix_infer.train.study import run_study
+
+    report = run_study(args.out, args.preset)
+    for name, claim in report["claims"].items():
+        print(f"{name}: {claim['verdict']}")
+    print(f"report: {args.out / 'study.json'} ({report['total_seconds']} s)")
     return 0
 
 

@@ -76,8 +76,18 @@ def make_examples(count: int, seed: int, exclude: set[str] = frozenset()) -> lis
     return out
 
 
-def pretraining_corpus(count: int, seed: int) -> list[str]:
-    """Prose lines stating one task fact each, for language-model pretraining."""
+def held_out_split(
+    train_count: int, eval_count: int, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """(train, eval) examples; no eval prompt appears in train."""
+    eval_set = make_examples(eval_count, seed + 1)
+    return make_examples(train_count, seed + 2, exclude={e.prompt for e in eval_set}), eval_set
+
+
+def pretraining_corpus(count: int, seed: int, weights: dict[str, float] | None = None) -> list[str]:
+    """Prose lines stating one task fact each, for language-model pretraining; `weights` sets
+    each task's share of the lines (default: equal)."""
     rng = random.Random(seed)
     names = list(TASKS)
-    return [TASKS[rng.choice(names)](rng)[2] for _ in range(count)]
+    shares = [(weights or {}).get(name, 1.0) for name in names]
+    return [TASKS[rng.choices(names, shares)[0]](rng)[2] for _ in range(count)]

@@ -387,7 +387,12 @@ class Trainer:
                 last or (cfg.eval_every and self.step % cfg.eval_every == 0)
             ):
                 ev = self.evaluate()
-                record.update(eval_loss=ev["eval_loss"], eval_ess=ev["eval_ess"])
+                in_use = [m["effective_loras"] for m in ev["routing"].values()]
+                record.update(
+                    eval_loss=ev["eval_loss"],
+                    eval_ess=ev["eval_ess"],
+                    eval_effective_loras=sum(in_use) / len(in_use),
+                )
             record["elapsed_s"] = time.perf_counter() - start
             bar.set_postfix(loss=f"{record['loss']:.3f}", ess=f"{record['ess']:.2f}")
             bar.update(1)
