@@ -177,7 +177,10 @@ def test_two_nodes_serve_the_reference_answers_with_routing_over_both_stages(
         assert r.status_code == 200, r.text
         ids = tokenizer.encode(prompt)
         ref = reference_run(model, ids, MAX_TOKENS)
-        assert r.json()["choices"][0]["text"] == tokenizer.decode(ref.tokens)
+        # the server leaves special tokens out of the text (ignore_eos lets the model emit </s>)
+        assert r.json()["choices"][0]["text"] == tokenizer.decode(
+            ref.tokens, skip_special_tokens=True
+        )
         routing = r.json()["remix"]["routing"]
         assert routing["tokens"] == len(ids) + MAX_TOKENS - 1  # no prefix-cache hits here
         assert len(routing["layers"]) == layers  # stage 0's layers and stage 1's
