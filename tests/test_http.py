@@ -355,14 +355,16 @@ async def check_tokenizer_off_loop(server: Server) -> None:
     tokenizing = time.perf_counter() - t0
     reply = await stream
     assert long.status == 400  # longer than the context, found once tokenized
-    assert tokenizing >= 0.4
+    assert tokenizing >= 1.0
     arrivals = [t for t, _ in reply.chunks]
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
-    assert max(gaps) < 0.15, max(gaps)
+    # tokenizing on the event loop would stall one gap for all of it; a loaded machine (the
+    # 10 ms steps stretch) must not fail the test, so the bound is relative, not 0.15 s
+    assert max(gaps) < tokenizing / 2, (max(gaps), tokenizing)
 
 
 def test_long_prompt_does_not_stall_a_concurrent_stream():
-    check_tokenizer_off_loop(engine=FakeEngine(encode_s_per_char=1e-4))
+    check_tokenizer_off_loop(engine=FakeEngine(encode_s_per_char=2.5e-4))
 
 
 @serve
