@@ -67,7 +67,7 @@ class CheckpointAdmin:
         thread: it reads every tensor). 400 naming the file and field if it cannot serve."""
         try:
             checkpoint = load_checkpoint(path)
-            check_slot_compatible(self.engine.remix_config, checkpoint)
+            check_slot_compatible(self.engine.template, checkpoint)
         except ValueError as e:  # CheckpointError is one
             raise APIError(400, str(e), param="path", code="invalid_checkpoint") from None
         return checkpoint

@@ -120,7 +120,7 @@ class RemixEngine:
         self.settings.check()  # raises SettingsError
         if self.settings.distributed_executor_backend == "ray" and _on_cpu():
             raise SettingsError(RAY_ON_CPU)
-        self.template: RemixConfig | None = None  # what the slots were sized from
+        self.template: RemixCheckpoint | None = None  # the first checkpoint: slots sized from it
         if checkpoints:
             self.models = self._load_checkpoints(checkpoints, base_model_name)
         else:
@@ -157,7 +157,7 @@ class RemixEngine:
                 raise CheckpointError(f"cannot serve {path} (as '{name}'): {e}") from None
         first = next(iter(loaded.values()))
         self.path = Path(first.path)
-        self.template = first.config
+        self.template = first
         self.base_model_path = Path(first.base_model_path)
         # One checkpoint is passed as itself: the engine exactly as before slots existed.
         single = len(loaded) == 1 and self.settings.max_checkpoints is None
@@ -175,7 +175,7 @@ class RemixEngine:
     def remix_config(self) -> RemixConfig | None:
         """The configuration the checkpoint slots were sized from (the first checkpoint's);
         None for a plain base model."""
-        return self.template
+        return self.template.config if self.template is not None else None
 
     @property
     def ready(self) -> bool:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from remix_infer.config import RemixConfig
+from remix_infer.checkpoint import RemixCheckpoint
 from remix_infer.vllm_plugin.engine import BASE_MODEL_SLOT, CHECKPOINT_SLOT_KEY
 from server.models import ModelTable
 
@@ -54,15 +54,16 @@ class FakeEngine:
         models: tuple[str, ...] = ("fake",),
         base_model: str | None = None,
         max_slots: int | None = None,
-        template: RemixConfig | None = None,
+        template: RemixCheckpoint | None = None,
         **tokenizer: Any,
     ) -> None:
         """Checkpoints `models` in slots 0.., the base model as `base_model`; `template`: the
-        slots' configuration (admin loads are checked against it; None: no slots to load)."""
+        checkpoint the slots were sized from (admin loads are checked against it; None: no slots to load)."""
         self.step_s = step_s
         self.path = Path("/fake/model")
         self.base_model_path = self.path
-        self.remix_config = template
+        self.template = template
+        self.remix_config = template.config if template is not None else None
         self.models = ModelTable(max_slots or len(models))
         for slot, name in enumerate(models):
             self.models.add(name, slot, Path(f"/fake/{name}"), None)
