@@ -173,7 +173,10 @@ async def check_model_picks_slot_and_salt(server: Server) -> None:
     # n choices, chat and streams go to the same slot.
     chat = {"model": "b", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "n": 2}
     r = await server.post("/v1/chat/completions", chat)
-    assert [c["message"]["content"] for c in r.json()["choices"]] == ["tv", "tv"]  # two letters a step after ">"
+    assert [c["message"]["content"] for c in r.json()["choices"]] == [
+        "tv",
+        "tv",
+    ]  # two letters a step after ">"
     s = await server.complete("b", stream=True)
     assert "".join(json.loads(e)["choices"][0]["text"] for e in s.events()[:-1]) == "dfhjl"
     # Which model: required with several; an unknown one is a 404 naming those served.
