@@ -305,6 +305,30 @@ def test_dashboard_shows_serving_and_routing_diversity():
     assert metric_names(heatmap["targets"][0]["expr"]) == {"remix_lora_selections_total"}
 
 
+ROUTING_METRICS = {
+    "remix_lora_selections_total",
+    "remix_routed_tokens_total",
+    "remix_routing_effective_loras",
+    "remix_router_entropy_nats",
+    "remix_routing_weight_ess",
+    "remix_routing_collapsed_modules",
+}
+
+
+def test_dashboard_selects_and_separates_checkpoints():
+    """Routing series carry a `checkpoint` label (one server serves several): every routing
+    expression filters on the dashboard's checkpoint selector and never adds up two checkpoints'
+    pools (LoRA #i of one is not LoRA #i of another)."""
+    assert "checkpoint" in [v["name"] for v in template_variables()]
+    routing = [e for e in dashboard_expressions() if metric_names(e) & ROUTING_METRICS]
+    assert len(routing) >= 6
+    for expr in routing:
+        for selector in re.findall(r"\{[^}]*\}", expr):
+            assert 'checkpoint=~"$checkpoint"' in selector, expr
+        for labels in re.findall(r"\b(?:by|on)\s*\(([^)]*)\)", expr):
+            assert "checkpoint" in labels, expr
+
+
 def test_dashboard_expressions_are_promql(tmp_path):
     """promtool parses each expression (as a recording rule)."""
     rules = [{"record": f"check:expr{i}", "expr": e} for i, e in enumerate(expressions())]
