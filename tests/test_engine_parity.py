@@ -115,7 +115,7 @@ def test_routing_stats_count_real_tokens(llm):
     llm.collective_rpc("remix_reset_routing_stats")
     prompts = mixed_prompts()
     greedy(llm, prompts, max_tokens=4)
-    stats = llm.collective_rpc("remix_routing_stats")[0]
+    stats = llm.collective_rpc("remix_routing_stats")[0][0]  # worker 0, checkpoint slot 0
     # every prompt token and every generated token but the last goes through the model once
     tokens = sum(map(len, prompts)) + len(prompts) * 3
     n, k = 4, 2
@@ -197,7 +197,7 @@ def test_parity_compiled_mode(checkpoint, reference_runs):
     with remix_llm(checkpoint, in_process=False, enforce_eager=False) as engine:
         engine.collective_rpc("remix_reset_routing_stats")  # start-up warm-up ran dummy tokens
         outputs = greedy(engine, prompts, MAX_TOKENS, prompt_logprobs=True)
-        stats = engine.collective_rpc("remix_routing_stats")[0]
+        stats = engine.collective_rpc("remix_routing_stats")[0][0]
         assert_request_routing(engine, reference_runs[3:], prompts[3:])
     no_selections = [{} for _ in prompts]
     runs = [dataclasses.replace(r, selections={}) for r in reference_runs]
@@ -221,7 +221,7 @@ def test_parity_pipeline_parallel_2(checkpoint, reference_runs):
         selections = captured_prefill_selections(engine, prompts)
         engine.collective_rpc("remix_reset_routing_stats")
         greedy(engine, prompts, max_tokens=4)
-        stages = engine.collective_rpc("remix_routing_stats")
+        stages = [slots[0] for slots in engine.collective_rpc("remix_routing_stats")]
         assert_request_routing(engine, reference_runs[3:], prompts[3:])
     assert_parity(outputs, selections, reference_runs, prompts)
     layers = [{split_module_path(m)[0] for m in stage} for stage in stages]
