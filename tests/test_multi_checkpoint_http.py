@@ -278,7 +278,7 @@ async def check_unload_waits_for_requests_in_flight(server: Server) -> None:
     assert "1 request(s) in flight" in assert_error(r, 409, "checkpoint_busy", "timeout_s")
     assert await server.text("a") == "cdefg"
     # Waiting: new requests for "a" are refused meanwhile; the others' go on.
-    waiting = asyncio.create_task(server.post(unload, {"name": "a", "timeout_s": 10}))
+    waiting = asyncio.create_task(server.post(unload, {"name": "a", "timeout_s": 120}))
     await asyncio.sleep(0.05)
     assert not waiting.done()
     assert "being unloaded" in assert_error(
