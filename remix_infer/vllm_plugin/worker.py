@@ -116,6 +116,9 @@ class CheckpointSlotFiller:
         while frame is not None:
             owner = frame.f_locals.get("self")
             if hasattr(owner, "_prepare_inputs") and hasattr(owner, "requests"):
+                if isinstance(owner._prepare_inputs, cls):  # weights loaded again: re-aim it
+                    owner._prepare_inputs.model = model
+                    return
                 filler = cls(owner, model)
                 owner._prepare_inputs = filler
                 owner.remix_slot_filler = filler
