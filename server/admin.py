@@ -142,7 +142,7 @@ class CheckpointAdmin:
             ) from None
 
     def _info(self, model: ServedModel, status: str, t0: float) -> CheckpointInfo:
-        seconds = time.perf_counter() - t0
+        seconds = round(time.perf_counter() - t0, 3)
         log.info(
             "%s '%s' (slot %d, %s) in %.2f s", status, model.name, model.slot, model.path, seconds
         )
