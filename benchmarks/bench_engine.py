@@ -5,8 +5,12 @@
    (base, remix, remix, base, ...) so machine drift cancels: batch decode and prefill-heavy.
 2. Layer microbenchmark (bench_layer.py): the fused layer vs the base linear, a naive loop and
    the FLOP floor, across token counts.
+3. Several checkpoints in one engine (checkpoint slots): batch decode with 1, 2, 4 and 8
+   checkpoints active in one batch (an engine of 8 slots), against one checkpoint alone (an
+   engine of one slot: the single-checkpoint path), and with half of the batch for the base model.
 
-Ends with one JSON line: remix_over_base_decode, remix_over_base_prefill, layer_over_floor.
+Ends with one JSON line: remix_over_base_decode, remix_over_base_prefill, layer_over_floor,
+and multi_over_single_{1,2,4,8} (decode throughput over the one-slot engine's).
 """
 
 from __future__ import annotations
@@ -64,11 +68,21 @@ def workloads(args: argparse.Namespace) -> dict[str, dict]:
     }
 
 
-def timed_run(llm, workload: dict) -> float:  # noqa: ANN001
-    """Tokens per second of one generate() call over the workload."""
+def timed_run(llm, workload: dict, slots: list[int] | None = None) -> float:  # noqa: ANN001
+    """Tokens per second of one generate() call over the workload; slots: request i asks for
+    checkpoint slot slots[i % len(slots)] (-1: the base model)."""
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=workload["max_tokens"], ignore_eos=True)
+    from remix_infer.vllm_plugin.engine import CHECKPOINT_SLOT_KEY
+
+    def sampling(slot: int | None) -> SamplingParams:
+        extra = {CHECKPOINT_SLOT_KEY: slot} if slot is not None else None
+        return SamplingParams(
+            temperature=0.0, max_tokens=workload["max_tokens"], ignore_eos=True, extra_args=extra
+        )
+
+    count = len(workload["prompts"])
+    params = [sampling(slots[i % len(slots)]) for i in range(count)] if slots else sampling(None)
     start = time.perf_counter()
     outs = llm.generate(workload["prompts"], params, use_tqdm=False)
     elapsed = time.perf_counter() - start
@@ -126,6 +140,59 @@ def engine_benchmark(args: argparse.Namespace) -> dict:
     return summary
 
 
+# case -> (engine: "one" slot or "eight" slots, the slots its requests cycle through)
+MULTI_CASES = {
+    "single": ("one", [0]),
+    "single_half_base": ("one", [0, -1]),
+    "multi_1": ("eight", [0]),
+    "multi_2": ("eight", [0, 1]),
+    "multi_4": ("eight", [0, 1, 2, 3]),
+    "multi_8": ("eight", list(range(8))),
+}
+
+
+def multi_checkpoint_benchmark(args: argparse.Namespace) -> dict:
+    """Decode throughput of MULTI_CASES, runs interleaved; ratios over the one-slot engine."""
+    from vllm import LLM
+
+    from remix_infer.vllm_plugin.engine import remix_engine_kwargs
+
+    base = build_random_llama(
+        CACHE / f"llama-d{args.hidden}", hidden=args.hidden, layers=args.layers
+    )
+    ckpts = [
+        build_random_remix(CACHE / f"remix-d{args.hidden}-n8k4r8-seed{i}", base, seed=i)
+        for i in range(8)
+    ]
+    settings = engine_settings(args)
+    print(f"starting a one-slot and an eight-slot engine over {base} ...", flush=True)
+    engines = {
+        "one": LLM(**remix_engine_kwargs(ckpts[0]), **settings),
+        "eight": LLM(**remix_engine_kwargs({f"c{i}": c for i, c in enumerate(ckpts)}), **settings),
+    }
+    decode = workloads(args)["decode"]
+    for engine in engines.values():
+        timed_run(
+            engine,
+            {**decode, "max_tokens": 4},
+            list(range(8)) if engine is engines["eight"] else None,
+        )
+    rates: dict[str, list[float]] = {case: [] for case in MULTI_CASES}
+    runs = [case for _ in range(args.repeats) for case in MULTI_CASES]
+    for case in tqdm(runs, desc="multi-checkpoint runs"):
+        engine, slots = MULTI_CASES[case]
+        rates[case].append(timed_run(engines[engine], decode, slots))
+    for engine in engines.values():
+        engine.llm_engine.engine_core.shutdown()
+    single = statistics.median(rates["single"])
+    summary = {}
+    for case, runs_of_case in rates.items():
+        rate = statistics.median(runs_of_case)
+        summary[case] = {"tok_s": rate, "over_single": rate / single, "runs": runs_of_case}
+        print(f"{case:18s} {rate:8.1f} tok/s  over single {rate / single:.3f}", flush=True)
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -141,6 +208,7 @@ def main() -> None:
     )
     parser.add_argument("--skip-engine", action="store_true")
     parser.add_argument("--skip-layer", action="store_true")
+    parser.add_argument("--skip-multi", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
@@ -164,6 +232,14 @@ def main() -> None:
             "remix_over_base_prefill": round(results["engine"]["prefill"]["ratio"], 3),
             **line,
         }
+    if not args.skip_multi:
+        print("== several checkpoints in one engine (decode) ==", flush=True)
+        results["multi"] = multi_checkpoint_benchmark(args)
+        for n in (1, 2, 4, 8):
+            line[f"multi_over_single_{n}"] = round(results["multi"][f"multi_{n}"]["over_single"], 3)
+        line["half_base_over_single"] = round(
+            results["multi"]["single_half_base"]["over_single"], 3
+        )
     results["summary"] = line
     path = save_results("engine", results)
     if "layer" in results:

@@ -40,6 +40,12 @@ class Ticket:
         self.record = record
         self.holds_slot = holds_slot
         self.finished = False
+        self.on_finish: list[Callable[[], None]] = []  # releases of what the request held
+
+    def hold(self, acquire: Callable[[], None], release: Callable[[], None]) -> None:
+        """Acquire something for this request, released once it finishes, however it ends."""
+        acquire()
+        self.on_finish.append(release)
 
     def finish(self, status: int, completion_tokens: int | None = None) -> None:
         if self.finished:
@@ -50,6 +56,8 @@ class Ticket:
             self.record.completion_tokens = completion_tokens
         if self.holds_slot:
             self.admission.in_flight -= 1
+        for release in self.on_finish:
+            release()
         self.admission.observe(self.record)
 
     def fail(self, exc: BaseException) -> None:

@@ -5,6 +5,8 @@ middleware. Everything it assembles lives in its own module:
     serving.py              the pipeline shared by completions and chat
     serving_completion.py   /v1/completions        serving_chat.py   /v1/chat/completions
     admission.py            in-flight bound (429) and one observation per request
+    models.py               the served models: checkpoint name -> engine slot, base model
+    admin.py                /v1/load_checkpoint, /v1/unload_checkpoint
     errors.py               OpenAI error bodies for every failure
     middleware.py           API key, body size limit (413)
     protocol.py             request / response models     logprobs.py   both logprob shapes
@@ -21,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 
+from server.admin import CheckpointAdmin
 from server.admission import Admission
 from server.engine_client import RemixEngine
 from server.errors import install_error_handlers
@@ -45,6 +48,7 @@ def build_services(engine: RemixEngine, settings: ServerSettings) -> Services:
         metrics=metrics,
         completion=ServingCompletion(engine, settings, admission),
         chat=ServingChat(engine, settings, admission),
+        admin=CheckpointAdmin(engine, settings),
     )
 
 

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from server.settings import EngineSettings, ServerSettings, add_flags, from_args
+from server.settings import EngineSettings, ServerSettings, SettingsError, add_flags, from_args
 
 if TYPE_CHECKING:
     from server.engine_client import RemixEngine
@@ -34,9 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group()
     source.add_argument(
         "--checkpoint",
-        default=os.environ.get("REMIX_CHECKPOINT") or None,
-        help=f"checkpoint directory (env REMIX_CHECKPOINT; default: ./{DEFAULT_CHECKPOINT}, "
-        "built first if absent)",
+        action="append",
+        metavar="[NAME=]DIR",
+        help="a checkpoint directory to serve, as model NAME (default: the directory's name); "
+        "repeat it to serve several checkpoints over the same base model (env "
+        f"REMIX_CHECKPOINT, comma-separated; default: ./{DEFAULT_CHECKPOINT}, built first if "
+        "absent)",
     )
     source.add_argument(
         "--base-model",
@@ -44,14 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead of a checkpoint: serve this Hugging Face model directory plainly, with no "
         "adapters (the same server without ReMix, for comparisons)",
     )
+    p.add_argument(
+        "--serve-base-model",
+        metavar="NAME",
+        default=os.environ.get("REMIX_SERVE_BASE_MODEL") or None,
+        help="also serve the checkpoints' base model, without adapters, as model NAME "
+        "(env REMIX_SERVE_BASE_MODEL)",
+    )
     p.add_argument("--host", default=os.environ.get("REMIX_HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("REMIX_PORT", "8000")))
     p.add_argument(
         "--served-model-name",
         default=os.environ.get("REMIX_SERVED_MODEL_NAME") or None,
-        help=f"model name clients use (env REMIX_SERVED_MODEL_NAME; default: '{DEMO_MODEL_NAME}' "
-        "for the demo checkpoint, "
-        "else the checkpoint directory's name)",
+        help="model name clients use for a single checkpoint given as --checkpoint DIR, or for "
+        f"--base-model (env REMIX_SERVED_MODEL_NAME; default: '{DEMO_MODEL_NAME}' for the demo "
+        "checkpoint, else the directory's name)",
     )
     # The engine's and the server's settings: one flag each, its default from REMIX_<NAME>.
     add_flags(p, EngineSettings)
@@ -74,37 +84,95 @@ def resolve_checkpoint(arg: str | None) -> Path:
     return path
 
 
+def directory_model_name(path: Path) -> str:
+    """The model name of a checkpoint given without one: its directory's name."""
+    name = path.resolve().name
+    return DEMO_MODEL_NAME if name == DEFAULT_CHECKPOINT else name
+
+
+def split_checkpoint_spec(spec: str) -> tuple[str | None, str]:
+    """`NAME=DIR` -> (NAME, DIR); `DIR` -> (None, DIR). An existing directory is a DIR even if
+    its name holds a '='."""
+    name, eq, directory = spec.partition("=")
+    if not eq or Path(spec).exists():
+        return None, spec
+    if not name or any(c.isspace() or c == "," for c in name):
+        raise SettingsError(f"--checkpoint {spec}: expected NAME=DIR or DIR, NAME without spaces")
+    return name, directory
+
+
+def named_checkpoints(
+    specs: list[str] | None, served_model_name: str | None, base_model_name: str | None
+) -> dict[str, Path]:
+    """The checkpoints to serve, by model name, in slot order, from the --checkpoint flags (none:
+    the demo checkpoint). Raises SettingsError for names that cannot work together."""
+    pairs = [split_checkpoint_spec(spec) for spec in specs] if specs else [(None, None)]
+    bare = [directory for name, directory in pairs if name is None]
+    if served_model_name is not None and (len(pairs) > 1 or not bare):
+        raise SettingsError(
+            "--served-model-name names a single checkpoint given as --checkpoint DIR; to serve "
+            "several, name each: --checkpoint NAME=DIR"
+        )
+    named: dict[str, Path] = {}
+    for name, directory in pairs:
+        path = resolve_checkpoint(directory)
+        name = name or served_model_name or directory_model_name(path)
+        if name in named:
+            raise SettingsError(
+                f"--checkpoint: two checkpoints are named '{name}' ({named[name]} and {path}); "
+                "name them apart with --checkpoint NAME=DIR"
+            )
+        if name == base_model_name:
+            raise SettingsError(
+                f"--serve-base-model '{name}' is also the name of the checkpoint {path}: "
+                "give one of them another name"
+            )
+        named[name] = path
+    return named
+
+
+def checkpoints_from_environment(args: argparse.Namespace) -> None:
+    """REMIX_CHECKPOINT (comma-separated) when no --checkpoint flag was given. Not an argparse
+    default: an `append` flag would add to it instead of replacing it."""
+    env = os.environ.get("REMIX_CHECKPOINT")
+    if args.checkpoint is None and args.base_model is None and env:
+        args.checkpoint = [spec.strip() for spec in env.split(",") if spec.strip()]
+
+
+def build_engine(args: argparse.Namespace) -> RemixEngine:
+    """The engine wrapper for the parsed flags: checkpoints validated, no process started.
+    Raises SettingsError or CheckpointError with a message for the user."""
+    from server.engine_client import RemixEngine
+
+    settings = from_args(EngineSettings, args)
+    if args.base_model:
+        if not (Path(args.base_model) / "config.json").is_file():
+            raise SettingsError(
+                f"cannot serve {args.base_model}: no config.json "
+                "(--base-model takes a Hugging Face model directory)"
+            )
+        if args.serve_base_model:
+            raise SettingsError(
+                "--serve-base-model serves a checkpoint's base model beside it; with "
+                "--base-model, name the model with --served-model-name"
+            )
+        name = args.served_model_name or Path(args.base_model).resolve().name
+        return RemixEngine(None, settings, base_model=args.base_model, base_model_name=name)
+    checkpoints = named_checkpoints(args.checkpoint, args.served_model_name, args.serve_base_model)
+    return RemixEngine(checkpoints, settings, base_model_name=args.serve_base_model)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    checkpoints_from_environment(args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(".cache/vllm").resolve()))
 
-    from remix_infer.checkpoint import CheckpointError
-    from server.settings import SettingsError
-
-    if args.base_model and not (Path(args.base_model) / "config.json").is_file():
-        print(
-            f"remix-serve: cannot serve {args.base_model}: no config.json "
-            "(--base-model takes a Hugging Face model directory)",
-            file=sys.stderr,
-        )
-        return 2
     try:
-        checkpoint = None if args.base_model else resolve_checkpoint(args.checkpoint)
-        from server.engine_client import RemixEngine
-
-        engine = RemixEngine(
-            checkpoint, from_args(EngineSettings, args), base_model=args.base_model
-        )
-    except CheckpointError as e:
-        print(
-            f"remix-serve: cannot serve {args.checkpoint or DEFAULT_CHECKPOINT}: {e}",
-            file=sys.stderr,
-        )
-        return 2
-    except SettingsError as e:
+        engine = build_engine(args)
+    except ValueError as e:  # SettingsError, CheckpointError, incompatible checkpoints
         print(f"remix-serve: {e}", file=sys.stderr)
         return 2
     if engine.settings.headless:
@@ -112,20 +180,15 @@ def main(argv: list[str] | None = None) -> int:
         engine.run_headless()
         return 0
 
-    name = args.served_model_name
-    if name is None:
-        name = engine.path.resolve().name
-        name = DEMO_MODEL_NAME if name == DEFAULT_CHECKPOINT else name
     log.info("loaded %s", engine.describe())
     log.info(
-        "serving it as '%s' on http://%s:%d/v1 (API key %s); starting the engine...",
-        name,
+        "serving %s on http://%s:%d/v1 (API key %s); starting the engine...",
+        ", ".join(f"'{m.name}'" for m in engine.models.listed()),
         args.host,
         args.port,
         "required" if args.api_key else "not required",
     )
-
-    return serve(engine, from_args(ServerSettings, args, served_model_name=name), args)
+    return serve(engine, from_args(ServerSettings, args), args)
 
 
 # After the engine fails: /health and /ready answer 503 "failed" for FAILURE_REPORT_S (so a

@@ -1,8 +1,9 @@
-"""The server's handle on vLLM's AsyncLLM serving one ReMix checkpoint (or, for comparisons, a
-plain base model with no adapters).
+"""The server's handle on vLLM's AsyncLLM serving ReMix checkpoints over one base model, each in
+a checkpoint slot of the engine (or, for comparisons, a plain base model with no adapters).
 
-The checkpoint is validated (`remix_engine_kwargs`) when the wrapper is built, so a bad
-checkpoint is refused before any engine process is spawned. `start()` builds the engine in a
+The checkpoints are validated (`remix_engine_kwargs`) when the wrapper is built, so a bad
+checkpoint, or one that cannot share the engine with the others, is refused before any engine
+process is spawned. `start()` builds the engine in a
 worker thread, so the HTTP server answers /health and /ready (503) while the engine loads;
 `watch()` notices when the engine dies afterwards. Tokenization runs in worker threads, off the
 event loop (a long prompt must not stall the streams of other requests).
@@ -15,13 +16,18 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from remix_infer.checkpoint import RemixCheckpoint, load_checkpoint
+from remix_infer.checkpoint import CheckpointError, RemixCheckpoint, load_checkpoint
 from remix_infer.config import RemixConfig
-from remix_infer.vllm_plugin.engine import WORKER_EXTENSION, remix_engine_kwargs
+from remix_infer.vllm_plugin.engine import (
+    BASE_MODEL_SLOT,
+    WORKER_EXTENSION,
+    remix_engine_kwargs,
+)
+from server.models import ModelTable, ServedModel
 from server.settings import EngineSettings, SettingsError
 
 log = logging.getLogger("remix_serve.engine")
@@ -47,10 +53,10 @@ def _on_cpu() -> bool:
 
 
 def merge_routing_stats(engines: list[list[dict[str, list[float]]]]) -> dict[str, list[float]]:
-    """One stats row per HF module from the remix_routing_stats of every worker of every engine.
-    Within an engine, each pipeline stage reports its own layers and tensor-parallel ranks route
-    identically (one rank's row is taken); data-parallel engines serve different requests, so
-    their rows (all sums) add up."""
+    """One stats row per HF module from one slot's remix_routing_stats rows of every worker of
+    every engine. Within an engine, each pipeline stage reports its own layers and
+    tensor-parallel ranks route identically (one rank's row is taken); data-parallel engines
+    serve different requests, so their rows (all sums) add up."""
     total: dict[str, list[float]] = {}
     for workers in engines:
         engine: dict[str, list[float]] = {}
@@ -61,6 +67,23 @@ def merge_routing_stats(engines: list[list[dict[str, list[float]]]]) -> dict[str
             old = total.get(name)
             total[name] = row if old is None else [a + b for a, b in zip(old, row, strict=True)]
     return total
+
+
+def merge_slot_routing_stats(
+    engines: list[list[list[dict[str, list[float]]]]],
+) -> list[dict[str, list[float]]]:
+    """merge_routing_stats for each checkpoint slot: remix_routing_stats answers one list per
+    worker, one entry per slot."""
+    slots = max((len(per_slot) for workers in engines for per_slot in workers), default=0)
+    return [
+        merge_routing_stats(
+            [
+                [per_slot[slot] for per_slot in workers if slot < len(per_slot)]
+                for workers in engines
+            ]
+        )
+        for slot in range(slots)
+    ]
 
 
 def merge_request_routing(engines: list[list[dict[str, Any] | None]]) -> dict[str, Any] | None:
@@ -76,29 +99,34 @@ def merge_request_routing(engines: list[list[dict[str, Any] | None]]) -> dict[st
 
 
 class RemixEngine:
-    """One AsyncLLM over a ReMix checkpoint, with the routing statistics of its workers."""
+    """One AsyncLLM over ReMix checkpoints in slots, with the routing statistics of its
+    workers; `models` says which name is in which slot."""
 
     def __init__(
         self,
-        checkpoint: str | os.PathLike | None,
+        checkpoints: Mapping[str, str | os.PathLike] | None,
         settings: EngineSettings | None = None,
         base_model: str | os.PathLike | None = None,
+        base_model_name: str | None = None,
     ) -> None:
-        """Serve `checkpoint`, or (checkpoint None) the plain Hugging Face model `base_model`
-        with no adapters: the same server without ReMix, to compare against."""
-        if (checkpoint is None) == (base_model is None):
-            raise ValueError("give either a ReMix checkpoint or a base model")
+        """Serve `checkpoints` (model name -> directory; slot i is the i-th), and the base model
+        alone as `base_model_name` if given; or (checkpoints None) the plain Hugging Face model
+        `base_model` with no adapters, as `base_model_name`: the same server without ReMix, to
+        compare against. Raises CheckpointError, or SettingsError (a ValueError) for
+        checkpoints that cannot share the engine."""
+        if (not checkpoints) == (base_model is None):
+            raise ValueError("give either ReMix checkpoints or a base model")
         self.settings = settings or EngineSettings()
         self.settings.check()  # raises SettingsError
         if self.settings.distributed_executor_backend == "ray" and _on_cpu():
             raise SettingsError(RAY_ON_CPU)
-        self.checkpoint: RemixCheckpoint | None = None
-        if checkpoint is not None:
-            self.checkpoint = load_checkpoint(checkpoint)  # raises CheckpointError
-            self.engine_kwargs = remix_engine_kwargs(self.checkpoint)
-            self.path = Path(self.checkpoint.path)
+        self.template: RemixCheckpoint | None = None  # the first checkpoint: slots sized from it
+        if checkpoints:
+            self.models = self._load_checkpoints(checkpoints, base_model_name)
         else:
             self.path = Path(base_model)
+            self.models = ModelTable(max_slots=0)
+            self.models.add(base_model_name or self.path.name, BASE_MODEL_SLOT, self.path, None)
             self.engine_kwargs = {
                 "model": str(self.path),
                 "tokenizer": str(self.path),
@@ -112,10 +140,42 @@ class RemixEngine:
         self.started_at: float | None = None
         self.stat_loggers: list[Any] = []  # vLLM StatLoggerFactory's, given to the engine at start
 
+    def _load_checkpoints(
+        self, checkpoints: Mapping[str, str | os.PathLike], base_model_name: str | None
+    ) -> ModelTable:
+        slots = self.settings.max_checkpoints or len(checkpoints)
+        if len(checkpoints) > slots:
+            raise SettingsError(
+                f"{len(checkpoints)} checkpoints given (--checkpoint) but --max-checkpoints is "
+                f"{slots}: raise it or serve fewer"
+            )
+        loaded: dict[str, RemixCheckpoint] = {}
+        for name, path in checkpoints.items():
+            try:
+                loaded[name] = load_checkpoint(path)
+            except CheckpointError as e:
+                raise CheckpointError(f"cannot serve {path} (as '{name}'): {e}") from None
+        first = next(iter(loaded.values()))
+        self.path = Path(first.path)
+        self.template = first
+        self.base_model_path = Path(first.base_model_path)
+        # One checkpoint is passed as itself: the engine exactly as before slots existed.
+        single = len(loaded) == 1 and self.settings.max_checkpoints is None
+        self.engine_kwargs = remix_engine_kwargs(
+            first if single else loaded, self.settings.max_checkpoints
+        )  # raises ValueError naming both checkpoints for a pair that cannot share the engine
+        table = ModelTable(max_slots=slots)
+        for slot, (name, ckpt) in enumerate(loaded.items()):
+            table.add(name, slot, Path(ckpt.path), ckpt.config)
+        if base_model_name is not None:
+            table.add(base_model_name, BASE_MODEL_SLOT, self.base_model_path, None)
+        return table
+
     @property
     def remix_config(self) -> RemixConfig | None:
-        """The served checkpoint's ReMix configuration; None for a plain base model."""
-        return self.checkpoint.config if self.checkpoint is not None else None
+        """The configuration the checkpoint slots were sized from (the first checkpoint's);
+        None for a plain base model."""
+        return self.template.config if self.template is not None else None
 
     @property
     def ready(self) -> bool:
@@ -127,13 +187,21 @@ class RemixEngine:
         return self.error is not None
 
     def describe(self) -> str:
-        if self.checkpoint is None:
+        if self.template is None:
             return f"base model {self.path} (no ReMix adapters)"
-        cfg = self.checkpoint.config
+        parts = []
+        for m in self.models.listed():
+            cfg = m.config
+            parts.append(
+                f"'{m.name}': base model alone"
+                if cfg is None
+                else f"'{m.name}': ReMix checkpoint {m.path} in slot {m.slot} ({cfg.architecture}, "
+                f"{cfg.num_layers} layers, {cfg.num_loras} LoRAs of rank {cfg.rank}, "
+                f"top-{cfg.top_k})"
+            )
         return (
-            f"ReMix checkpoint {self.path} ({cfg.architecture}, {cfg.num_layers} layers, "
-            f"{cfg.num_loras} LoRAs of rank {cfg.rank}, top-{cfg.top_k}) over base model "
-            f"{self.checkpoint.base_model_path}"
+            f"{'; '.join(parts)}; over base model {self.base_model_path}, "
+            f"{self.models.max_slots} checkpoint slot(s)"
         )
 
     def _engine_args(self) -> Any:
@@ -221,7 +289,7 @@ class RemixEngine:
             self.max_model_len = engine.model_config.max_model_len
             self.vocab_size = engine.model_config.get_vocab_size()
             await engine.collective_rpc("remix_prepare_pipeline_stage")
-            if self.checkpoint is not None:
+            if self.template is not None:
                 await engine.collective_rpc("remix_reset_routing_stats")
                 await engine.collective_rpc("remix_track_request_routing")
             self.async_llm = engine  # ready from here on
@@ -272,13 +340,13 @@ class RemixEngine:
         return await asyncio.to_thread(render)
 
     async def generate(
-        self, prompt_token_ids: list[int], params: Any, request_id: str
+        self, prompt_token_ids: list[int], params: Any, request_id: str, cache_salt: str
     ) -> AsyncIterator[Any]:
-        """RequestOutputs of one prompt. Cancelling the consumer (a client that went away)
-        aborts the request in the engine (AsyncLLM.generate does so on cancel/close)."""
-        async for out in self.async_llm.generate(
-            {"prompt_token_ids": prompt_token_ids}, params, request_id
-        ):
+        """RequestOutputs of one prompt (params name its checkpoint slot; cache_salt keeps its
+        prefix-cache entries apart from other checkpoints'). Cancelling the consumer (a client
+        that went away) aborts the request in the engine (AsyncLLM.generate does so)."""
+        prompt = {"prompt_token_ids": prompt_token_ids, "cache_salt": cache_salt}
+        async for out in self.async_llm.generate(prompt, params, request_id):
             yield out
 
     async def abort(self, request_id: str) -> None:
@@ -293,12 +361,23 @@ class RemixEngine:
         core = self.async_llm.engine_core
         return await core.call_utility_all_async("collective_rpc", method, None, args, None)
 
-    async def routing_stats(self) -> dict[str, list[float]]:
-        """{hf module name: [count per LoRA..., tokens, entropy sum, ess sum]} over the whole
-        engine (merge_routing_stats); {} without adapters."""
-        if self.checkpoint is None:
-            return {}
-        return merge_routing_stats(await self._rpc_every_engine("remix_routing_stats"))
+    async def routing_stats(self) -> list[tuple[ServedModel, dict[str, list[float]]]]:
+        """(checkpoint, {hf module name: [count per LoRA..., tokens, entropy sum, ess sum]})
+        over the whole engine (merge_slot_routing_stats), for each loaded checkpoint."""
+        if self.template is None:
+            return []
+        per_slot = merge_slot_routing_stats(await self._rpc_every_engine("remix_routing_stats"))
+        by_slot = self.models.by_slot()
+        return [(by_slot[s], stats) for s, stats in enumerate(per_slot) if s in by_slot]
+
+    async def load_slot(self, slot: int, path: Path) -> None:
+        """Copy the (validated) checkpoint at `path` into `slot` on every worker of every
+        engine; no request for the slot may be in flight."""
+        await self._rpc_every_engine("remix_load_checkpoint", slot, str(path))
+
+    async def unload_slot(self, slot: int) -> None:
+        """Empty `slot` (and zero its routing statistics) on every worker of every engine."""
+        await self._rpc_every_engine("remix_unload_checkpoint", slot)
 
     async def take_request_routing(self, key: str) -> dict[str, Any] | None:
         """The routing summary of the requests sent with extra_args[ROUTING_KEY] = key, once they

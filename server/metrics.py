@@ -23,11 +23,12 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from remix_infer.config import RemixConfig, split_module_path
+from remix_infer.config import split_module_path
 from remix_infer.ops.stats import StatsRow, is_collapsed, routing_figures
 
 if TYPE_CHECKING:
     from server.engine_client import RemixEngine
+    from server.models import ServedModel
 
 
 @dataclass
@@ -139,18 +140,17 @@ def stat_logger_factory(metrics: ServingMetrics) -> type:
 
 
 class RoutingCollector(Collector):
-    """Routing-diversity metrics from the latest snapshot of the engine's counters."""
+    """Routing-diversity metrics from the latest snapshot of the engine's counters, one series
+    per checkpoint (label `checkpoint`: its model name), layer and module."""
 
-    def __init__(self, config: RemixConfig) -> None:
-        self.config = config
-        self.snapshot: dict[str, list[float]] = {}
+    def __init__(self) -> None:
+        self.snapshot: list[tuple[ServedModel, dict[str, list[float]]]] = []
 
-    def update(self, stats: dict[str, list[float]]) -> None:
+    def update(self, stats: list[tuple[ServedModel, dict[str, list[float]]]]) -> None:
         self.snapshot = stats
 
     def collect(self):  # noqa: ANN201 - prometheus_client's Collector protocol
-        k = self.config.top_k
-        labels = ["layer", "module"]
+        labels = ["checkpoint", "layer", "module"]
         selections = CounterMetricFamily(
             "remix_lora_selections",
             "Times each LoRA of a module's pool was selected",
@@ -177,21 +177,23 @@ class RoutingCollector(Collector):
         collapsed = GaugeMetricFamily(
             "remix_routing_collapsed_modules",
             "Adapted modules whose routing has collapsed (effective LoRAs in use < k, or ESS < (k+1)/2)",
+            labels=["checkpoint"],
         )
-        count = 0
-        for name, raw in sorted(self.snapshot.items()):
-            index, module = split_module_path(name)
-            layer = str(index)
-            row = StatsRow.parse(raw)
-            fig = routing_figures(row)
-            for lora, count in enumerate(row.selections):
-                selections.add_metric([layer, module, str(lora)], count)
-            tokens.add_metric([layer, module], fig["tokens"])
-            effective.add_metric([layer, module], fig["effective_loras"])
-            entropy.add_metric([layer, module], fig["router_entropy"])
-            ess.add_metric([layer, module], fig["ess"])
-            count += is_collapsed(fig, k)
-        collapsed.add_metric([], count)
+        for model, stats in self.snapshot:
+            count = 0
+            for name, raw in sorted(stats.items()):
+                index, module = split_module_path(name)
+                key = [model.name, str(index), module]
+                row = StatsRow.parse(raw)
+                fig = routing_figures(row)
+                for lora, selected in enumerate(row.selections):
+                    selections.add_metric([*key, str(lora)], selected)
+                tokens.add_metric(key, fig["tokens"])
+                effective.add_metric(key, fig["effective_loras"])
+                entropy.add_metric(key, fig["router_entropy"])
+                ess.add_metric(key, fig["ess"])
+                count += is_collapsed(fig, model.config.top_k)
+            collapsed.add_metric([model.name], count)
         yield from (selections, tokens, effective, entropy, ess, collapsed)
 
 
@@ -205,8 +207,7 @@ class Metrics:
         self.engine = engine
         self.registry = CollectorRegistry()
         self.serving = ServingMetrics(self.registry)
-        config = engine.remix_config
-        self.routing = RoutingCollector(config) if config is not None else None
+        self.routing = RoutingCollector() if engine.remix_config is not None else None
         if self.routing is not None:
             self.registry.register(self.routing)
         engine.stat_loggers.append(stat_logger_factory(self.serving))

@@ -135,13 +135,19 @@ class SamplingFields(BaseModel):
         """(logprobs per generated token, logprobs per prompt token) for vLLM; None: none."""
         return None, None
 
-    def to_sampling_params(self, max_tokens: int, routing_key: str) -> SamplingParams:
-        """The SamplingParams of one choice (the server fans out n choices itself). Raises
-        vLLM's own ValueError/TypeError for combinations it refuses."""
+    def to_sampling_params(self, max_tokens: int, routing_key: str, slot: int) -> SamplingParams:
+        """The SamplingParams of one choice (the server fans out n choices itself), for the
+        checkpoint in engine `slot`. Raises vLLM's own ValueError/TypeError for combinations it
+        refuses."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        from remix_infer.vllm_plugin.engine import CHECKPOINT_SLOT_KEY
         from remix_infer.vllm_plugin.worker import ROUTING_KEY
+
+        extra_args: dict[str, Any] = {CHECKPOINT_SLOT_KEY: slot}
+        if self.return_routing:
+            extra_args[ROUTING_KEY] = routing_key
 
         logprobs, prompt_logprobs = self.logprob_counts()
         return SamplingParams(
@@ -161,7 +167,7 @@ class SamplingFields(BaseModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
-            extra_args={ROUTING_KEY: routing_key} if self.return_routing else None,
+            extra_args=extra_args,
         )
 
 
@@ -376,10 +382,41 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "remix-serve"
-    root: str | None = None
+    root: str | None = None  # the checkpoint's directory (the base model's, for the base model)
+    parent: str | None = None  # the base model's directory, for a checkpoint
     max_model_len: int | None = None
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---------------------------------------------------------------------------------------------
+# Admin: checkpoints loaded and unloaded while serving
+
+
+class LoadCheckpointRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Text = Field(min_length=1, pattern=r"^[^\s,]+$")  # the model name clients will send
+    path: Text = Field(min_length=1)  # a checkpoint directory on the server's file system
+
+
+class UnloadCheckpointRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Text
+    # How long to wait for the checkpoint's requests in flight (new ones are refused meanwhile);
+    # past it the unload is refused (409) and the checkpoint serves on. 0: refuse at once.
+    timeout_s: float = Field(default=30.0, ge=0.0, le=600.0)
+
+
+class CheckpointInfo(BaseModel):
+    """The answer of a load or unload."""
+
+    name: str
+    path: str
+    slot: int
+    status: Literal["loaded", "unloaded"]
+    seconds: float  # how long the engine took (validation included for a load)

@@ -3,13 +3,13 @@ declare their request models, so /openapi.json documents every field of their bo
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from server.admin import CheckpointAdmin
 from server.admission import Admission
 from server.engine_client import RemixEngine
 from server.errors import ErrorResponse
@@ -17,10 +17,13 @@ from server.metrics import Metrics
 from server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
+    CheckpointInfo,
     CompletionRequest,
     CompletionResponse,
+    LoadCheckpointRequest,
     ModelCard,
     ModelList,
+    UnloadCheckpointRequest,
 )
 from server.serving_chat import ServingChat
 from server.serving_completion import ServingCompletion
@@ -37,6 +40,7 @@ class Services:
     metrics: Metrics
     completion: ServingCompletion
     chat: ServingChat
+    admin: CheckpointAdmin
 
 
 def services(request: Request) -> Services:
@@ -52,6 +56,10 @@ def _documented(ok: type) -> dict[int | str, dict[str, Any]]:
         },
         **{status: error for status in (400, 401, 404, 413, 429, 503)},
     }
+
+
+def _admin_documented() -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 503)}
 
 
 router = APIRouter()
@@ -72,13 +80,29 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
     s = services(request)
-    card = ModelCard(
-        id=s.settings.served_model_name,
-        created=int(s.engine.started_at or time.time()),
-        root=str(s.engine.path),
-        max_model_len=s.engine.max_model_len or None,
-    )
-    return ModelList(data=[card])
+    base_dir = getattr(s.engine, "base_model_path", None)
+    cards = [
+        ModelCard(
+            id=m.name,
+            created=m.created,
+            root=str(m.path),
+            parent=str(base_dir) if base_dir is not None and not m.is_base else None,
+            max_model_len=s.engine.max_model_len or None,
+        )
+        for m in s.engine.models.listed()
+        if not m.unloading
+    ]
+    return ModelList(data=cards)
+
+
+@router.post("/v1/load_checkpoint", responses=_admin_documented())
+async def load_checkpoint(body: LoadCheckpointRequest, request: Request) -> CheckpointInfo:
+    return await services(request).admin.load(body)
+
+
+@router.post("/v1/unload_checkpoint", responses=_admin_documented())
+async def unload_checkpoint(body: UnloadCheckpointRequest, request: Request) -> CheckpointInfo:
+    return await services(request).admin.unload(body)
 
 
 @router.get("/health")
@@ -97,7 +121,7 @@ async def ready(request: Request) -> JSONResponse:
         return JSONResponse(
             {
                 "status": "ready",
-                "model": s.settings.served_model_name,
+                "models": [m.name for m in s.engine.models.listed() if not m.unloading],
                 "requests_in_flight": s.admission.in_flight,
                 "engine_unfinished_requests": s.engine.num_unfinished_requests(),
             }

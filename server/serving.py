@@ -1,6 +1,7 @@
 """The serving pipeline shared by /v1/completions and /v1/chat/completions: model check,
 readiness, limits, admission, max_tokens, fan-out of n choices, run to the end or stream (with
-cancellation when the client goes away), and the routing summary. Subclasses
+cancellation when the client goes away), and the routing summary. A request's `model` picks
+its checkpoint (server/models.py). Subclasses
 (serving_completion.py, serving_chat.py) turn a request into prompts and engine outputs into
 their response bodies."""
 
@@ -22,6 +23,7 @@ from remix_infer.config import ALL_TARGET_MODULES, split_module_path
 from server.admission import CLIENT_CLOSED, Admission, Ticket
 from server.engine_client import RemixEngine
 from server.errors import APIError
+from server.models import ServedModel
 from server.protocol import (
     RemixInfo,
     RoutingSummary,
@@ -45,7 +47,7 @@ class Job(Generic[RequestT]):
 
     req: RequestT
     id: str
-    model: str
+    model: ServedModel
     prompts: list[list[int]]
     calls: list[tuple[list[int], Any]]
     created: int = field(default_factory=now)
@@ -53,7 +55,7 @@ class Job(Generic[RequestT]):
     extra: Any = None  # what the endpoint prepared (completions: the echoed prompt texts)
 
     def header(self) -> dict[str, Any]:
-        return {"id": self.id, "created": self.created, "model": self.model}
+        return {"id": self.id, "created": self.created, "model": self.model.name}
 
 
 def fan_out(prompts: list[list[int]], params: Any, n: int) -> list[tuple[list[int], Any]]:
@@ -127,16 +129,20 @@ class ServingBase(Generic[RequestT]):
     # -- the shared pipeline -----------------------------------------------------------------
 
     async def handle(self, request: Request, req: RequestT) -> Response:
-        model = self.check_model(req)  # what needs no slot is refused before admission
+        # What needs no admission is refused before it; from `resolve` to `hold` nothing awaits,
+        # so an unload cannot start in between.
+        model = self.engine.models.resolve(req.model)
         self.require_ready()
-        self.check_limits(req)
+        self.check_limits(req, model)
         ticket = self.admission.admit(request, self.endpoint)
+        models = self.engine.models
+        ticket.hold(lambda: models.acquire(model), lambda: models.release(model))
         try:
             job = await self.make_job(req, model, ticket)
             if req.stream:
                 return ticket.stream(self.stream_events(job, ticket))
             finals = await cancel_on_disconnect(request, self.collect_finals(job))
-            remix = await self.routing_summary(job.id) if req.return_routing else None
+            remix = await self.routing_summary(job) if req.return_routing else None
             completion_tokens = sum(len(out.outputs[0].token_ids) for out in finals)
             usage = Usage.of(ticket.record.prompt_tokens, completion_tokens)
             body = self.response_body(job, finals, usage, remix)
@@ -146,12 +152,12 @@ class ServingBase(Generic[RequestT]):
             ticket.fail(e)  # a no-op once the stream owns the ticket
             raise
 
-    async def make_job(self, req: RequestT, model: str, ticket: Ticket) -> Job[RequestT]:
+    async def make_job(self, req: RequestT, model: ServedModel, ticket: Ticket) -> Job[RequestT]:
         prompts = await self.prompt_token_ids(req)
         max_tokens = self.max_tokens(req, prompts)
         rid = new_id(self.id_prefix)
         try:
-            params = req.to_sampling_params(max_tokens, routing_key=rid)
+            params = req.to_sampling_params(max_tokens, routing_key=rid, slot=model.slot)
         except (ValueError, TypeError) as e:  # vLLM's own checks (VLLMClientError is one)
             raise APIError(400, str(e), code="invalid_value") from None
         ticket.record.prompt_tokens = sum(len(p) for p in prompts)
@@ -160,17 +166,6 @@ class ServingBase(Generic[RequestT]):
         )
         await self.prepare(job)
         return job
-
-    def check_model(self, req: SamplingFields) -> str:
-        name = self.settings.served_model_name
-        if req.model is not None and req.model != name:
-            raise APIError(
-                404,
-                f"The model '{req.model}' does not exist (this server serves '{name}')",
-                param="model",
-                code="model_not_found",
-            )
-        return name
 
     def require_ready(self) -> None:
         if not self.engine.ready:
@@ -182,7 +177,7 @@ class ServingBase(Generic[RequestT]):
                 headers={"Retry-After": "5"},
             )
 
-    def check_limits(self, req: SamplingFields) -> None:
+    def check_limits(self, req: SamplingFields, model: ServedModel) -> None:
         """What this server can do for a well-formed request: n, and routing only with adapters."""
         if req.n > self.settings.max_n:
             raise APIError(
@@ -191,10 +186,11 @@ class ServingBase(Generic[RequestT]):
                 param="n",
                 code="invalid_value",
             )
-        if req.return_routing and self.engine.remix_config is None:
+        if req.return_routing and model.config is None:
             raise APIError(
                 400,
-                "remix.return_routing: this server serves a base model without ReMix adapters",
+                f"remix.return_routing: the model '{model.name}' is a base model without ReMix "
+                "adapters (it has no routing to return)",
                 param="remix.return_routing",
                 code="invalid_value",
             )
@@ -230,7 +226,11 @@ class ServingBase(Generic[RequestT]):
         aborts the engine requests (AsyncLLM.generate aborts on cancel/close)."""
         from vllm.utils.async_utils import merge_async_iterators
 
-        gens = [self.engine.generate(p, ps, f"{job.id}-{i}") for i, (p, ps) in enumerate(job.calls)]
+        salt = job.model.cache_salt
+        gens = [
+            self.engine.generate(p, ps, f"{job.id}-{i}", salt)
+            for i, (p, ps) in enumerate(job.calls)
+        ]
         async for i, out in merge_async_iterators(*gens):
             yield i, out
 
@@ -252,7 +252,7 @@ class ServingBase(Generic[RequestT]):
                 completion_tokens += sum(len(o.token_ids) for o in out.outputs)
                 yield sse(self.stream_chunk(job, j, out))
             usage = Usage.of(ticket.record.prompt_tokens, completion_tokens)
-            remix = await self.routing_summary(job.id) if job.req.return_routing else None
+            remix = await self.routing_summary(job) if job.req.return_routing else None
             if job.req.include_usage or remix is not None:
                 yield sse(
                     self.chunk_class(
@@ -283,10 +283,11 @@ class ServingBase(Generic[RequestT]):
         log.error("engine error: %r", e)
         return APIError(500, "The engine failed to process the request", "server_error")
 
-    async def routing_summary(self, rid: str) -> RemixInfo | None:
-        """The engine's selections for this request's tokens, as the response's `remix`."""
-        raw = await self.engine.take_request_routing(rid)
-        config = self.engine.remix_config
+    async def routing_summary(self, job: Job[RequestT]) -> RemixInfo | None:
+        """The engine's selections for this request's tokens (indices into its own checkpoint's
+        pools), as the response's `remix`."""
+        raw = await self.engine.take_request_routing(job.id)
+        config = job.model.config
         if raw is None or config is None:
             return None
         by_module = {split_module_path(path): counts for path, counts in raw["modules"].items()}

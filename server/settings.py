@@ -74,6 +74,11 @@ class EngineSettings:
     max_num_batched_tokens: int | None = setting(None, "tokens in one engine step", engine_arg=True)
     enforce_eager: bool = setting(False, "no compiled mode (faster start)", engine_arg=True)
     seed: int = setting(0, "the engine's random seed", engine_arg=True)
+    max_checkpoints: int | None = setting(
+        None,
+        "checkpoint slots, sized at start (default: the number of --checkpoint flags); "
+        "slots left free take checkpoints loaded while serving (POST /v1/load_checkpoint)",
+    )
     extra: dict[str, Any] = field(default_factory=dict, metadata={"flag": False})  # more args
 
     @property
@@ -84,8 +89,8 @@ class EngineSettings:
     def check(self) -> None:
         """Refuse combinations that cannot work, before any engine process starts."""
         sizes = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "nnodes")
-        for name in sizes:
-            if getattr(self, name) < 1:
+        for name in (*sizes, "max_checkpoints"):
+            if (getattr(self, name) or 1) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 <= self.node_rank < self.nnodes:
             raise SettingsError(
@@ -151,7 +156,6 @@ class EngineSettings:
 
 @dataclass
 class ServerSettings:
-    served_model_name: str = setting("remix-demo", "model name clients use", flag=False)
     api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on /v1")
     max_queue: int = setting(
         256, "requests admitted at once (running + waiting); past it: 429 with Retry-After"

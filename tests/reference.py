@@ -33,3 +33,12 @@ def reference_run(model: torch.nn.Module, prompt: list[int], max_tokens: int = 8
         logits = model(input_ids=ids).logits[0]
     sequence = {name: sel[0] for name, sel in routing_selections(model).items()}
     return ReferenceRun(tokens, selections, logprobs, sequence)
+
+
+@torch.no_grad()
+def plain_greedy(model: torch.nn.Module, prompt: list[int], max_tokens: int = 8) -> list[int]:
+    """Greedy continuation of a model without adapters (the base model), by full forwards."""
+    ids = torch.tensor([prompt])
+    for _ in range(max_tokens):
+        ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids[0, len(prompt) :].tolist()

@@ -305,6 +305,30 @@ def test_dashboard_shows_serving_and_routing_diversity():
     assert metric_names(heatmap["targets"][0]["expr"]) == {"remix_lora_selections_total"}
 
 
+ROUTING_METRICS = {
+    "remix_lora_selections_total",
+    "remix_routed_tokens_total",
+    "remix_routing_effective_loras",
+    "remix_router_entropy_nats",
+    "remix_routing_weight_ess",
+    "remix_routing_collapsed_modules",
+}
+
+
+def test_dashboard_selects_and_separates_checkpoints():
+    """Routing series carry a `checkpoint` label (one server serves several): every routing
+    expression filters on the dashboard's checkpoint selector and never adds up two checkpoints'
+    pools (LoRA #i of one is not LoRA #i of another)."""
+    assert "checkpoint" in [v["name"] for v in template_variables()]
+    routing = [e for e in dashboard_expressions() if metric_names(e) & ROUTING_METRICS]
+    assert len(routing) >= 6
+    for expr in routing:
+        for selector in re.findall(r"\{[^}]*\}", expr):
+            assert 'checkpoint=~"$checkpoint"' in selector, expr
+        for labels in re.findall(r"\b(?:by|on)\s*\(([^)]*)\)", expr):
+            assert "checkpoint" in labels, expr
+
+
 def test_dashboard_expressions_are_promql(tmp_path):
     """promtool parses each expression (as a recording rule)."""
     rules = [{"record": f"check:expr{i}", "expr": e} for i, e in enumerate(expressions())]
@@ -316,17 +340,29 @@ def test_dashboard_expressions_are_promql(tmp_path):
 # --- a real Prometheus scraping a real remix-serve -------------------------------------------
 
 
+CHECKPOINTS = ("remix-demo", "second")
+
+
+def routing_key(labels: dict) -> tuple[str, str, str]:
+    return labels["checkpoint"], labels["layer"], labels["module"]
+
+
 @pytest.fixture(scope="module")
 def served(demo_checkpoint, tmp_path_factory):
-    """remix-serve on the quick demo checkpoint, after a few completions (so the routing
-    counters are not zero)."""
+    """remix-serve on the quick demo checkpoint, served twice (as 'remix-demo' and 'second', two
+    checkpoint slots: the routing series carry a `checkpoint` label), after a few completions
+    (so the routing counters are not zero, and differ between the two)."""
     log_path = tmp_path_factory.mktemp("deploy-server") / "server.log"
-    with running_server(demo_checkpoint, log_path, [*SMALL_ENGINE, "--max-model-len", "128"]) as s:
+    args = [f"--checkpoint={name}={demo_checkpoint}" for name in CHECKPOINTS]
+    with running_server(None, log_path, [*args, *SMALL_ENGINE, "--max-model-len", "128"]) as s:
         lines = (demo_checkpoint / "data" / "eval.jsonl").read_text().splitlines()[:3]
-        for line in lines:
+        for i, line in enumerate(lines):
             body = {"prompt": json.loads(line)["prompt"], "max_tokens": 8, "temperature": 0}
-            r = httpx.post(s["base"] + "/v1/completions", json=body, timeout=60)
-            assert r.status_code == 200, r.text
+            for model in CHECKPOINTS[: 1 + (i > 0)]:  # the first prompt to remix-demo only
+                r = httpx.post(
+                    s["base"] + "/v1/completions", json=body | {"model": model}, timeout=60
+                )
+                assert r.status_code == 200, r.text
         yield s
 
 
@@ -378,19 +414,20 @@ def query(prometheus: dict, expr: str) -> list[dict]:
 def test_prometheus_scrapes_the_routing_diversity_the_server_reports(served, prometheus):
     samples = scrape(served)
     reported = {
-        (labels["layer"], labels["module"]): value
+        routing_key(labels): value
         for (name, items), value in samples.items()
         if name == "remix_routing_effective_loras"
         for labels in [dict(items)]
     }
     assert reported and all(v > 0 for v in reported.values()), reported
+    assert {key[0] for key in reported} == set(CHECKPOINTS)
     selections = sum(v for (name, _), v in samples.items() if name == "remix_lora_selections_total")
     assert selections > 0
 
     def scraped() -> None:
         assert [float(r["value"][1]) for r in query(prometheus, 'up{job="remix"}')] == [1.0]
         series = query(prometheus, "remix_routing_effective_loras")
-        got = {(r["metric"]["layer"], r["metric"]["module"]): float(r["value"][1]) for r in series}
+        got = {routing_key(r["metric"]): float(r["value"][1]) for r in series}
         assert got.keys() == reported.keys()
         assert all(math.isclose(got[k], reported[k], rel_tol=1e-12) for k in got), got
         (total,) = query(prometheus, "sum(remix_lora_selections_total)")
@@ -475,13 +512,13 @@ def panel_expressions(title_start: str) -> list[str]:
 @pytest.mark.slow
 def test_dashboard_aggregates_routing_over_replicas(served, two_replicas_prometheus):
     """Two replicas that counted the same: the dashboard's routing panels show one series per
-    layer and module (not per replica), with each replica's figures (shares, effective LoRAs,
+    checkpoint, layer and module (not per replica), with each replica's figures (shares, effective LoRAs,
     token-weighted ESS) and twice the tokens."""
     samples = scrape(served)
 
     def per_module(name: str) -> dict:
         return {
-            (labels["layer"], labels["module"]): v
+            routing_key(labels): v
             for (n, items), v in samples.items()
             if n == name
             for labels in [dict(items)]
@@ -495,7 +532,7 @@ def test_dashboard_aggregates_routing_over_replicas(served, two_replicas_prometh
     def as_dict(expr: str) -> dict:
         series = query(two_replicas_prometheus, expr)
         assert all("instance" not in r["metric"] for r in series), expr
-        return {(r["metric"]["layer"], r["metric"]["module"]): float(r["value"][1]) for r in series}
+        return {routing_key(r["metric"]): float(r["value"][1]) for r in series}
 
     def aggregated() -> None:
         up = query(two_replicas_prometheus, 'up{job="remix"}')

@@ -99,13 +99,24 @@ def test_distributed_settings_read_flags_and_environment(monkeypatch, capsys):
 def test_routing_stats_merge_stages_ranks_and_engines():
     """Pipeline stages report their own layers, tensor-parallel ranks the same rows, and
     data-parallel engines their own traffic (rows of sums: they add up)."""
-    from server.engine_client import merge_request_routing, merge_routing_stats
+    from server.engine_client import (
+        merge_request_routing,
+        merge_routing_stats,
+        merge_slot_routing_stats,
+    )
 
     l0, l1 = "model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"
     engine_a = [{l0: [3, 1, 2, 5.0, 4.0]}, {l0: [3, 1, 2, 5.0, 4.0]}, {l1: [2, 2, 2, 5.0, 4.5]}]
     engine_b = [{l0: [1, 0, 1, 1.0, 0.5]}, {l0: [1, 0, 1, 1.0, 0.5]}, {l1: [0, 1, 1, 1.0, 0.5]}]
     assert merge_routing_stats([engine_a]) == {l0: [3, 1, 2, 5, 4], l1: [2, 2, 2, 5, 4.5]}
     assert merge_routing_stats([engine_a, engine_b]) == {l0: [4, 1, 3, 6, 4.5], l1: [2, 3, 3, 6, 5]}
+    # Each worker reports one entry per checkpoint slot: slots merge apart.
+    empty = [{}, {}, {}]
+    slots = [[[a, {}] for a in engine_a], [[{}, b] for b in engine_b]]
+    assert merge_slot_routing_stats(slots) == [
+        merge_routing_stats([engine_a, empty]),
+        merge_routing_stats([empty, engine_b]),
+    ]
     stage0 = {"tokens": 5, "modules": {l0: [3, 1, 2]}}
     stage1 = {"tokens": 5, "modules": {l1: [2, 2, 2]}}
     merged = merge_request_routing([[None, None], [stage0, stage0, stage1]])

@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 from helpers.engines import captured_prefill_selections, greedy, make_parity_checkpoint, remix_llm
-from reference import reference_run
+from reference import plain_greedy, reference_run
 
 from remix_infer.config import split_module_path
 from remix_infer.modeling import load_remix_model, remix_modules
@@ -111,11 +111,48 @@ def test_parity_check_catches_a_corrupted_pool(llm, checkpoint, reference_runs):
     assert_parity(outputs, selections, reference_runs, prompts)  # and the real one still passes
 
 
+def test_base_model_requests_beside_the_checkpoint(llm, checkpoint, reference_runs):
+    """One checkpoint slot: requests for the base model (BASE_MODEL_SLOT) in the same batch get
+    the plain base model's greedy tokens and are not counted in the routing statistics; the
+    others keep their reference answers."""
+    from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams
+
+    from remix_infer.vllm_plugin.engine import BASE_MODEL_SLOT, CHECKPOINT_SLOT_KEY
+
+    prompts = mixed_prompts()[:6]
+    slots = [0, BASE_MODEL_SLOT, None, BASE_MODEL_SLOT, 0, BASE_MODEL_SLOT]  # None: no key
+    params = [
+        SamplingParams(
+            temperature=0.0,
+            max_tokens=MAX_TOKENS,
+            ignore_eos=True,
+            extra_args=None if slot is None else {CHECKPOINT_SLOT_KEY: slot},
+        )
+        for slot in slots
+    ]
+    llm.collective_rpc("remix_reset_routing_stats")
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    stats = llm.collective_rpc("remix_routing_stats")[0][0]
+    base = AutoModelForCausalLM.from_pretrained(checkpoint / "base", dtype=torch.float32)
+    for i, (prompt, slot, out) in enumerate(zip(prompts, slots, outputs, strict=True)):
+        if slot == BASE_MODEL_SLOT:
+            want = plain_greedy(base, prompt, MAX_TOKENS)
+            assert want != reference_runs[i].tokens  # the adapter matters for this prompt
+        else:
+            want = reference_runs[i].tokens
+        assert list(out.outputs[0].token_ids) == want, f"prompt {i} (slot {slot})"
+    adapted = sum(
+        len(p) + MAX_TOKENS - 1 for p, s in zip(prompts, slots, strict=True) if s != BASE_MODEL_SLOT
+    )
+    assert all(StatsRow.parse(row).tokens == adapted for row in stats.values())
+
+
 def test_routing_stats_count_real_tokens(llm):
     llm.collective_rpc("remix_reset_routing_stats")
     prompts = mixed_prompts()
     greedy(llm, prompts, max_tokens=4)
-    stats = llm.collective_rpc("remix_routing_stats")[0]
+    stats = llm.collective_rpc("remix_routing_stats")[0][0]  # worker 0, checkpoint slot 0
     # every prompt token and every generated token but the last goes through the model once
     tokens = sum(map(len, prompts)) + len(prompts) * 3
     n, k = 4, 2
@@ -197,7 +234,7 @@ def test_parity_compiled_mode(checkpoint, reference_runs):
     with remix_llm(checkpoint, in_process=False, enforce_eager=False) as engine:
         engine.collective_rpc("remix_reset_routing_stats")  # start-up warm-up ran dummy tokens
         outputs = greedy(engine, prompts, MAX_TOKENS, prompt_logprobs=True)
-        stats = engine.collective_rpc("remix_routing_stats")[0]
+        stats = engine.collective_rpc("remix_routing_stats")[0][0]
         assert_request_routing(engine, reference_runs[3:], prompts[3:])
     no_selections = [{} for _ in prompts]
     runs = [dataclasses.replace(r, selections={}) for r in reference_runs]
@@ -221,7 +258,7 @@ def test_parity_pipeline_parallel_2(checkpoint, reference_runs):
         selections = captured_prefill_selections(engine, prompts)
         engine.collective_rpc("remix_reset_routing_stats")
         greedy(engine, prompts, max_tokens=4)
-        stages = engine.collective_rpc("remix_routing_stats")
+        stages = [slots[0] for slots in engine.collective_rpc("remix_routing_stats")]
         assert_request_routing(engine, reference_runs[3:], prompts[3:])
     assert_parity(outputs, selections, reference_runs, prompts)
     layers = [{split_module_path(m)[0] for m in stage} for stage in stages]

@@ -19,7 +19,7 @@ MODEL = "fake"
 
 
 def settings(**overrides) -> ServerSettings:
-    return ServerSettings(**{"served_model_name": MODEL, "max_queue": 4, **overrides})
+    return ServerSettings(**{"max_queue": 4, **overrides})
 
 
 class Server:
@@ -417,7 +417,7 @@ def test_every_setting_reads_its_flag_and_environment(monkeypatch):
                         ("MAX_BODY_MIB", "2"), ("MAX_NUM_SEQS", "8")]:  # fmt: skip
         monkeypatch.setenv(f"REMIX_{name}", value)
     args = build_parser().parse_args(["--max-num-seqs", "9"])  # a flag wins over its variable
-    server = from_args(ServerSettings, args, served_model_name="m")
+    server = from_args(ServerSettings, args)
     assert (server.max_n, server.max_body_bytes) == (3, 2 << 20)
     engine = from_args(EngineSettings, args)
     assert engine.engine_args() == {

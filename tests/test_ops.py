@@ -22,6 +22,7 @@ from remix_infer.ops import (
     StatsRow,
     set_padding_provider,
 )
+from remix_infer.ops.slots import TokenSlots
 from remix_infer.ops.stats import stats_width
 from remix_infer.ops.triton_route import route
 from remix_infer.routing import topk_select
@@ -55,6 +56,13 @@ def build(
     weight = torch.randn(sum(parts), D_IN, generator=gen) * D_IN**-0.5
     layout = PoolLayout.from_config(cfg, D_IN, list(parts), list(adapted))
     pool = RemixPool(layout, dtype, 256, router_bias=True, kernel=kernel, device="cpu", **pool_kw)
+    references = load_references(pool, cfg, weight, parts, adapted, gen)
+    return FusedRemixLinear(weight.to(dtype), pool), references, weight
+
+
+def load_references(pool, cfg, weight, parts, adapted, gen, slot=0):
+    """Random reference RemixLinears (config cfg) over the base rows of each adapted part,
+    loaded into the pool's `slot`; {part: reference}."""
     references = {}
     starts = [sum(parts[:i]) for i in range(len(parts))]
     for part in adapted:
@@ -66,15 +74,15 @@ def build(
             ref.lora_b.normal_(0, 0.3, generator=gen)
             ref.router.weight.normal_(0, 1.0, generator=gen)
             ref.router.bias.normal_(0, 0.5, generator=gen)
-            if always:
+            if cfg.always_on_rank:
                 ref.always_a.normal_(0, D_IN**-0.5, generator=gen)
                 ref.always_b.normal_(0, 0.3, generator=gen)
         pool.load_part(
             part, ref.lora_a, ref.lora_b, ref.router.weight, ref.router.bias, ref.always_a,
-            ref.always_b,
+            ref.always_b, slot=slot,
         )  # fmt: skip
         references[part] = ref
-    return FusedRemixLinear(weight.to(dtype), pool), references, weight
+    return references
 
 
 def reference_outputs(references, weight, parts, x):
@@ -350,3 +358,105 @@ def test_shared_router_routes_every_pool_from_the_first_input(kernel):
     expected = as_mask(chosen)
     assert torch.equal(layers[0].pool.step_selected[:21], torch.stack([expected] * 2, 1))
     assert torch.equal(layers[1].pool.step_selected[:21, 0], expected)
+
+
+# Checkpoint slots (ops/slots.py): several checkpoints' pools in one, chosen per token.
+SLOT_OF_TOKEN = [0, 2, -1, 2, 0, 0, -1, 2, 1, 0, 2, 2, -1, 0, 2, 0, 2, 0, 0, 2, 1]
+
+
+def build_slots(kernel, parts, adapted, always=0, slot_ranks=(R, R - 2), weighting="constant"):
+    """A FusedRemixLinear of 3 slots: slot 0 and 2 hold random references (slot 2 with a lower
+    rank, zero-padded), slot 1 is loaded then cleared; {slot: references}, the base weight,
+    and the token slots it reads."""
+    gen = torch.Generator().manual_seed(11)
+    cfg = config(weighting, always=always)
+    weight = torch.randn(sum(parts), D_IN, generator=gen) * D_IN**-0.5
+    layout = PoolLayout.from_config(cfg, D_IN, list(parts), list(adapted), num_slots=3)
+    slots = TokenSlots(256, device="cpu")
+    pool = RemixPool(layout, torch.float32, 256, True, kernel, device="cpu", slots=slots)
+    references = {}
+    for slot, rank in zip((0, 1, 2), (slot_ranks[0], R, slot_ranks[1]), strict=True):
+        slot_cfg = cfg.model_copy(update={"rank": rank})
+        references[slot] = load_references(pool, slot_cfg, weight, parts, adapted, gen, slot)
+    pool.clear_slot(1)
+    del references[1]
+    return FusedRemixLinear(weight, pool), references, weight, slots
+
+
+def slot_reference(references, weight, parts, x, slot_of_token):
+    """Per token, its slot's reference output (the base model's for -1) and top-k."""
+    want = F.linear(x, weight).clone()
+    selected = torch.full((x.shape[0], len(next(iter(references.values()))), K), -1)
+    for slot, refs in references.items():
+        rows = (slot_of_token == slot).nonzero().flatten()
+        out, sel = reference_outputs(refs, weight, parts, x[rows])
+        want[rows], selected[rows] = out, sel
+    return want, selected
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("merged", ["one part", "middle part not adapted"])
+@pytest.mark.parametrize("always", [0, 2])
+def test_slots_route_each_token_through_its_own_checkpoint(kernel, merged, always):
+    """Tokens of two checkpoints and of the base model in one call: each gets its own
+    reference's output and top-k, the statistics land in each slot's rows (none for base-model
+    tokens or the cleared slot), and a slot loaded in place afterwards is used."""
+    parts, adapted = MERGED[merged]
+    layer, references, weight, slots = build_slots(kernel, parts, adapted, always)
+    layer.pool.capture_selections = True
+    slot_of_token = torch.tensor(SLOT_OF_TOKEN)
+    slots.fill(slot_of_token)
+    x = torch.randn(len(SLOT_OF_TOKEN), D_IN, generator=torch.Generator().manual_seed(12))
+    slot_of_token[slot_of_token == 1] = -1  # slot 1 is empty: the caller sends its tokens as base
+    slots.fill(slot_of_token)
+    with torch.no_grad():
+        got = layer(x)
+    want, selected = slot_reference(references, weight, parts, x, slot_of_token)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    mask = as_mask(selected.clamp(min=0)) * (slot_of_token >= 0)[:, None, None]
+    assert torch.equal(layer.pool.step_selected[: len(x)], mask.to(torch.uint8))
+    if kernel != "triton":
+        assert torch.equal(layer.pool.captured[0], selected)
+    s = len(adapted)
+    stats = layer.pool.stats.view(3, s, -1)
+    assert stats[1].abs().sum() == 0
+    for slot in (0, 2):
+        mine = slot_of_token == slot
+        for j in range(s):
+            row = StatsRow.parse(stats[slot, j].tolist())
+            assert row.tokens == int(mine.sum())
+            assert (
+                row.selections == torch.bincount(selected[mine, j].flatten(), minlength=N).tolist()
+            )
+    # load slot 1 in place and refresh the folded weight in place (the engine's compiled mode
+    # relies on that: tests/test_multi_checkpoint_engine.py)
+    folded = layer.folded
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(13)
+        cfg = config(always=always)
+        references[1] = load_references(layer.pool, cfg, weight, parts, adapted, gen, slot=1)
+        layer.refresh()
+        slot_of_token = torch.tensor(SLOT_OF_TOKEN)
+        slots.fill(slot_of_token)
+        got = layer(x)
+    assert layer.folded is folded
+    want, _ = slot_reference(references, weight, parts, x, slot_of_token)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_one_slot_with_base_model_tokens(kernel):
+    """One slot (today's path) plus base-model tokens: those get the base output and are not
+    counted; the others are as without slots."""
+    parts, adapted = MERGED["two parts"]
+    slots = TokenSlots(256, device="cpu")
+    layer, references, weight = build(kernel, parts, adapted, slots=slots)
+    plain = build(kernel, parts, adapted)[0]
+    slot_of_token = torch.tensor([0, -1, 0, 0, -1] * 4)
+    slots.fill(slot_of_token)
+    x = torch.randn(20, D_IN, generator=torch.Generator().manual_seed(14))
+    with torch.no_grad():
+        got, unslotted = layer(x), plain(x[slot_of_token >= 0])
+    torch.testing.assert_close(got[slot_of_token < 0], F.linear(x, weight)[slot_of_token < 0])
+    torch.testing.assert_close(got[slot_of_token >= 0], unslotted, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.pool.stats, plain.pool.stats, rtol=1e-6, atol=1e-9)

@@ -451,7 +451,8 @@ def test_metrics_follow_requests_tokens_and_routing(server, client, prompts):
     # Routing: each module saw the tokens the model computed (prefix caching may skip some
     # prompt tokens), and every token selected exactly k LoRAs with ReMix's constant weights.
     n, k = 8, 2
-    for module in ({"layer": "0", "module": "q_proj"}, {"layer": "3", "module": "down_proj"}):
+    for where in (("0", "q_proj"), ("3", "down_proj")):
+        module = {"checkpoint": MODEL, "layer": where[0], "module": where[1]}
         routed = delta("remix_routed_tokens_total", **module)
         assert (
             0 < routed <= sum(o.usage.prompt_tokens + o.usage.completion_tokens - 1 for o in outs)
@@ -463,7 +464,7 @@ def test_metrics_follow_requests_tokens_and_routing(server, client, prompts):
         assert sample(after, "remix_routing_weight_ess", **module) == pytest.approx(k)
         assert 1 <= sample(after, "remix_routing_effective_loras", **module) <= n
         assert 0 < sample(after, "remix_router_entropy_nats", **module) <= math.log(n) + 1e-9
-    assert ("remix_routing_collapsed_modules", ()) in after
+    assert ("remix_routing_collapsed_modules", (("checkpoint", MODEL),)) in after
 
 
 def test_request_routing_summary(server, client, prompts):
@@ -484,7 +485,7 @@ def test_request_routing_summary(server, client, prompts):
                                 "up_proj", "down_proj"}  # fmt: skip
         for module, counts in modules.items():
             assert len(counts) == n and sum(counts) == k * routing["tokens"]
-            labels = {"layer": str(index), "module": module}
+            labels = {"checkpoint": MODEL, "layer": str(index), "module": module}
             moved = [
                 sample(after, "remix_lora_selections_total", lora=str(i), **labels)
                 - sample(before, "remix_lora_selections_total", lora=str(i), **labels)

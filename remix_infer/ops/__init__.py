@@ -4,6 +4,7 @@ pool.py          RemixPool: pool tensors, the folded GEMM weight, the forwards o
                  kernels (torch: the oracle; numba: CPU; triton: GPU); FusedRemixLinear: a base
                  linear and its pool as one module
 shared.py        SharedRouter: the shared routing scope's one router per model
+slots.py         checkpoint slots: several checkpoints in one pool, each token's slot (TokenSlots)
 stats.py         routing statistics: the stats row layout, per-token figures, the accumulate op
 cpu_route.py     the CPU routing kernel (numba), one call per projection
 triton_route.py  the GPU routing kernel (Triton), one launch per projection
@@ -12,14 +13,17 @@ custom_op.py     registering the kernels as torch custom ops (torch.ops.remix.*)
 
 from remix_infer.ops.pool import FusedRemixLinear, PoolLayout, RemixPool, default_kernel
 from remix_infer.ops.shared import SharedRouter
+from remix_infer.ops.slots import BASE_MODEL_SLOT, TokenSlots
 from remix_infer.ops.stats import StatsRow, set_padding_provider
 
 __all__ = [
+    "BASE_MODEL_SLOT",
     "FusedRemixLinear",
     "PoolLayout",
     "RemixPool",
     "SharedRouter",
     "StatsRow",
+    "TokenSlots",
     "default_kernel",
     "set_padding_provider",
 ]

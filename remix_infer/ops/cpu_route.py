@@ -33,13 +33,16 @@ def _route_rows(
     stats: np.ndarray,
     step: np.ndarray,
     padding: np.ndarray,
+    slots: np.ndarray,
 ) -> None:
     tokens, parts, n = logits.shape
     r = hidden.shape[2] // n
     chosen = np.zeros(n, np.bool_)
     gates = np.zeros(n, np.float64)
     for t in range(tokens):
-        real = padding.shape[0] == 0 or not padding[t]
+        slot = 0 if slots.shape[0] == 0 else slots[t]
+        active = slot >= 0  # a base-model token: no adapter, not counted
+        real = active and (padding.shape[0] == 0 or not padding[t])
         for s in range(parts):
             row = logits[t, s]
             chosen[:] = False
@@ -66,7 +69,7 @@ def _route_rows(
             weight_sq = 0.0
             for i in range(n):
                 g = 0.0
-                if chosen[i]:
+                if chosen[i] and active:
                     g = omega * math.exp(row[i] - top) / chosen_total if softmax_gates else omega
                 gates[i] = g
                 weight_sum += g
@@ -75,15 +78,16 @@ def _route_rows(
                     hidden[s, t, i * r + c] = lora_h[t, (s * n + i) * r + c] * np.float32(g)
             if t < step.shape[0]:
                 for i in range(n):
-                    step[t, s, i] = 1 if chosen[i] else 0
+                    step[t, s, i] = 1 if chosen[i] and active else 0
             if real:
+                row = slot * parts + s
                 for i in range(n):
                     if chosen[i]:
-                        stats[s, i] += 1.0
-                stats[s, n] += 1.0
-                stats[s, n + 1] += entropy
+                        stats[row, i] += 1.0
+                stats[row, n] += 1.0
+                stats[row, n + 1] += entropy
                 # constant weights: exactly k, not k up to rounding
-                stats[s, n + 2] += weight_sum * weight_sum / weight_sq if softmax_gates else k
+                stats[row, n + 2] += weight_sum * weight_sum / weight_sq if softmax_gates else k
 
 
 @remix_op("route_cpu", mutates_args=("hidden", "selected", "stats", "step_selected"))
@@ -97,9 +101,11 @@ def route_cpu(
     top_k: int,
     omega: float,
     softmax_gates: bool,
+    slots: torch.Tensor | None = None,
 ) -> None:
-    """logits [T, S, n] float32, lora_h [T, S*n*r] (rows may be strided) -> hidden [S, T, n*r]
-    (gated), selected [T, S, k] (int64, largest first); stats and step_selected updated."""
+    """logits [T, S, n] float32, lora_h [T, S*n*r] (rows may be strided; each token's own
+    slot's) -> hidden [S, T, n*r] (gated; zero for base-model tokens), selected [T, S, k] (int64,
+    largest first); stats [C*S, n+3] (into each token's slot's rows) and step_selected updated."""
     padding = padding_mask(logits.shape[0])
     _route_rows(
         logits.detach().numpy(),
@@ -112,4 +118,5 @@ def route_cpu(
         stats.numpy(),
         step_selected.numpy(),
         padding.numpy() if padding is not None else np.zeros(0, np.bool_),
+        slots.numpy() if slots is not None else np.zeros(0, np.int64),
     )

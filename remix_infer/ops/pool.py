@@ -25,6 +25,13 @@ The base product is never run alone: it shares one GEMM with the pool, in one of
         A and router products (router in float32), routes, gates, writes [x | gated h] and
         accumulates the routing statistics (triton_route.py).
 
+Checkpoint slots (ops/slots.py): a pool sized for C slots holds C checkpoints' pools and routers
+side by side (slot-major: every tensor's rows, or B's columns, slot by slot). The narrow product
+runs for every slot (dense: C times the adapter FLOPs); each token keeps its own slot's hidden
+states and logits (a gather), routes them as above, and its gated hidden states go back to its
+slot's columns (zeros elsewhere) for one product with every slot's B. C = 1 is the path above
+plus, when the engine gives a slot buffer, zero gates for base-model tokens (slot -1).
+
 In the shared routing scope (ops/shared.py) the pools take their logits from the model's one
 router instead of their own (no router rows in the GEMM; on triton the kernel routes the given
 products).
@@ -46,6 +53,7 @@ from torch import nn
 
 from remix_infer.config import RemixConfig
 from remix_infer.ops.shared import SharedRouter
+from remix_infer.ops.slots import TokenSlots, pick_slot, spread_to_slots
 from remix_infer.ops.stats import record_routing, stats_width
 from remix_infer.routing import routing_gates, topk_select
 
@@ -66,6 +74,7 @@ class PoolLayout:
     omega: float
     weighting: str
     always_rank: int = 0  # r0 of the always-on LoRA of every adapted part; 0: none
+    num_slots: int = 1  # C: checkpoints held side by side (ops/slots.py)
 
     @classmethod
     def from_config(
@@ -74,6 +83,7 @@ class PoolLayout:
         in_features: int,
         part_widths: list[int],
         adapted: list[int],
+        num_slots: int = 1,
     ) -> PoolLayout:
         return cls(
             in_features,
@@ -85,6 +95,7 @@ class PoolLayout:
             config.omega,
             config.weighting,
             config.always_on_rank,
+            num_slots,
         )
 
     @property
@@ -96,14 +107,19 @@ class PoolLayout:
         return sum(self.part_widths)
 
     @property
-    def pool_width(self) -> int:
-        """Columns of the pool's hidden states, all parts: S*n*r."""
+    def slot_width(self) -> int:
+        """Columns of one slot's pool hidden states, all parts: S*n*r."""
         return self.num_parts * self.num_loras * self.rank
 
     @property
+    def pool_width(self) -> int:
+        """Columns of the pool's hidden states, all slots and parts: C*S*n*r."""
+        return self.num_slots * self.slot_width
+
+    @property
     def always_width(self) -> int:
-        """Columns of the always-on LoRAs' hidden states, all parts: S*r0."""
-        return self.num_parts * self.always_rank
+        """Columns of the always-on LoRAs' hidden states, all slots and parts: C*S*r0."""
+        return self.num_slots * self.num_parts * self.always_rank
 
     def part_columns(self) -> list[slice]:
         """The base output columns of each part (adapted or not), in order."""
@@ -124,10 +140,11 @@ def default_kernel(device: torch.device, dtype: torch.dtype) -> Kernel:
 class RemixPool(nn.Module):
     """The pool tensors, routing buffers and forward of one projection.
 
-    Parameters (this rank's shard): lora_a [S*n*r, d_in] (part-major, then LoRA, then rank) in
-    the serving dtype; router [S*n, d_in] and router_bias [S, n] in float32; lora_b[j]
-    [d_out of part j, n*r] (column i*r + c is rank c of LoRA i) in the serving dtype; with an
-    always-on LoRA, always_a [S*r0, d_in] and always_b[j] [d_out of part j, r0].
+    Parameters (this rank's shard; C slots, slot-major): lora_a [C*S*n*r, d_in] (slot, part,
+    LoRA, rank) in the serving dtype; router [C*S*n, d_in] and router_bias [C*S, n] in float32;
+    lora_b[j] [d_out of part j, C*n*r] (column (slot*n + i)*r + c is rank c of LoRA i) in the
+    serving dtype; with an always-on LoRA, always_a [C*S*r0, d_in] and always_b[j]
+    [d_out of part j, C*r0].
     """
 
     def __init__(
@@ -143,12 +160,14 @@ class RemixPool(nn.Module):
         part_names: list[str] | None = None,
         shared: SharedRouter | None = None,
         routes_shared: bool = False,
+        slots: TokenSlots | None = None,
     ) -> None:
         """count_b=False: leave B's term to another rank of a row-parallel group;
         part_names: what each adapted part is called in reports (e.g. its HF module path);
         shared: the model's one router (shared routing scope; its owner registers it), whose
         logits replace this pool's own router; routes_shared: this pool reads the first layer's
-        input and runs the shared router for every pool."""
+        input and runs the shared router for every pool; slots: the engine's per-token
+        checkpoint slots (None: every token is slot 0's)."""
         super().__init__()
         device = torch.device(device) if device is not None else torch.get_default_device()
         self.layout, self.name, self.count_b = layout, name, count_b
@@ -157,26 +176,32 @@ class RemixPool(nn.Module):
         if self.kernel == "numba" and dtype != torch.float32:
             raise ValueError("the numba routing kernel serves float32 only")
         n, r, s, d_in = layout.num_loras, layout.rank, layout.num_parts, layout.in_features
+        c = layout.num_slots
+        if c > 1 and slots is None:
+            raise ValueError("a pool of several checkpoint slots needs the token slots")
         self.constant_k = layout.top_k if layout.weighting == "constant" else None
 
         def frozen(*shape: int, dtype: torch.dtype = dtype) -> nn.Parameter:
             return nn.Parameter(torch.zeros(*shape, dtype=dtype, device=device), False)
 
-        self.lora_a = frozen(s * n * r, d_in)
-        self.router = frozen(s * n, d_in, dtype=torch.float32)
-        self.router_bias = frozen(s, n, dtype=torch.float32) if router_bias else None
-        self.lora_b = nn.ParameterList(frozen(layout.part_widths[i], n * r) for i in layout.adapted)
+        self.lora_a = frozen(c * s * n * r, d_in)
+        self.router = frozen(c * s * n, d_in, dtype=torch.float32)
+        self.router_bias = frozen(c * s, n, dtype=torch.float32) if router_bias else None
+        self.lora_b = nn.ParameterList(
+            frozen(layout.part_widths[i], c * n * r) for i in layout.adapted
+        )
         r0 = layout.always_rank
-        self.always_a = frozen(s * r0, d_in) if r0 else None
+        self.always_a = frozen(c * s * r0, d_in) if r0 else None
         self.always_b = nn.ParameterList(
-            frozen(layout.part_widths[i], r0) for i in (layout.adapted if r0 else ())
+            frozen(layout.part_widths[i], c * r0) for i in (layout.adapted if r0 else ())
         )
         # The stacked GEMM carries the router rows only when it runs in float32.
         self.fold_router = self.kernel != "triton" and dtype == torch.float32 and shared is None
         self._shared = (shared,) if shared is not None else ()  # a tuple: not a submodule here
+        self._slots = (slots,) if slots is not None else ()  # the model owns it
         self.routes_shared = routes_shared
         self.register_buffer(
-            "stats", torch.zeros(s, stats_width(n), dtype=torch.float64, device=device)
+            "stats", torch.zeros(c * s, stats_width(n), dtype=torch.float64, device=device)
         )
         self.register_buffer(
             "step_selected",
@@ -206,28 +231,65 @@ class RemixPool(nn.Module):
         router_bias: torch.Tensor | None = None,
         always_a: torch.Tensor | None = None,
         always_b: torch.Tensor | None = None,
+        slot: int = 0,
     ) -> None:
-        """Copy one adapted part's tensors, already cut to this rank's shard: lora_a
-        [n, r, d_in], lora_b [n, d_out, r], router_weight [n, d_in], router_bias [n], and with
-        an always-on LoRA always_a [r0, d_in], always_b [d_out, r0]."""
+        """Copy one adapted part's tensors of one slot, already cut to this rank's shard: lora_a
+        [n, r', d_in], lora_b [n, d_out, r'], router_weight [n, d_in], router_bias [n] (None:
+        zero), and with an always-on LoRA always_a [r0, d_in], always_b [d_out, r0]. A rank
+        r' below the pool's r is zero-padded (the extra ranks contribute nothing)."""
         n, r, r0 = self.layout.num_loras, self.layout.rank, self.layout.always_rank
         j = self.layout.adapted.index(part)
+        row = slot * self.layout.num_parts + j  # this part's block in slot-major order
+        given = lora_a.shape[1]
         if r0:
-            self.always_a[j * r0 : (j + 1) * r0].copy_(always_a)
-            self.always_b[j].copy_(always_b)
-        self.lora_a[j * n * r : (j + 1) * n * r].copy_(lora_a.reshape(n * r, -1))
+            self.always_a[row * r0 : (row + 1) * r0].copy_(always_a)
+            self.always_b[j][:, slot * r0 : (slot + 1) * r0].copy_(always_b)
+        a = self.lora_a[row * n * r : (row + 1) * n * r].view(n, r, -1)
+        a[:, :given].copy_(lora_a)
+        a[:, given:].zero_()
         if router_weight is not None:  # None in the shared routing scope
-            self.router[j * n : (j + 1) * n].copy_(router_weight)
+            self.router[row * n : (row + 1) * n].copy_(router_weight)
         if self.router_bias is not None:
-            self.router_bias[j].copy_(router_bias)
-        self.lora_b[j].copy_(lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], n * r))
+            self.router_bias[row].copy_(router_bias if router_bias is not None else 0)
+        b = self.lora_b[j][:, slot * n * r : (slot + 1) * n * r].view(-1, n, r)
+        b[:, :, :given].copy_(lora_b.permute(1, 0, 2))
+        b[:, :, given:].zero_()
+
+    @torch.no_grad()
+    def clear_slot(self, slot: int) -> None:
+        """Zero one slot's tensors and statistics (its tokens are sent as base-model tokens)."""
+        layout = self.layout
+        s, n, r, r0 = layout.num_parts, layout.num_loras, layout.rank, layout.always_rank
+        self.lora_a[slot * s * n * r : (slot + 1) * s * n * r].zero_()
+        self.router[slot * s * n : (slot + 1) * s * n].zero_()
+        if self.router_bias is not None:
+            self.router_bias[slot * s : (slot + 1) * s].zero_()
+        for b in self.lora_b:
+            b[:, slot * n * r : (slot + 1) * n * r].zero_()
+        if r0:
+            self.always_a[slot * s * r0 : (slot + 1) * s * r0].zero_()
+            for b0 in self.always_b:
+                b0[:, slot * r0 : (slot + 1) * r0].zero_()
+        self.stats[slot * s : (slot + 1) * s].zero_()
 
     def prepare(self, make_gemm: Callable[[torch.Tensor], Gemm] | None = None) -> None:
-        """Pick the kernels of the B products (torch kernel) for the current weights; call again
-        after loading (an always-on LoRA's [B | B0] is a copy made here).
-        make_gemm(weight) -> (x -> x @ weight.T); default F.linear."""
+        """Pick the kernels of the B products (torch kernel) for the current weights.
+        make_gemm(weight) -> (x -> x @ weight.T); default F.linear. A gemm with a `refresh()`
+        method (a prepacked copy of its weight) is refreshed by `refresh_products`."""
         make_gemm = make_gemm or (lambda w: lambda x: F.linear(x, w))
-        self._product_b = [make_gemm(b) for b in self.part_b_weights()]
+        self._b_weights = self.part_b_weights()  # kept: products may read them by reference
+        self._product_b = [make_gemm(b) for b in self._b_weights]
+
+    @torch.no_grad()
+    def refresh_products(self) -> None:
+        """After the pool's tensors changed in place: rewrite the B products' weights in place
+        (so compiled graphs keep reading the same tensors) and refresh prepacked copies."""
+        if self.layout.always_rank:
+            for kept, fresh in zip(self._b_weights, self.part_b_weights(), strict=True):
+                kept.copy_(fresh)
+        for product in self._product_b:
+            if hasattr(product, "refresh"):
+                product.refresh()
 
     def part_b_weights(self) -> list[torch.Tensor]:
         """Each adapted part's B as its product reads the hidden states: [B_j | B0_j]."""
@@ -239,27 +301,49 @@ class RemixPool(nn.Module):
     def fold_base_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight of the one GEMM that `forward` hands to its `gemm`, from the base weight
         [d_out, d_in]: [W ; A (; P)] for the torch kernel, [W | block-diagonal B] for triton."""
+        return torch.cat(
+            [weight, self._adapter_fold(weight)], dim=0 if self.kernel != "triton" else 1
+        )
+
+    @torch.no_grad()
+    def refresh_fold(self, folded: torch.Tensor) -> None:
+        """Rewrite the pool's part of a folded weight in place after its tensors changed (the
+        base rows or columns stay as they are)."""
         if self.kernel != "triton":
-            rows = [weight, self.lora_a.to(weight.dtype)]
+            folded[self.layout.out_features :].copy_(self._adapter_fold(folded))
+        else:
+            folded[:, self.layout.in_features :].copy_(self._adapter_fold(folded))
+
+    def _adapter_fold(self, like: torch.Tensor) -> torch.Tensor:
+        """The pool's rows [A ; A0 ; P] (torch kernel) or columns [block-diagonal B | B0]
+        (triton) of the folded weight, in `like`'s dtype and device."""
+        if self.kernel != "triton":
+            rows = [self.lora_a]
             if self.always_a is not None:
-                rows.append(self.always_a.to(weight.dtype))
+                rows.append(self.always_a)
             if self.fold_router:
-                rows.append(self.router.to(weight.dtype))
-            return torch.cat(rows)
+                rows.append(self.router)
+            return torch.cat([t.to(like.dtype) for t in rows])
         layout = self.layout
         b = torch.zeros(
-            layout.out_features, layout.pool_width + layout.always_width, dtype=weight.dtype,
-            device=weight.device,
+            layout.out_features, layout.pool_width + layout.always_width, dtype=like.dtype,
+            device=like.device,
         )  # fmt: skip
-        if self.count_b:  # block-diagonal: the pool's columns, then the always-on LoRAs'
-            width, r0 = layout.num_loras * layout.rank, layout.always_rank
+        if self.count_b:  # block-diagonal per slot: the pool's columns, then the always-on ones
+            width, r0, s = layout.num_loras * layout.rank, layout.always_rank, layout.num_parts
             columns = layout.part_columns()
-            for j, part in enumerate(layout.adapted):
-                b[columns[part], j * width : (j + 1) * width] = self.lora_b[j]
-                if r0:
-                    start = layout.pool_width + j * r0
-                    b[columns[part], start : start + r0] = self.always_b[j]
-        return torch.cat([weight, b], dim=1)
+            for slot in range(layout.num_slots):
+                for j, part in enumerate(layout.adapted):
+                    start = (slot * s + j) * width
+                    b[columns[part], start : start + width] = self.lora_b[j][
+                        :, slot * width : (slot + 1) * width
+                    ]
+                    if r0:
+                        start = layout.pool_width + (slot * s + j) * r0
+                        b[columns[part], start : start + r0] = self.always_b[j][
+                            :, slot * r0 : (slot + 1) * r0
+                        ]
+        return b
 
     def forward(
         self,
@@ -280,7 +364,7 @@ class RemixPool(nn.Module):
 
     def _forward_torch(self, x: torch.Tensor, gemm: Gemm, reduce: Callable | None) -> torch.Tensor:
         layout = self.layout
-        s, n = layout.num_parts, layout.num_loras
+        s, n, c = layout.num_parts, layout.num_loras, layout.num_slots
         d_out, width = layout.out_features, layout.pool_width
         a_width = width + layout.always_width
         y = gemm(x)
@@ -296,22 +380,54 @@ class RemixPool(nn.Module):
             lora_h = reduce(lora_h.contiguous())
             logits = logits if self._shared else reduce(logits.contiguous())
             always_h = reduce(always_h.contiguous()) if layout.always_rank else always_h
+        slots = self.token_slots(x.shape[0])
+        if c > 1:  # each token's own slot's products
+            lora_h, logits = pick_slot(lora_h, slots, c), pick_slot(logits, slots, c)
         logits = logits.unflatten(-1, (s, n))
         if self.router_bias is not None:
-            logits = logits + self.router_bias
+            bias = self.router_bias.view(c, s, n)
+            logits = logits + (bias[0] if c == 1 else bias[slots.clamp(min=0)])
         if self.kernel == "numba":
-            hidden, selected = self._route_numba(logits, lora_h)
+            hidden, selected = self._route_numba(logits, lora_h, slots)
         else:
             selected = topk_select(logits, layout.top_k)  # [T, S, k]
             gates = routing_gates(logits, selected, layout.omega, layout.weighting)  # [T, S, n]
-            record_routing(self.stats, self.step_selected, logits, gates, self.constant_k)
+            if slots is not None:  # base-model tokens: no adapter
+                gates = gates * (slots >= 0).to(gates.dtype)[:, None, None]
+            record_routing(self.stats, self.step_selected, logits, gates, self.constant_k, slots)
             hidden = self._gate_hidden(lora_h, gates)
         if self.capture_selections:
-            self.captured.append(selected.detach().clone())
+            self._capture(selected, slots)
+        if c > 1:
+            hidden = spread_to_slots(hidden, slots, c)
         if layout.always_rank:  # the always-on hidden states follow the gated ones, ungated
-            part_major = always_h.view(-1, s, layout.always_rank).transpose(0, 1)
-            hidden = torch.cat([hidden, part_major.to(hidden.dtype)], dim=-1)
+            hidden = torch.cat([hidden, self._always_hidden(always_h, slots, hidden.dtype)], -1)
         return self._add_pool_outputs(base, hidden)
+
+    def token_slots(self, tokens: int) -> torch.Tensor | None:
+        """This step's checkpoint slot of each token [T] (-1: base model), None without slots."""
+        return self._slots[0].current(tokens) if self._slots else None
+
+    def _capture(self, selected: torch.Tensor, slots: torch.Tensor | None) -> None:
+        """Keep this forward's selections [T, S, k] (-1 for base-model tokens)."""
+        selected = selected.detach().clone()
+        if slots is not None:
+            selected[slots < 0] = -1
+        self.captured.append(selected)
+
+    def _always_hidden(
+        self, always_h: torch.Tensor, slots: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The always-on LoRAs' hidden states [T, C*S*r0] -> part-major [S, T, C*r0]: each
+        token's in its own slot's columns, zero elsewhere and for base-model tokens."""
+        layout = self.layout
+        c, s, r0 = layout.num_slots, layout.num_parts, layout.always_rank
+        tokens = always_h.shape[0]
+        by_part = always_h.reshape(tokens, c, s, r0).permute(2, 0, 1, 3)  # [S, T, C, r0]
+        if slots is not None:
+            owner = F.one_hot(slots.clamp(min=0), c) * (slots >= 0)[:, None]
+            by_part = by_part * owner.to(by_part.dtype)[None, :, :, None]
+        return by_part.reshape(s, tokens, c * r0).to(dtype)
 
     def _shared_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The shared router's logits of this step, [T, S*n]: the same for every part (run
@@ -322,7 +438,7 @@ class RemixPool(nn.Module):
         return shared.logits(x.shape[0]).repeat(1, self.layout.num_parts)
 
     def _route_numba(
-        self, logits: torch.Tensor, lora_h: torch.Tensor
+        self, logits: torch.Tensor, lora_h: torch.Tensor, slots: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gated hidden states [S, T, n*r] and top-k [T, S, k] from ONE compiled call."""
         from remix_infer.ops.cpu_route import route_cpu
@@ -333,7 +449,7 @@ class RemixPool(nn.Module):
         selected = torch.empty(tokens, s, layout.top_k, dtype=torch.long)
         route_cpu(
             logits, lora_h, hidden, selected, self.stats, self.step_selected, layout.top_k,
-            layout.omega, layout.weighting == "softmax_topk",
+            layout.omega, layout.weighting == "softmax_topk", slots,
         )  # fmt: skip
         return hidden, selected
 
@@ -366,30 +482,44 @@ class RemixPool(nn.Module):
         return base
 
     def _route_triton(self, x: torch.Tensor, reduce: Callable | None) -> torch.Tensor:
-        """[x | gated h] for the column-stacked GEMM, written by the routing kernel."""
+        """[x | gated h] for the column-stacked GEMM, written by the routing kernel. With
+        several slots the products run here (every slot's), each token keeps its own slot's, and
+        the kernel writes its gated hidden states into its slot's columns of a zeroed x_cat."""
         layout = self.layout
+        c, s, n = layout.num_slots, layout.num_parts, layout.num_loras
+        slots = self.token_slots(x.shape[0])
         lora_h = logits = None
-        if reduce is not None or self._shared:  # the kernel routes given products
+        bias = self.router_bias
+        if reduce is not None or self._shared or c > 1:  # the kernel routes given products
             lora_h = F.linear(x, self.lora_a).float()
             lora_h = lora_h if reduce is None else reduce(lora_h)  # a shard's partial products
-            logits = (
-                self._shared_logits(x) if self._shared else reduce(F.linear(x.float(), self.router))
-            )
+            if self._shared:
+                logits = self._shared_logits(x)
+            else:
+                logits = F.linear(x.float(), self.router)
+                logits = logits if reduce is None else reduce(logits)
+        if c > 1:
+            lora_h, logits = pick_slot(lora_h, slots, c), pick_slot(logits, slots, c)
+            if bias is not None:  # each token's own slot's bias, added here
+                picked = bias.view(c, s * n)[slots.clamp(min=0)]
+                logits, bias = logits + picked, None
         from remix_infer.ops.triton_route import route
 
-        x_cat = x.new_empty(
-            x.shape[0], layout.in_features + layout.pool_width + layout.always_width
-        )
+        width = layout.in_features + layout.pool_width + layout.always_width
+        x_cat = x.new_zeros(x.shape[0], width) if c > 1 else x.new_empty(x.shape[0], width)
         if layout.always_rank:  # the always-on hidden states, in the columns after the pool's
             always_h = F.linear(x, self.always_a)
-            x_cat[:, layout.in_features + layout.pool_width :] = (
-                always_h if reduce is None else reduce(always_h.float()).to(x.dtype)
-            )
+            always_h = always_h if reduce is None else reduce(always_h.float()).to(x.dtype)
+            if slots is not None:
+                always_h = self._always_hidden(always_h, slots, x.dtype)
+                always_h = always_h.view(s, -1, c, layout.always_rank).permute(1, 2, 0, 3)
+                always_h = always_h.reshape(x.shape[0], -1)  # back to slot-major, part-major
+            x_cat[:, layout.in_features + layout.pool_width :] = always_h
         route(
-            x, self.lora_a, self.router, self.router_bias, x_cat, self.stats,
+            x, self.lora_a, self.router, bias, x_cat, self.stats,
             self.step_selected, self.semaphore, lora_h, logits,
             layout.num_loras, layout.rank, layout.top_k, layout.omega,
-            layout.weighting == "softmax_topk",
+            layout.weighting == "softmax_topk", slots, c,
         )  # fmt: skip
         return x_cat
 
@@ -405,9 +535,15 @@ class FusedRemixLinear(nn.Module):
         pool.prepare()  # B products over the loaded tensors ([B | B0] is a copy)
 
     def refold(self, weight: torch.Tensor) -> None:
-        """Rebuild the one GEMM's weight after the pool's tensors changed."""
+        """Rebuild the one GEMM's weight after the pool's tensors and the base weight changed."""
         self.folded = self.pool.fold_base_weight(weight)
         self.pool.prepare()
+
+    def refresh(self) -> None:
+        """After the pool's tensors changed in place (a slot loaded or cleared): rewrite the pool's
+        part of the one GEMM's weight in place, so compiled graphs see it."""
+        self.pool.refresh_fold(self.folded)
+        self.pool.refresh_products()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(x, lambda z: F.linear(z, self.folded))

@@ -1,6 +1,7 @@
 """Routing statistics, accumulated on the device inside the forward, and their row layout.
 
-Each adapted projection keeps one float64 buffer `stats` [S, n + 3], one row per adapted part:
+Each adapted projection keeps one float64 buffer `stats` [C*S, n + 3], one row per checkpoint slot
+(ops/slots.py; C = 1 without slots) and adapted part, slot-major:
 
     row[:n]        selections of each LoRA (a token choosing k LoRAs adds 1 to k of them)
     row[TOKENS]    tokens routed                                   (TOKENS = n)
@@ -105,14 +106,27 @@ def per_token_figures(
 
 @remix_op("accumulate_figures", mutates_args=("stats", "step_selected"))
 def accumulate_figures(
-    stats: torch.Tensor, step_selected: torch.Tensor, figures: torch.Tensor
+    stats: torch.Tensor,
+    step_selected: torch.Tensor,
+    figures: torch.Tensor,
+    slots: torch.Tensor | None = None,
 ) -> None:
-    """stats [S, n+3] += figures [T, S, n+3] summed over real (non-padding) rows;
+    """stats [C*S, n+3] += figures [T, S, n+3] summed over real rows (not padding, not the base
+    model) into each token's slot's rows (slots [T], None: all slot 0);
     step_selected[:T] = this forward's selections."""
-    padding = padding_mask(figures.shape[0])
-    if padding is not None:
-        figures = figures * (~padding).to(figures.dtype)[:, None, None]
-    stats += figures.sum(0)
+    real = padding_mask(figures.shape[0])
+    real = None if real is None else ~real
+    if slots is not None:
+        real = slots >= 0 if real is None else real & (slots >= 0)
+    if real is not None:  # where, not a product: a base token's ESS is 0/0
+        figures = torch.where(real[:, None, None], figures, 0)
+    num_slots = stats.shape[0] // figures.shape[1]
+    if num_slots == 1:
+        stats += figures.sum(0)
+    else:
+        stats.view(num_slots, -1).index_add_(
+            0, slots.clamp(min=0), figures.flatten(1).to(stats.dtype)
+        )
     rows = min(figures.shape[0], step_selected.shape[0])
     step_selected[:rows] = figures[:rows, :, : step_selected.shape[-1]]
 
@@ -123,6 +137,8 @@ def record_routing(
     logits: torch.Tensor,
     gates: torch.Tensor,
     constant_k: int | None,
+    slots: torch.Tensor | None = None,
 ) -> None:
-    """Add one forward's routing (logits and gates [T, S, n]) to the buffers."""
-    accumulate_figures(stats, step_selected, per_token_figures(logits, gates, constant_k))
+    """Add one forward's routing (logits and gates [T, S, n], each token's own slot's; gates
+    zero for base-model tokens) to the buffers."""
+    accumulate_figures(stats, step_selected, per_token_figures(logits, gates, constant_k), slots)

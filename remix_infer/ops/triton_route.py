@@ -39,13 +39,17 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 @triton.jit
 def _route_block(
     acc_h, acc_l, rows, row_ok, part,
-    bias_ptr, out_ptr, stats_ptr, step_ptr, pad_ptr,
+    bias_ptr, out_ptr, stats_ptr, step_ptr, pad_ptr, slots_ptr,
     stride_out, hidden_offset, omega, max_step_rows,
     N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S: tl.constexpr,
     N_PAD: tl.constexpr, NR_PAD: tl.constexpr,
     SOFTMAX_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PADDING: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, MULTI_SLOT: tl.constexpr,
 ):  # fmt: skip
-    """Route one block of tokens of one part from its products (float32)."""
+    """Route one block of tokens of one part from its products (float32). With slots, each
+    token's products are its own slot's; base-model tokens (slot -1) get zero gates and are
+    not counted; with several slots, a token's hidden states go to its slot's columns and its
+    statistics to its slot's row."""
     lcols = tl.arange(0, N_PAD)
     lcol_ok = lcols < N
     logits = acc_l
@@ -73,6 +77,12 @@ def _route_block(
     else:
         gates = tl.where(chosen, omega, 0.0)
         ess = tl.zeros_like(entropy) + K
+    slot = tl.zeros_like(rows)
+    if HAS_SLOTS:
+        slot = tl.load(slots_ptr + rows, mask=row_ok, other=-1)
+        gates = tl.where((slot >= 0)[:, None], gates, 0.0)
+        chosen = chosen & (slot >= 0)[:, None]
+        slot = tl.maximum(slot, 0)
 
     # Each hidden column c belongs to LoRA c // R: spread the n gates over the n*r columns.
     hcols = tl.arange(0, NR_PAD)
@@ -83,8 +93,11 @@ def _route_block(
         col_gate = tl.where(owner[None, :] == j, gate_j[:, None], col_gate)
     hidden = acc_h * col_gate
     out_cols = hidden_offset + part * N * R + hcols
+    slot_cols = tl.zeros_like(rows)
+    if MULTI_SLOT:
+        slot_cols = slot * (S * N * R)
     tl.store(
-        out_ptr + rows[:, None] * stride_out + out_cols[None, :],
+        out_ptr + (rows * stride_out + slot_cols)[:, None] + out_cols[None, :],
         hidden.to(out_ptr.dtype.element_ty),
         mask=row_ok[:, None] & (hcols < N * R)[None, :],
     )
@@ -92,13 +105,25 @@ def _route_block(
     real = row_ok
     if HAS_PADDING:
         real = real & (tl.load(pad_ptr + rows, mask=row_ok, other=1) == 0)
+    if HAS_SLOTS:
+        real = real & (tl.load(slots_ptr + rows, mask=row_ok, other=-1) >= 0)
     real_f = tl.where(real, 1.0, 0.0)
-    counts = tl.sum(tl.where(chosen & real[:, None], 1.0, 0.0), axis=0)
-    stats_row = stats_ptr + part * (N + 3)
-    tl.atomic_add(stats_row + lcols, counts.to(tl.float64), mask=lcol_ok)
-    tl.atomic_add(stats_row + N, tl.sum(real_f, axis=0).to(tl.float64))
-    tl.atomic_add(stats_row + N + 1, tl.sum(entropy * real_f, axis=0).to(tl.float64))
-    tl.atomic_add(stats_row + N + 2, tl.sum(ess * real_f, axis=0).to(tl.float64))
+    if MULTI_SLOT:  # tokens of one block may belong to different slots: one row each
+        token_rows = stats_ptr + (slot * S + part) * (N + 3)
+        picked = tl.where(chosen & real[:, None], 1.0, 0.0).to(tl.float64)
+        tl.atomic_add(
+            token_rows[:, None] + lcols[None, :], picked, mask=real[:, None] & lcol_ok[None, :]
+        )
+        tl.atomic_add(token_rows + N, real_f.to(tl.float64), mask=real)
+        tl.atomic_add(token_rows + N + 1, (entropy * real_f).to(tl.float64), mask=real)
+        tl.atomic_add(token_rows + N + 2, (ess * real_f).to(tl.float64), mask=real)
+    else:
+        counts = tl.sum(tl.where(chosen & real[:, None], 1.0, 0.0), axis=0)
+        stats_row = stats_ptr + part * (N + 3)
+        tl.atomic_add(stats_row + lcols, counts.to(tl.float64), mask=lcol_ok)
+        tl.atomic_add(stats_row + N, tl.sum(real_f, axis=0).to(tl.float64))
+        tl.atomic_add(stats_row + N + 1, tl.sum(entropy * real_f, axis=0).to(tl.float64))
+        tl.atomic_add(stats_row + N + 2, tl.sum(ess * real_f, axis=0).to(tl.float64))
     tl.store(
         step_ptr + (rows[:, None] * S + part) * N + lcols[None, :],
         chosen.to(tl.uint8),
@@ -109,13 +134,14 @@ def _route_block(
 @triton.jit
 def _remix_route_kernel(
     x_ptr, a_ptr, router_ptr, bias_ptr, h_ptr, logits_ptr,
-    out_ptr, ws_ptr, sem_ptr, stats_ptr, step_ptr, pad_ptr,
+    out_ptr, ws_ptr, sem_ptr, stats_ptr, step_ptr, pad_ptr, slots_ptr,
     T, D, D_PER_SPLIT, stride_x, stride_out, omega, max_step_rows,
     N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S: tl.constexpr,
     N_PAD: tl.constexpr, NR_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
     FUSED: tl.constexpr, IEEE_A: tl.constexpr,
     SOFTMAX_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PADDING: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, MULTI_SLOT: tl.constexpr,
 ):  # fmt: skip
     block, part, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -178,8 +204,8 @@ def _remix_route_kernel(
     if SPLIT == 1:
         _route_block(
             acc_h, acc_l, rows, row_ok, part, bias_ptr, out_ptr, stats_ptr, step_ptr, pad_ptr,
-            stride_out, D, omega, max_step_rows, N, R, K, S, N_PAD, NR_PAD,
-            SOFTMAX_GATES, HAS_BIAS, HAS_PADDING,
+            slots_ptr, stride_out, D, omega, max_step_rows, N, R, K, S, N_PAD, NR_PAD,
+            SOFTMAX_GATES, HAS_BIAS, HAS_PADDING, HAS_SLOTS, MULTI_SLOT,
         )  # fmt: skip
     else:
         # Workspace [SPLIT, S, blocks * BLOCK_T, NR_PAD + N_PAD]: this split's partials.
@@ -201,8 +227,8 @@ def _remix_route_kernel(
             tl.atomic_xchg(sem_ptr + block * S + part, 0)
             _route_block(
                 acc_h, acc_l, rows, row_ok, part, bias_ptr, out_ptr, stats_ptr, step_ptr,
-                pad_ptr, stride_out, D, omega, max_step_rows, N, R, K, S, N_PAD, NR_PAD,
-                SOFTMAX_GATES, HAS_BIAS, HAS_PADDING,
+                pad_ptr, slots_ptr, stride_out, D, omega, max_step_rows, N, R, K, S, N_PAD,
+                NR_PAD, SOFTMAX_GATES, HAS_BIAS, HAS_PADDING, HAS_SLOTS, MULTI_SLOT,
             )  # fmt: skip
 
 
@@ -246,12 +272,15 @@ def route(
     top_k: int,
     omega: float,
     softmax_gates: bool,
+    slots: torch.Tensor | None = None,
+    num_slots: int = 1,
     split: int = 0,
 ) -> None:
     """Launch the kernel (see the module docstring). lora_h [T, S*n*r] and logits [T, S*n],
-    float32, when the products are given; split 0 = choose it here."""
+    float32, when the products are given (each token's own slot's; always given with several
+    slots); slots [T] int64 or None (all slot 0); split 0 = choose it here."""
     tokens, d_in = x.shape
-    num_parts = stats.shape[0]
+    num_parts = stats.shape[0] // num_slots
     if tokens == 0:
         return
     if semaphore.numel() < semaphore_size(tokens, num_parts):
@@ -274,10 +303,12 @@ def route(
         lora_h if lora_h is not None else x, logits if logits is not None else x,
         out, workspace, semaphore, stats, step_selected,
         padding.view(torch.uint8) if padding is not None else x,
+        slots if slots is not None else x,
         tokens, d_in, d_per_split, x.stride(0), out.stride(0), float(omega),
         step_selected.shape[0],
         N=num_loras, R=rank, K=top_k, S=num_parts, N_PAD=n_pad, NR_PAD=nr_pad,
         BLOCK_T=block_t, BLOCK_D=block_d, SPLIT=split, FUSED=fused,
         IEEE_A=x.dtype == torch.float32 or INTERPRETED, SOFTMAX_GATES=softmax_gates,
         HAS_BIAS=router_bias is not None, HAS_PADDING=padding is not None,
+        HAS_SLOTS=slots is not None, MULTI_SLOT=num_slots > 1,
     )  # fmt: skip

@@ -2,12 +2,16 @@
 carrying a RemixPool (remix_infer.ops), bound to it by layer.RemixLinearMethod.
 
 The engine is pointed at the base model directory (so base weights load as usual, uncopied) with
-`hf_overrides={"architectures": [RemixXForCausalLM], "remix_checkpoint": DIR}`; see engine.py.
+`hf_overrides={"architectures": [RemixXForCausalLM], "remix_checkpoint": DIR, ...}`; see engine.py.
+Every pool has `remix_max_checkpoints` checkpoint slots (remix_infer/ops/slots.py), filled from
+`remix_checkpoints` at load and by `remix_load_slot` while serving; the model owns the per-token
+slot buffer, which worker.CheckpointSlotFiller writes before each forward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,7 +26,7 @@ from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.utils import PPMissingLayer
 
-from remix_infer.checkpoint import load_checkpoint, read_config
+from remix_infer.checkpoint import RemixCheckpoint, load_checkpoint, read_config
 from remix_infer.config import (
     ALWAYS_A,
     ALWAYS_B,
@@ -38,7 +42,9 @@ from remix_infer.config import (
     tensor_name,
 )
 from remix_infer.ops import PoolLayout, RemixPool, SharedRouter
-from remix_infer.vllm_plugin.layer import RemixLinearMethod
+from remix_infer.ops.slots import TokenSlots
+from remix_infer.vllm_plugin.engine import check_slot_compatible
+from remix_infer.vllm_plugin.layer import NOT_RELOADABLE, RemixLinearMethod
 
 # vLLM projection -> (parent module, HF projections stacked in its output, in order)
 PROJECTIONS = {
@@ -92,14 +98,23 @@ class RemixForCausalLMMixin:
         self._attach_remix(vllm_config)
 
     def _attach_remix(self, vllm_config: VllmConfig) -> None:
-        self.remix_checkpoint = vllm_config.model_config.hf_config.remix_checkpoint
+        hf_config = vllm_config.model_config.hf_config
+        self.remix_checkpoint = hf_config.remix_checkpoint
         config = read_config(self.remix_checkpoint)
         self.remix_config: RemixConfig = config
+        paths = list(getattr(hf_config, "remix_checkpoints", None) or [self.remix_checkpoint])
+        num_slots = int(getattr(hf_config, "remix_max_checkpoints", None) or len(paths))
+        # the checkpoint in each slot (None: empty); the first one sized the slots
+        self.remix_slot_paths: list[str | None] = paths + [None] * (num_slots - len(paths))
         self.remix_adapters: dict[str, RemixPool] = {}
         self._remix_shards: dict[str, list] = {}
+        self._remix_linears: list[nn.Module] = []
         dtype = vllm_config.model_config.dtype
         max_step_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         shared = self._attach_shared_router(config, max_step_tokens)
+        device = next(self.parameters()).device
+        self.remix_token_slots = TokenSlots(max_step_tokens, device=device)
+        reloadable = num_slots > 1 or device.type != "cpu"  # see layer.py
         for index, layer in enumerate(self.model.layers):
             if isinstance(layer, PPMissingLayer):
                 continue
@@ -111,7 +126,7 @@ class RemixForCausalLMMixin:
                 width, out_sizes, reduce_input, shards = _shard_layout(linear, parts)
                 name = module_path(index, proj, parent_name)
                 pool = RemixPool(
-                    PoolLayout.from_config(config, width, out_sizes, adapted),
+                    PoolLayout.from_config(config, width, out_sizes, adapted, num_slots),
                     dtype,
                     max_step_tokens,
                     router_bias=config.router_bias and shared is None,
@@ -122,11 +137,15 @@ class RemixForCausalLMMixin:
                     shared=shared,
                     # the first pool is layer 0's qkv_proj (config validation), on the first layer's input
                     routes_shared=shared is not None and not self.remix_adapters,
+                    slots=self.remix_token_slots,
                 )
                 linear.remix = pool
-                linear.quant_method = RemixLinearMethod(linear.quant_method, pool, reduce_input)
+                linear.quant_method = RemixLinearMethod(
+                    linear.quant_method, pool, reduce_input, reloadable
+                )
                 self.remix_adapters[name] = pool
                 self._remix_shards[name] = [shards[i] for i in adapted]
+                self._remix_linears.append(linear)
 
     def _attach_shared_router(
         self, config: RemixConfig, max_step_tokens: int
@@ -152,10 +171,27 @@ class RemixForCausalLMMixin:
         return self.remix_shared_router
 
     def _load_remix_weights(self) -> set[str]:
-        """Load the (validated) adapter file into every adapter; returns the parameter names."""
-        ckpt = load_checkpoint(self.remix_checkpoint)
+        """Load the (validated) checkpoints into their slots; returns the parameter names."""
+        from remix_infer.vllm_plugin.worker import CheckpointSlotFiller
+
+        template = None
+        for slot, path in enumerate(self.remix_slot_paths):
+            if path is not None:
+                ckpt = load_checkpoint(path)
+                template = template or ckpt
+                check_slot_compatible(template, ckpt)
+                self._load_slot_tensors(slot, ckpt)
+        self._remix_template = template  # tensors consumed: its config and paths remain
+        CheckpointSlotFiller.install(self)
+        return {
+            n for n, _ in self.named_parameters() if ".remix." in n or "remix_shared_router" in n
+        }
+
+    def _load_slot_tensors(self, slot: int, ckpt: RemixCheckpoint) -> None:
+        """Copy a validated checkpoint's adapter tensors into `slot` of every pool (its tensors
+        are consumed)."""
         tensors = ckpt.tensors
-        if self.remix_shared_router is not None:
+        if self.remix_shared_router is not None:  # one slot only (engine.py)
             with torch.no_grad():
                 self.remix_shared_router.weight.copy_(tensors.pop(SHARED_ROUTER_WEIGHT))
                 if self.remix_shared_router.bias is not None:
@@ -176,18 +212,45 @@ class RemixForCausalLMMixin:
                     bias,
                     None if always_a is None else always_a[:, cols],
                     None if always_b is None else always_b[rows, :],
+                    slot=slot,
                 )
         held = {
             i for i, layer in enumerate(self.model.layers) if not isinstance(layer, PPMissingLayer)
         }
         tensors = {k: v for k, v in tensors.items() if split_module_path(k)[0] in held}
         if tensors:  # every checkpoint tensor of this rank's layers must have found its module
+            raise ValueError(f"{ckpt.path}: adapter tensors not used: {sorted(tensors)[:3]}")
+
+    def remix_load_slot(self, slot: int, path: str) -> None:
+        """Validate checkpoint `path` against the engine's slots and copy it into `slot` in
+        place (no reallocation: compiled graphs and CUDA graphs stay valid)."""
+        self._check_slot(slot)
+        ckpt = load_checkpoint(path)
+        check_slot_compatible(self._remix_template, ckpt)
+        if not all(linear.quant_method.reloadable for linear in self._remix_linears):
+            raise ValueError(NOT_RELOADABLE)
+        self.remix_slot_paths[slot] = None  # its tokens are base-model tokens while it changes
+        for pool in self.remix_adapters.values():
+            pool.clear_slot(slot)
+        self._load_slot_tensors(slot, ckpt)
+        for linear in self._remix_linears:
+            linear.quant_method.refresh(linear)
+        self.remix_slot_paths[slot] = str(Path(path).resolve())
+
+    def remix_unload_slot(self, slot: int) -> None:
+        """Empty `slot`: its tokens get no adapter; its routing statistics are zeroed. The
+        weights stay where they are (nothing reads them) until the slot is loaded again."""
+        self._check_slot(slot)
+        self.remix_slot_paths[slot] = None
+        for pool in self.remix_adapters.values():
+            pool.stats.view(len(self.remix_slot_paths), -1)[slot].zero_()
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < len(self.remix_slot_paths):
             raise ValueError(
-                f"{self.remix_checkpoint}: adapter tensors not used: {sorted(tensors)[:3]}"
+                f"checkpoint slot {slot} is out of range: this engine has "
+                f"{len(self.remix_slot_paths)} (0 to {len(self.remix_slot_paths) - 1})"
             )
-        return {
-            n for n, _ in self.named_parameters() if ".remix." in n or "remix_shared_router" in n
-        }
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return super().load_weights(weights) | self._load_remix_weights()

@@ -1,5 +1,9 @@
 """Worker extension: lets the serving process read routing statistics over RPC, overall and
-per request.
+per request, and load or empty checkpoint slots while serving.
+
+Checkpoint slots: before each forward, CheckpointSlotFiller writes every token's slot (its
+request's SamplingParams.extra_args[CHECKPOINT_SLOT_KEY], default 0; BASE_MODEL_SLOT, an empty
+slot or an unknown one: the base model) into the model's per-token slot buffer.
 
 Per-request routing: a request whose SamplingParams.extra_args carry ROUTING_KEY has the
 selections of every token the engine runs for it (prompt tokens not served from the prefix cache,
@@ -10,10 +14,17 @@ request asked cost nothing extra.
 
 from __future__ import annotations
 
+import inspect
+import logging
 from typing import Any
 
+import numpy as np
 import torch
 
+from remix_infer.ops.slots import BASE_MODEL_SLOT
+from remix_infer.vllm_plugin.engine import CHECKPOINT_SLOT_KEY
+
+logger = logging.getLogger(__name__)
 ROUTING_KEY = "remix_routing_key"
 MAX_PENDING_SUMMARIES = 4096  # summaries nobody took (client gone) are dropped, oldest first
 
@@ -86,11 +97,76 @@ class RequestRoutingTracker:
         }
 
 
+class CheckpointSlotFiller:
+    """Fills the model's per-token slot buffer from the step's token layout, before each forward.
+
+    It wraps the model runner's `_prepare_inputs` (vLLM 0.32's CPU and GPU runners): called by
+    `execute_model` after the persistent input batch was updated and before the forward, with the
+    scheduled token counts in input-batch order, each request's tokens contiguous."""
+
+    def __init__(self, runner: Any, model: Any) -> None:
+        self.runner, self.model = runner, model
+        self.prepare_inputs = runner._prepare_inputs
+
+    @classmethod
+    def install(cls, model: Any) -> None:
+        """Hook the runner that is loading `model` (found on the call stack: vLLM has no hook
+        for a model to see its requests, and the worker extension cannot override methods)."""
+        frame = inspect.currentframe()
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if hasattr(owner, "_prepare_inputs") and hasattr(owner, "requests"):
+                if isinstance(owner._prepare_inputs, cls):  # weights loaded again: re-aim it
+                    owner._prepare_inputs.model = model
+                    return
+                filler = cls(owner, model)
+                owner._prepare_inputs = filler
+                owner.remix_slot_filler = filler
+                return
+            frame = frame.f_back
+        if len(model.remix_slot_paths) > 1:
+            raise RuntimeError("no vLLM model runner found: checkpoint slots cannot be routed")
+        logger.warning("no vLLM model runner found: base-model requests will get the adapter")
+
+    def slot_of(self, req_id: str) -> int:
+        params = self.runner.requests[req_id].sampling_params
+        extra = params.extra_args if params is not None else None
+        slot = int(extra.get(CHECKPOINT_SLOT_KEY, 0)) if extra else 0
+        paths = self.model.remix_slot_paths
+        return slot if 0 <= slot < len(paths) and paths[slot] is not None else BASE_MODEL_SLOT
+
+    def __call__(self, scheduler_output: Any, num_scheduled_tokens: np.ndarray, *args: Any) -> Any:
+        req_ids = self.runner.input_batch.req_ids[: len(num_scheduled_tokens)]
+        slots = np.repeat([self.slot_of(r) for r in req_ids], num_scheduled_tokens)
+        self.model.remix_token_slots.fill(torch.from_numpy(slots.astype(np.int64)))
+        return self.prepare_inputs(scheduler_output, num_scheduled_tokens, *args)
+
+
 class RemixWorkerExtension:
     """Mixed into vLLM's worker (worker_extension_cls); call via engine.collective_rpc(name)."""
 
     def _remix_adapters(self) -> list:
         return list(getattr(self.model_runner.model, "remix_adapters", {}).values())
+
+    def _remix_model(self) -> Any:
+        model = self.model_runner.model
+        if not hasattr(model, "remix_slot_paths"):
+            raise ValueError("this engine serves no ReMix checkpoint")
+        return model
+
+    def remix_load_checkpoint(self, slot: int, path: str) -> None:
+        """Validate checkpoint `path` (ValueError: incompatible, unreadable, slot out of range)
+        and copy it into `slot` in place. The caller guarantees no request for this slot is in
+        flight."""
+        self._remix_model().remix_load_slot(slot, path)
+
+    def remix_unload_checkpoint(self, slot: int) -> None:
+        """Empty `slot` (its tokens get no adapter) and zero its routing statistics."""
+        self._remix_model().remix_unload_slot(slot)
+
+    def remix_checkpoint_slots(self) -> list[str | None]:
+        """The checkpoint directory in each slot (None: empty)."""
+        return list(self._remix_model().remix_slot_paths)
 
     def remix_prepare_pipeline_stage(self) -> None:
         """Give a later pipeline stage its buffer for the activations it receives, before the
@@ -107,14 +183,19 @@ class RemixWorkerExtension:
             batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device
         )
 
-    def remix_routing_stats(self) -> dict[str, list[list[float]]]:
-        """Per HF module (model.layers.{i}.self_attn.q_proj ...): its stats row [n + 3]
-        (remix_infer.ops.stats.StatsRow reads it). Copies a few KB from the device."""
-        out = {}
-        for adapter in self._remix_adapters():
-            stats = adapter.stats.cpu()
-            for row, part in enumerate(adapter.part_names):
-                out[part] = stats[row].tolist()
+    def remix_routing_stats(self) -> list[dict[str, list[float]]]:
+        """Per checkpoint slot (index = slot), per HF module (model.layers.{i}.self_attn.q_proj
+        ...): its stats row [n + 3] (remix_infer.ops.stats.StatsRow reads it). Copies a few KB
+        from the device."""
+        adapters = self._remix_adapters()
+        if not adapters:
+            return []
+        out: list[dict[str, list[float]]] = [{} for _ in range(adapters[0].layout.num_slots)]
+        for adapter in adapters:
+            stats = adapter.stats.view(len(out), len(adapter.part_names), -1).cpu()
+            for slot, rows in enumerate(out):
+                for row, part in enumerate(adapter.part_names):
+                    rows[part] = stats[slot, row].tolist()
         return out
 
     def remix_reset_routing_stats(self) -> None:
@@ -148,8 +229,9 @@ class RemixWorkerExtension:
             adapter.capture_selections, adapter.captured = enable, []
 
     def remix_captured_selections(self) -> dict[str, list[list[int]]]:
-        """Per HF module: the top-k indices [tokens, k] of the forwards since capture was switched
-        on, in the order the engine computed the tokens."""
+        """Per HF module: the top-k indices [tokens, k] (of each token's own slot's pool; -1 for
+        base-model tokens) of the forwards since capture was switched on, in the order the
+        engine computed the tokens."""
         out = {}
         for adapter in self._remix_adapters():
             if not adapter.captured:

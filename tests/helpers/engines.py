@@ -19,23 +19,33 @@ os.environ.setdefault(
 
 
 def make_parity_checkpoint(
-    directory: Path, seed: int = 0, model_type: str = "llama", **config_overrides
+    directory: Path,
+    seed: int = 0,
+    model_type: str = "llama",
+    base: Path | None = None,
+    **config_overrides,
 ) -> Path:
     """A tiny checkpoint whose LoRAs and routing visibly matter: adapters at full LoRA scale and
-    a sharpened LM head, so greedy margins are far above float32 noise and a wrong LoRA shows."""
+    a sharpened LM head, so greedy margins are far above float32 noise and a wrong LoRA shows.
+    base: another parity checkpoint's base model to adapt (default: a new one in directory/base)."""
     from transformers import AutoModelForCausalLM
 
     from remix_infer.checkpoint import save_checkpoint
     from remix_infer.modeling import adapter_tensors, inject_remix
 
-    base = directory / "base"
-    make_tiny_base(base, model_type=model_type, seed=seed)
+    if base is None:
+        base = directory / "base"
+        make_tiny_base(base, model_type=model_type, seed=seed)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(20.0)
+        model.save_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    model.save_pretrained(base)
     config = tiny_remix_config(
-        base_model="base", omega=1.0, architecture=model_type, **config_overrides
+        base_model=os.path.relpath(base, directory),
+        omega=1.0,
+        architecture=model_type,
+        **config_overrides,
     )
     inject_remix(model, config)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -48,9 +58,14 @@ def make_parity_checkpoint(
 
 @contextlib.contextmanager
 def remix_llm(
-    checkpoint: Path, in_process: bool = True, env: dict[str, str] | None = None, **overrides
+    checkpoint: Path | dict[str, Path],
+    in_process: bool = True,
+    env: dict[str, str] | None = None,
+    max_checkpoints: int | None = None,
+    **overrides,
 ) -> Iterator:
-    """A vllm.LLM serving `checkpoint` (eager, float32, no tokenizer: prompts are token ids).
+    """A vllm.LLM serving `checkpoint` (or name -> checkpoint in slots 0, 1, ...; eager, float32,
+    no tokenizer: prompts are token ids).
 
     in_process: the engine core runs in this process, so the prompts of one generate() call are
     scheduled together as one batch (with a core process, batches depend on arrival timing).
@@ -80,7 +95,7 @@ def remix_llm(
     )
     kwargs.update(overrides)
     try:
-        llm = LLM(**remix_engine_kwargs(checkpoint), **kwargs)
+        llm = LLM(**remix_engine_kwargs(checkpoint, max_checkpoints), **kwargs)
     finally:
         os.environ.clear()
         os.environ.update(saved)

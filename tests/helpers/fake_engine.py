@@ -4,8 +4,9 @@ CompletionOutput, Logprob) and honours the SamplingParams the server builds (max
 output kind, logprobs, prompt logprobs, seed), so what it checks is the server's use of them.
 
 Token i is the byte i: text prompts tokenize to their UTF-8 bytes; generated tokens are lowercase
-letters, each the one after the previous token (the last prompt token first) modulo 26:
-after "ab" come "cdefg"."""
+letters, each `slot + 1` letters after the previous token (the last prompt token first) modulo
+26, so every model answers differently: after "ab", slot 0 gives "cdefg", slot 1 "dfhjl", the
+base model (slot -1) "bbbbb"."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ import asyncio
 import time
 from pathlib import Path
 from typing import Any
+
+from remix_infer.checkpoint import RemixCheckpoint
+from remix_infer.vllm_plugin.engine import BASE_MODEL_SLOT, CHECKPOINT_SLOT_KEY
+from server.models import ModelTable
 
 VOCAB = 256
 
@@ -42,10 +47,30 @@ class FakeLLM:
 class FakeEngine:
     """Serves the byte-level fake model; `step_s` between generated tokens."""
 
-    def __init__(self, step_s: float = 0.0, max_model_len: int = 128, **tokenizer: Any) -> None:
+    def __init__(
+        self,
+        step_s: float = 0.0,
+        max_model_len: int = 128,
+        models: tuple[str, ...] = ("fake",),
+        base_model: str | None = None,
+        max_slots: int | None = None,
+        template: RemixCheckpoint | None = None,
+        **tokenizer: Any,
+    ) -> None:
+        """Checkpoints `models` in slots 0.., the base model as `base_model`; `template`: the
+        checkpoint the slots were sized from (admin loads are checked against it; None: no slots to load)."""
         self.step_s = step_s
         self.path = Path("/fake/model")
-        self.remix_config = None
+        self.base_model_path = self.path
+        self.template = template
+        self.remix_config = template.config if template is not None else None
+        self.models = ModelTable(max_slots or len(models))
+        for slot, name in enumerate(models):
+            self.models.add(name, slot, Path(f"/fake/{name}"), None)
+        if base_model is not None:
+            self.models.add(base_model, BASE_MODEL_SLOT, self.path, None)
+        self.slots: dict[int, str] = {s: f"/fake/{n}" for s, n in enumerate(models)}  # loaded
+        self.salts: list[str] = []  # the cache_salt of every engine request
         self.tokenizer = FakeTokenizer(**tokenizer)
         self.max_model_len = max_model_len
         self.vocab_size = VOCAB
@@ -118,12 +143,18 @@ class FakeEngine:
             entry[other] = Logprob(logprob=-2.0 - k, rank=k + 2, decoded_token=chr(other))
         return entry
 
-    async def generate(self, prompt_token_ids: list[int], params: Any, request_id: str) -> Any:
+    async def generate(
+        self, prompt_token_ids: list[int], params: Any, request_id: str, cache_salt: str
+    ) -> Any:
         from vllm.outputs import CompletionOutput, RequestOutput
         from vllm.sampling_params import RequestOutputKind
 
         if self.async_llm is None or self.async_llm.errored:
             raise RuntimeError("engine dead")
+        slot = params.extra_args[CHECKPOINT_SLOT_KEY]
+        if slot != BASE_MODEL_SLOT and slot not in self.slots:
+            raise RuntimeError(f"slot {slot} is empty")  # the server's bug, not the client's
+        self.salts.append(cache_salt)
         delta = params.output_kind == RequestOutputKind.DELTA
         prompt_lp = None
         if params.prompt_logprobs is not None:
@@ -140,7 +171,7 @@ class FakeEngine:
                     await asyncio.sleep(self.step_s)
                 if self.async_llm is None or self.async_llm.errored:
                     raise RuntimeError("engine dead")
-                token = 97 + (token - 97 + 1) % 26
+                token = 97 + (token - 97 + slot + 1) % 26
                 tokens.append(token)
                 self.generated += 1
                 if params.logprobs is not None:
@@ -173,8 +204,18 @@ class FakeEngine:
     async def take_request_routing(self, key: str) -> dict[str, Any] | None:
         return None
 
-    async def routing_stats(self) -> dict[str, list[float]]:
-        return {}
+    async def routing_stats(self) -> list:
+        return []
+
+    async def load_slot(self, slot: int, path: Path) -> None:
+        assert slot not in self.slots
+        await asyncio.sleep(self.step_s)  # an engine step's worth
+        self.slots[slot] = str(path)
+
+    async def unload_slot(self, slot: int) -> None:
+        running = [m for m in self.models.models.values() if m.slot == slot and m.in_flight]
+        assert not running, "unloaded with requests in flight"
+        del self.slots[slot]
 
     def num_unfinished_requests(self) -> int:
         return len(self.running)

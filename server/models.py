@@ -1,0 +1,118 @@
+"""The models one server serves: its ReMix checkpoints, each in an engine slot, and optionally
+the base model alone (no adapters). One table, so that a request's `model`, /v1/models, the
+routing metrics' `checkpoint` label and the admin load/unload endpoints all agree.
+
+Each entry counts its requests in flight (an unload waits for them) and carries a load
+number: its prefix-cache salt is its name plus that number, so the KV cached under one
+checkpoint (whose adapters change K and V) is never reused under another, nor under a later
+load of the same name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from remix_infer.config import RemixConfig
+from remix_infer.vllm_plugin.engine import BASE_MODEL_SLOT
+from server.errors import APIError
+
+
+@dataclass(eq=False)
+class ServedModel:
+    """One name clients can send as `model`."""
+
+    name: str
+    slot: int  # the engine's checkpoint slot; BASE_MODEL_SLOT for the base model
+    path: Path  # the checkpoint directory (the base model's directory for the base model)
+    config: RemixConfig | None  # None: no ReMix adapters, so no routing to report
+    load_number: int
+    created: int = field(default_factory=lambda: int(time.time()))
+    in_flight: int = 0
+    unloading: bool = False  # new requests are refused while an unload waits for in-flight ones
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    @property
+    def is_base(self) -> bool:
+        return self.slot == BASE_MODEL_SLOT
+
+    @property
+    def cache_salt(self) -> str:
+        """vLLM's per-request prefix-cache salt: KV is shared only between requests to the same
+        load of the same model."""
+        return f"{self.name}#{self.load_number}"
+
+
+class ModelTable:
+    """Checkpoints by name and slot (at most `max_slots`), plus the base model if served."""
+
+    def __init__(self, max_slots: int) -> None:
+        self.max_slots = max_slots
+        self.models: dict[str, ServedModel] = {}  # in the order they were added
+        self._load_numbers = itertools.count()
+
+    def add(self, name: str, slot: int, path: Path, config: RemixConfig | None) -> ServedModel:
+        """Register `name` (in `slot`, or BASE_MODEL_SLOT); the caller checked it is free."""
+        assert name not in self.models and (slot == BASE_MODEL_SLOT or slot not in self.by_slot())
+        model = ServedModel(name, slot, path, config, next(self._load_numbers))
+        self.models[name] = model
+        return model
+
+    def remove(self, name: str) -> ServedModel:
+        return self.models.pop(name)
+
+    def listed(self) -> list[ServedModel]:
+        """What /v1/models shows: the checkpoints in slot order, then the base model."""
+        return sorted(self.models.values(), key=lambda m: (m.is_base, m.slot))
+
+    def by_slot(self) -> dict[int, ServedModel]:
+        return {m.slot: m for m in self.models.values() if not m.is_base}
+
+    def free_slot(self) -> int | None:
+        used = self.by_slot()
+        return next((s for s in range(self.max_slots) if s not in used), None)
+
+    def resolve(self, name: str | None) -> ServedModel:
+        """The model a request names; with no name, the only model served. 404 for a name this
+        server does not serve (or is unloading)."""
+        if name is None:
+            if len(self.models) == 1:
+                return next(iter(self.models.values()))
+            raise APIError(
+                400,
+                f"model is required: this server serves {self._names()}",
+                param="model",
+                code="model_required",
+            )
+        model = self.models.get(name)
+        if model is None or model.unloading:
+            why = "is being unloaded" if model is not None else "does not exist"
+            raise APIError(
+                404,
+                f"The model '{name}' {why} (this server serves {self._names()})",
+                param="model",
+                code="model_not_found",
+            )
+        return model
+
+    def _names(self) -> str:
+        names = [f"'{m.name}'" for m in self.listed() if not m.unloading]
+        return ", ".join(names) if names else "no model right now"
+
+    @staticmethod
+    def acquire(model: ServedModel) -> None:
+        """Count one request in flight for `model` (released by `release`)."""
+        model.in_flight += 1
+        model.idle.clear()
+
+    @staticmethod
+    def release(model: ServedModel) -> None:
+        model.in_flight -= 1
+        if model.in_flight == 0:
+            model.idle.set()
