@@ -156,7 +156,8 @@ def lora_run(rank: int) -> str:
 def run_specs(p: StudyPreset, claims: tuple[int, ...]) -> dict[str, dict]:
     """Run name -> TrainConfig fields of every fine-tune the selected claims need."""
     s = p.settings
-    specs: dict[str, dict] = {"remix": {"method": "remix"}}  # claims 1, 2 and 4 (and 3's M)
+    # claims 1, 2 and 4, and claim 3's run at the preset's M: the same fields whatever the claims
+    specs: dict[str, dict] = {"remix": {"method": "remix", "num_samples": s.num_samples}}
     if 1 in claims:
         specs["mixlora"] = {"method": "mixlora"}
     if 2 in claims:
