@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +106,9 @@ class RemixLinear(nn.Module):
         # Hard routing by domain (LoRA-Mixer's joint expert training; the trainer sets it per
         # batch): [B, 1, 1] LoRA indices that replace the routers' choice for those sequences.
         self.forced_selection: torch.Tensor | None = None
+        # Routing outside training (INFERENCE_ROUTINGS; `inference_routing` sets it for a model):
+        # the serving layer's deterministic top-k unless a study compares it with the others.
+        self.inference_routing = "top_k"
         self.last_routing: Routing | None = None
         self.reset_adapter_parameters()
 
@@ -151,9 +156,14 @@ class RemixLinear(nn.Module):
         if self.forced_selection is not None:
             selected = self.forced_selection.expand(*logits.shape[:-1], 1)
             log_prob = None
-        elif self.training and self.sample_in_training:
+        elif (self.training and self.sample_in_training) or (
+            not self.training and self.inference_routing == "sampled"
+        ):
             selected = gumbel_topk_sample(logits, self.top_k)
             log_prob = plackett_luce_log_prob(logits, selected)
+        elif not self.training and self.inference_routing == "random":
+            # k distinct LoRAs uniformly at random: Gumbel-top-k over equal logits
+            selected, log_prob = gumbel_topk_sample(torch.zeros_like(logits), self.top_k), None
         else:
             selected, log_prob = topk_select(logits, self.top_k), None
         weights = selection_weights(logits, selected, self.omega, self.weighting)
@@ -173,6 +183,25 @@ class RemixLinear(nn.Module):
         if self.always_a is not None:
             delta = delta + F.linear(F.linear(x.float(), self.always_a), self.always_b)
         return self.base(x) + delta.to(x.dtype)
+
+
+INFERENCE_ROUTINGS = ("top_k", "sampled", "random")
+
+
+@contextmanager
+def inference_routing(model: nn.Module, routing: str) -> Iterator[None]:
+    """Route a model's eval-mode forwards by `routing` inside the block: "top_k" (serving),
+    "sampled" (Gumbel-top-k from the router, as in training) or "random" (any k, uniformly)."""
+    if routing not in INFERENCE_ROUTINGS:
+        raise ValueError(f"inference routing '{routing}': expected one of {INFERENCE_ROUTINGS}")
+    modules = remix_modules(model).values()
+    for m in modules:
+        m.inference_routing = routing
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.inference_routing = "top_k"
 
 
 def init_router(router: nn.Linear, generator: torch.Generator | None = None) -> None:

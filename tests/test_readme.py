@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import openai
@@ -64,7 +65,7 @@ def full_demo_checkpoint() -> Path:
 
     out = ROOT / "demo-checkpoint"
     report = out / "report.json"
-    wanted = DemoSettings().__dict__
+    wanted = json.loads(json.dumps(asdict(DemoSettings())))  # as report.json holds them
     if not report.is_file() or json.loads(report.read_text())["settings"] != wanted:
         run_demo(out)
     return out

@@ -116,7 +116,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset", choices=["cpu", "gpu", "quick"], default="cpu", help="quick: seconds (tests)"
     )
     study.add_argument("--out", type=Path, default=Path("study"), help="writes study.json, PNGs")
+    study.add_argument(
+        "--claims",
+        type=claim_numbers,
+        default=(1, 2, 3, 4),
+        help="comma-separated claims to measure (default 1,2,3,4): 1 routing collapse, "
+        "2 equal parameters, 3 RLOO samples M, 4 inference routing",
+    )
     return parser
+
+
+def claim_numbers(text: str) -> tuple[int, ...]:
+    """--claims: '1,3' -> (1, 3); anything else is a usage error naming the valid claims."""
+    try:
+        claims = tuple(sorted({int(c) for c in text.split(",")}))
+    except ValueError:
+        claims = ()
+    if not claims or not set(claims) <= {1, 2, 3, 4}:
+        raise argparse.ArgumentTypeError(f"'{text}': expected claims among 1,2,3,4, e.g. 2,4")
+    return claims
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,7 +259,7 @@ def run_analyze_command(args: argparse.Namespace) -> int:
 def run_study_command(args: argparse.Namespace) -> int:
     from remix_infer.train.study import run_study
 
-    report = run_study(args.out, args.preset)
+    report = run_study(args.out, args.preset, args.claims)
     for name, claim in report["claims"].items():
         print(f"{name}: {claim['verdict']}")
     print(f"report: {args.out / 'study.json'} ({report['total_seconds']} s)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,12 @@ from tqdm import tqdm
 from remix_infer.modeling import load_remix_model
 from remix_infer.train.data import Example, tokenize, write_jsonl
 from remix_infer.train.evaluate import exact_match
-from remix_infer.train.tasks import TASKS, held_out_split, pretraining_corpus, task_of
+from remix_infer.train.tasks import (
+    DEMO_TASK_NAMES,
+    held_out_split,
+    pretraining_corpus,
+    task_of,
+)
 from remix_infer.train.trainer import TrainConfig, Trainer, default_device, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -36,6 +42,7 @@ CHAT_TEMPLATE = (
 @dataclass
 class DemoSettings:
     seed: int = 0
+    tasks: tuple[str, ...] = DEMO_TASK_NAMES  # names in tasks.STUDY_TASKS
     hidden_size: int = 128
     intermediate_size: int = 384
     num_layers: int = 4
@@ -174,9 +181,12 @@ def pretrain_base(tokenizer, lines: list[str], s: DemoSettings, out_dir: Path) -
     return history
 
 
-def accuracy_by_task(correct: list[bool], examples: list[Example]) -> dict[str, float]:
+def accuracy_by_task(
+    correct: list[bool], examples: list[Example], tasks: Sequence[str] = DEMO_TASK_NAMES
+) -> dict[str, float]:
+    """Exact-match share per task of `tasks`, and over all examples ("all")."""
     out = {}
-    for task in TASKS:
+    for task in tasks:
         hits = [c for c, e in zip(correct, examples, strict=True) if task_of(e) == task]
         out[task] = sum(hits) / max(len(hits), 1)
     out["all"] = sum(correct) / len(correct)
@@ -212,8 +222,8 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
         log.info("%s done in %.1f s", name, timings[name])
 
     t0 = time.perf_counter()
-    corpus = pretraining_corpus(s.pretrain_lines, s.seed, s.pretrain_task_weights)
-    train_set, eval_set = held_out_split(s.train_examples, s.eval_examples, s.seed)
+    corpus = pretraining_corpus(s.pretrain_lines, s.seed, s.pretrain_task_weights, s.tasks)
+    train_set, eval_set = held_out_split(s.train_examples, s.eval_examples, s.seed, s.tasks)
     (out / "data").mkdir(exist_ok=True)
     write_jsonl(out / "data" / "train.jsonl", train_set)
     write_jsonl(out / "data" / "eval.jsonl", eval_set)
@@ -235,7 +245,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
         history = trainer.train(ckpt_dir, base_reference=base_ref)
         final = trainer.evaluate()
         model, _ = load_remix_model(ckpt_dir)  # what was saved is what gets measured
-        acc = accuracy_by_task(exact_match(model, tokenizer, eval_set), eval_set)
+        acc = accuracy_by_task(exact_match(model, tokenizer, eval_set), eval_set, s.tasks)
         results[method] = {
             "history": history,
             "eval_loss": final["eval_loss"],
@@ -250,7 +260,9 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
 
     base_model = AutoModelForCausalLM.from_pretrained(base_dir)
     results["base"] = {
-        "accuracy": accuracy_by_task(exact_match(base_model, tokenizer, eval_set), eval_set)
+        "accuracy": accuracy_by_task(
+            exact_match(base_model, tokenizer, eval_set), eval_set, s.tasks
+        )
     }
     lap("base eval", t0)
 
