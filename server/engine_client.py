@@ -95,6 +95,7 @@ class RemixEngine:
         self.checkpoint: RemixCheckpoint | None = None
         if checkpoint is not None:
             self.checkpoint = load_checkpoint(checkpoint)  # raises CheckpointError
+            self.settings.check_checkpoint(self.checkpoint)  # raises SettingsError
             self.engine_kwargs = remix_engine_kwargs(self.checkpoint)
             self.path = Path(self.checkpoint.path)
         else:
