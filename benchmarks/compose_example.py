@@ -30,6 +30,15 @@ from remix_infer.train.trainer import TrainConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LORA = dict(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0)
+# (row name, --method, --top-k, --routing-scope). "mor, module scope" is mor with a router per
+# module instead of MoR-LoRA's shared one: the shared router reads the first layer's input, which
+# in this character-level model is the current character's embedding alone.
+COMPOSED = [
+    ("remix", "remix", 1, "auto"),
+    ("mor", "mor", 1, "auto"),
+    ("mor, module scope", "mor", 1, "module"),
+    ("mixer", "mixer", 2, "auto"),
+]
 
 
 def train_peft_lora(base: Path, tokenizer, examples, out: Path, steps: int, seed: int) -> float:  # noqa: ANN001
@@ -82,7 +91,7 @@ def main() -> None:
     tokenizer = build_tokenizer(base)
     if not (base / "config.json").exists():
         pretrain_base(tokenizer, pretraining_corpus(s.pretrain_lines, s.seed), s, base)
-    times["pretrain base"] = time.perf_counter() - t0
+        times["pretrain base"] = time.perf_counter() - t0
     eval_set = make_examples(s.eval_examples, s.seed + 1)
     train_set = make_examples(s.train_examples, s.seed + 2, exclude={e.prompt for e in eval_set})
 
@@ -100,15 +109,16 @@ def main() -> None:
     rows["one LoRA on the union"] = peft_accuracy(base, union, tokenizer, eval_set)
 
     train_data = tokenize(tokenizer, train_set, max_length=64)
-    for method, top_k in (("remix", 1), ("mor", 1), ("mixer", 2)):
+    for name, method, top_k, scope in COMPOSED:
         t0 = time.perf_counter()
         config = TrainConfig(method=method, top_k=top_k, max_steps=args.router_steps,
                              batch_size=16, learning_rate=args.router_lr, warmup_steps=10,
-                             eval_every=0)  # fmt: skip
-        out = compose(str(base), experts, work / f"composed-{method}", config, train_data)
-        times[f"compose {method}"] = time.perf_counter() - t0
+                             eval_every=0, routing_scope=scope)  # fmt: skip
+        folder = work / f"composed-{name.replace(' ', '-')}"
+        out = compose(str(base), experts, folder, config, train_data)
+        times[f"compose {name}"] = time.perf_counter() - t0
         model, _ = load_remix_model(out)
-        rows[f"composed: {method}"] = accuracy_by_task(
+        rows[f"composed: {name}"] = accuracy_by_task(
             exact_match(model, tokenizer, eval_set), eval_set
         )
     RESULTS.mkdir(exist_ok=True)

@@ -31,6 +31,7 @@ from remix_infer.config import (
     SHARED_ROUTER_WEIGHT,
     RemixConfig,
     tensor_name,
+    validation_problems,
 )
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -119,7 +120,7 @@ def expected_tensor_shapes(
             out[tensor_name(module, ROUTER_WEIGHT)] = (n, d_in)
         if config.router_bias and not shared:
             out[tensor_name(module, ROUTER_BIAS)] = (n,)
-        if config.always_on_rank:
+        if config.carries_always_on(module.rsplit(".", 1)[1]):
             out[tensor_name(module, ALWAYS_A)] = (config.always_on_rank, d_in)
             out[tensor_name(module, ALWAYS_B)] = (d_out, config.always_on_rank)
     return out
@@ -163,11 +164,7 @@ def read_config(path: str | os.PathLike) -> RemixConfig:
     try:
         return RemixConfig.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(
-            (f"field '{'.'.join(map(str, err['loc']))}': " if err["loc"] else "") + err["msg"]
-            for err in e.errors()
-        )
-        raise CheckpointError(f"{file}: {problems}") from None
+        raise CheckpointError(f"{file}: {validation_problems(e)}") from None
 
 
 def resolve_base_model(checkpoint_dir: Path, config: RemixConfig) -> tuple[str, dict]:

@@ -10,7 +10,14 @@ import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "remix_config.json"
@@ -40,6 +47,8 @@ SHARED_ROUTER_WEIGHT = "model.remix_shared_router_weight"  # [n, hidden_size]
 SHARED_ROUTER_BIAS = "model.remix_shared_router_bias"  # [n], only when config.router_bias
 # The projections that read the first layer's input, where the shared router reads it too.
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")
+# The attention projections: where MoR-LoRA puts its always-on LoRA.
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 Architecture = Literal["llama", "mistral", "qwen2"]
 
@@ -97,6 +106,11 @@ class RemixConfig(BaseModel):
         description="r0: rank of one LoRA per module applied to every token with weight 1, "
         "beside the routed pool (MoR-LoRA's always-on LoRA); 0: none",
     )
+    always_on_modules: list[str] | None = Field(
+        default=None,
+        description="the target_modules that carry the always-on LoRA (MoR-LoRA: the attention "
+        "projections); null: every one of target_modules",
+    )
     dtype: DType = "float32"
     method: str = Field(default="remix", description="How it was trained: remix, mixlora, lora")
 
@@ -127,9 +141,29 @@ class RemixConfig(BaseModel):
                 "routing_scope 'shared' routes from the first layer's input, which q_proj, "
                 "k_proj and v_proj read: target_modules must include one of them"
             )
+        self._check_always_on_modules()
         if not math.isfinite(self.omega) or self.omega <= 0:
             raise ValueError(f"omega must be a finite positive number, got {self.omega}")
         return self
+
+    def _check_always_on_modules(self) -> None:
+        listed = self.always_on_modules
+        if listed is None:
+            return
+        if not self.always_on_rank:
+            raise ValueError(
+                "field 'always_on_modules' is set but always_on_rank is 0 (no always-on LoRA)"
+            )
+        if not listed or len(set(listed)) != len(listed):
+            raise ValueError("field 'always_on_modules' must be a non-empty list, no duplicates")
+        outside = sorted(set(listed) - set(self.target_modules))
+        if outside:
+            raise ValueError(f"field 'always_on_modules': {outside} are not in target_modules")
+
+    def carries_always_on(self, module: str) -> bool:
+        """Whether projection `module` (q_proj, ...) has an always-on LoRA beside its pool."""
+        listed = self.always_on_modules
+        return self.always_on_rank > 0 and (listed is None or module in listed)
 
     def module_names(self) -> list[str]:
         """HF module paths of every adapted linear, e.g. model.layers.0.self_attn.q_proj."""
@@ -139,6 +173,15 @@ class RemixConfig(BaseModel):
             for name in ALL_TARGET_MODULES
             if name in self.target_modules
         ]
+
+
+def validation_problems(error: ValidationError) -> str:
+    """A RemixConfig's validation error in one line: each problem, with its field when pydantic
+    knows it (the model-wide checks name theirs in the message)."""
+    return "; ".join(
+        (f"field '{'.'.join(map(str, err['loc']))}': " if err["loc"] else "") + err["msg"]
+        for err in error.errors()
+    )
 
 
 def module_path(layer: int, name: str, parent: str | None = None) -> str:

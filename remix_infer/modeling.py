@@ -70,10 +70,12 @@ class RemixLinear(nn.Module):
         config: RemixConfig,
         shared: SharedRouting | None = None,
         routes_shared: bool = False,
+        always_on: bool = True,
     ) -> None:
         """shared: the model's shared router (routing_scope "shared"), used instead of one of
         this module's own; routes_shared: this module's input is the first layer's input, so it
-        runs the shared router for every module (the others reuse its decision)."""
+        runs the shared router for every module (the others reuse its decision); always_on:
+        this module carries the config's always-on LoRA (if it has one)."""
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)
@@ -89,8 +91,9 @@ class RemixLinear(nn.Module):
         )
         self._shared = (shared,) if shared is not None else ()  # a tuple: not a submodule here
         self.routes_shared = routes_shared
-        # The always-on LoRA (config.always_on_rank > 0): every token, weight 1, beside the pool.
-        r0 = config.always_on_rank
+        # The always-on LoRA (always_on: config.carries_always_on(this projection)): every
+        # token, weight 1, beside the pool.
+        r0 = config.always_on_rank if always_on else 0
         self.always_a = (
             nn.Parameter(torch.empty(r0, d_in, device=base.weight.device)) if r0 else None
         )
@@ -242,7 +245,8 @@ def inject_remix(model: nn.Module, config: RemixConfig) -> dict[str, RemixLinear
         base = getattr(parent, attr)
         if not isinstance(base, nn.Linear):
             raise TypeError(f"{name} is a {type(base).__name__}, expected nn.Linear")
-        setattr(parent, attr, RemixLinear(base, config, shared, routes_shared=i == 0))
+        always_on = config.carries_always_on(attr)
+        setattr(parent, attr, RemixLinear(base, config, shared, i == 0, always_on))
     return remix_modules(model)
 
 

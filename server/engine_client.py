@@ -155,6 +155,7 @@ class RemixEngine:
                 loaded[name] = load_checkpoint(path)
             except CheckpointError as e:
                 raise CheckpointError(f"cannot serve {path} (as '{name}'): {e}") from None
+            self.settings.check_checkpoint(loaded[name])  # raises SettingsError
         first = next(iter(loaded.values()))
         self.path = Path(first.path)
         self.template = first

@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import MISSING, Field, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from remix_infer.checkpoint import RemixCheckpoint
 
 
 def setting(
@@ -107,6 +110,18 @@ class EngineSettings:
             )
         if self.distributed_executor_backend == "ray":
             self._check_ray()
+
+    def check_checkpoint(self, checkpoint: RemixCheckpoint) -> None:
+        """Refuse settings this checkpoint cannot be served with, before any engine starts
+        (the model class checks again inside the engine, for engines built another way)."""
+        scope = checkpoint.config.routing_scope
+        if scope == "shared" and self.pipeline_parallel_size > 1:
+            raise SettingsError(
+                f"{checkpoint.path}: routing_scope 'shared' cannot be served with "
+                f"--pipeline-parallel-size {self.pipeline_parallel_size} (its one router reads "
+                "the first layer's input, which only the first stage has); use "
+                "--tensor-parallel-size or --data-parallel-size instead"
+            )
 
     def _check_hosts(self) -> None:
         if self.headless != (self.node_rank > 0):

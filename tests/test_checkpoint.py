@@ -189,6 +189,8 @@ def test_always_on_lora_round_trip(tmp_path):
     loaded = load_checkpoint(ckpt)
     assert loaded.tensors["model.layers.0.self_attn.k_proj.remix_always_a"].shape == (3, 128)
     assert loaded.tensors["model.layers.0.self_attn.k_proj.remix_always_b"].shape == (64, 3)
+    edit_config(ckpt, always_on_modules=None)  # as written before the field: on every module
+    assert len([n for n in load_checkpoint(ckpt).tensors if n.endswith("remix_always_a")]) == 14
     rebuilt, _ = load_remix_model(ckpt)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(tokens()).logits, model(tokens()).logits, rtol=0, atol=0)
@@ -196,6 +198,40 @@ def test_always_on_lora_round_trip(tmp_path):
         for module in remix_modules(rebuilt).values():
             module.always_b.zero_()
         assert (rebuilt(tokens()).logits - with_always).abs().max() > 1e-3  # the term is applied
+
+
+def test_always_on_lora_on_the_listed_modules_only(tmp_path):
+    """always_on_modules (MoR-LoRA's attention LoRA): only the listed projections carry one."""
+    base = make_tiny_base(tmp_path / "ckpt" / "base")
+    listed = {"always_on_rank": 3, "always_on_modules": ["q_proj", "o_proj"]}
+    config = RemixConfig(base_model="base", **{**TINY_REMIX, **listed})
+    model = make_remix_model(base, config, seed=7)
+    ckpt = save_checkpoint(tmp_path / "ckpt", config, adapter_tensors(model))
+    carriers = {n.split(".")[-2] for n in load_checkpoint(ckpt).tensors if "remix_always" in n}
+    assert carriers == {"q_proj", "o_proj"}
+    rebuilt, _ = load_remix_model(ckpt)
+    modules = remix_modules(rebuilt).items()
+    assert {n.split(".")[-1] for n, m in modules if m.always_a is not None} == carriers
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(tokens()).logits, model(tokens()).logits, rtol=0, atol=0)
+    edit_config(ckpt, always_on_modules=["q_proj"])  # o_proj's tensors are left over
+    assert "unexpected tensor 'model.layers.0.self_attn.o_proj.remix_always_a'" in refused(ckpt)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"always_on_modules": ["q_proj"]}, "is set but always_on_rank is 0"),
+        ({"always_on_rank": 2, "always_on_modules": ["lm_head"]}, "['lm_head'] are not in"),
+        ({"always_on_rank": 2, "always_on_modules": []}, "must be a non-empty list"),
+        ({"always_on_rank": 2, "always_on_modules": ["q_proj", "q_proj"]}, "no duplicates"),
+    ],
+)
+def test_refuses_bad_always_on_modules(checkpoint_dir, changes, message):
+    edit_config(checkpoint_dir, **changes)
+    msg = refused(checkpoint_dir)
+    assert msg.startswith(str(checkpoint_dir / CONFIG_FILE)) and "field 'always_on_modules'" in msg
+    assert message in msg, msg
 
 
 def test_shared_routing_scope_round_trip(tmp_path):

@@ -282,17 +282,30 @@ def test_compose_trains_an_always_on_lora_beside_the_frozen_pool(base, experts, 
         AutoTokenizer.from_pretrained(base), read_jsonl(write_router_data(tmp_path / "d.jsonl")), 32
     )
     config = TrainConfig(method="remix", top_k=1, num_samples=2, max_steps=2, batch_size=4,
-                         warmup_steps=1, learning_rate=0.05, always_on_rank=2)  # fmt: skip
+                         warmup_steps=1, learning_rate=0.05, always_on_rank=2,
+                         always_on_modules=["v_proj", "down_proj"])  # fmt: skip
     out = compose(str(base), list(experts.values()), tmp_path / "ckpt", config, data)
     ckpt = load_checkpoint(out)
     assert ckpt.config.always_on_rank == 2
+    assert ckpt.config.always_on_modules == ["v_proj", "down_proj"]
     shape, architecture = read_base_model(base)
     pool = build_pool("base", read_experts(list(experts.values()), shape), shape, architecture)
     for name, tensor in pool.tensors.items():
         if not name.endswith(ROUTER_WEIGHT):
             assert torch.equal(ckpt.tensors[name], tensor), name  # the pool stayed frozen
     always_b = [t for n, t in ckpt.tensors.items() if n.endswith(ALWAYS_B)]
-    assert len(always_b) == 14 and all(t.abs().sum() > 0 for t in always_b)  # trained from 0
+    assert len(always_b) == 4 and all(t.abs().sum() > 0 for t in always_b)  # trained from 0
+
+
+def test_compose_refuses_always_on_modules_it_does_not_adapt(base, experts, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    argv = ["compose", "--base-model", str(base), "--experts", str(experts["qv_patterns"]),
+            "--data", str(write_router_data(tmp_path / "d.jsonl")), "--out", str(out),
+            "--method", "mor", "--always-on-rank", "2", "--always-on-modules", "q_proj", "o_proj"]  # fmt: skip
+    assert remix_train(argv) == 2
+    err = capsys.readouterr().err
+    assert "field 'always_on_modules': ['o_proj'] are not in target_modules" in err, err
+    assert "Traceback" not in err and not out.exists()
 
 
 @pytest.mark.parametrize(
@@ -362,6 +375,7 @@ def test_remix_serve_serves_a_composed_mor_checkpoint(demo_checkpoint, tmp_path)
     assert remix_train(argv) == 0
     config = load_checkpoint(out).config
     assert (config.routing_scope, config.always_on_rank) == ("shared", 2)
+    assert config.always_on_modules == ["q_proj", "v_proj", "o_proj"]  # the experts' attention
     model, _ = load_remix_model(out)
     tokenizer = AutoTokenizer.from_pretrained(base)
     ids = tokenizer("add 1 2 =", return_tensors="pt").input_ids

@@ -26,6 +26,7 @@ import psutil
 import pytest
 import torch
 from helpers.engines import remix_llm
+from helpers.models import make_checkpoint
 from helpers.servers import (
     SMALL_ENGINE,
     free_port,
@@ -60,6 +61,18 @@ def test_remix_serve_refuses_settings_that_cannot_work(flags, message, checkpoin
     err = capsys.readouterr().err
     assert err.startswith("remix-serve: ") and message in err, err
     assert "Traceback" not in err
+
+
+def test_remix_serve_refuses_shared_routing_scope_with_pipeline_stages(tmp_path, capsys):
+    """The shared router reads the first layer's input, which only the first pipeline stage has:
+    refused with the checkpoint and the flag named, before any engine process starts."""
+    ckpt = make_checkpoint(tmp_path / "shared", routing_scope="shared")
+    capsys.readouterr()  # the progress bars of building it
+    assert main(["--checkpoint", str(ckpt), "--pipeline-parallel-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"remix-serve: {ckpt}: routing_scope 'shared'"), err
+    assert "--pipeline-parallel-size 2" in err and "Traceback" not in err
+    assert not psutil.Process().children(recursive=True)  # no engine was started
 
 
 def test_distributed_settings_read_flags_and_environment(monkeypatch, capsys):

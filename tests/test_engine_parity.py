@@ -29,8 +29,14 @@ def mixed_prompts(count: int = 10, seed: int = 0) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """With an always-on LoRA beside every pool (the other families' test has none)."""
-    return make_parity_checkpoint(tmp_path_factory.mktemp("parity") / "ckpt", always_on_rank=3)
+    """With an always-on LoRA on q, v and o only (MoR-LoRA's attention LoRA; k_proj, merged
+    into qkv_proj with them, gets zero rows, and the MLP pools none); the shared-scope test has
+    one on every module, the other families' test none."""
+    return make_parity_checkpoint(
+        tmp_path_factory.mktemp("parity") / "ckpt",
+        always_on_rank=3,
+        always_on_modules=["q_proj", "v_proj", "o_proj"],
+    )
 
 
 @pytest.fixture(scope="module")

@@ -188,9 +188,13 @@ def test_mor_and_mixer_train_pools_and_routers_from_scratch(tmp_path, method, ex
     assert (config.top_k, config.omega, config.weighting, config.routing_scope) == expected
     assert len(routers) == (1 if method == "mor" else len(trainer.modules))
     assert all(not torch.equal(b, r.weight) for b, r in zip(before, routers.values(), strict=True))
-    assert all(
-        m.lora_b.abs().sum() > 0 and m.always_b.abs().sum() > 0 for m in trainer.modules.values()
-    )
+    assert all(m.lora_b.abs().sum() > 0 for m in trainer.modules.values())
+    # mor's always-on LoRA is MoR-LoRA's attention LoRA; the others' is on every module
+    attention = ["q_proj", "k_proj", "v_proj", "o_proj"] if method == "mor" else None
+    assert config.always_on_modules == attention
+    carriers = {n: m for n, m in trainer.modules.items() if m.always_b is not None}
+    assert len(carriers) == (8 if method == "mor" else len(trainer.modules))
+    assert all(m.always_b.abs().sum() > 0 for m in carriers.values())
     model, _ = load_remix_model(tmp_path / "ckpt")
     trainer.model.eval()
     with torch.no_grad():

@@ -84,7 +84,10 @@ class PoolLayout:
         part_widths: list[int],
         adapted: list[int],
         num_slots: int = 1,
+        always_on: bool = True,
     ) -> PoolLayout:
+        """always_on: the pool carries the config's always-on LoRA (if it has one); the parts
+        of a merged projection share it, so one that the config leaves out gets zeros."""
         return cls(
             in_features,
             tuple(part_widths),
@@ -94,7 +97,7 @@ class PoolLayout:
             config.top_k,
             config.omega,
             config.weighting,
-            config.always_on_rank,
+            config.always_on_rank if always_on else 0,
             num_slots,
         )
 

@@ -16,6 +16,9 @@ from pathlib import Path
 # when another process holds one of the cores (measured on the shared 2-core dev machine).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from pydantic import ValidationError  # noqa: E402
+
+from remix_infer.config import validation_problems  # noqa: E402
 from remix_infer.train.compose import COMPOSE_METHODS  # noqa: E402
 from remix_infer.train.data import TokenizedData  # noqa: E402
 from remix_infer.train.trainer import TrainConfig  # noqa: E402
@@ -37,6 +40,11 @@ def _add_train_config_flags(parser: argparse.ArgumentParser, skip: set[str] = fr
         choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
         if f.name == "target_modules":
             parser.add_argument(flag, nargs="+", default=default, help="projections to adapt")
+        elif f.name == "always_on_modules":
+            parser.add_argument(
+                flag, nargs="+", default=default,
+                help="projections with the always-on LoRA (default: all adapted; mor: q, k, v, o)",
+            )  # fmt: skip
         elif hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif choices:
@@ -153,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
             "study": run_study_command,
         }
         return commands[args.command](args)
+    except ValidationError as e:  # a checkpoint config that the flags describe
+        print(
+            f"remix-train: error: not a valid checkpoint config: {validation_problems(e)}",
+            file=sys.stderr,
+        )
+        return 2
     except (ValueError, FileNotFoundError) as e:
         print(f"remix-train: error: {e}", file=sys.stderr)
         return 2

@@ -166,6 +166,14 @@ def import_peft(
     return save_checkpoint(out, pool.config, pool.tensors)
 
 
+def with_always_on_modules(pool: FrozenPool, train_config: TrainConfig) -> FrozenPool:
+    """The pool's config with the modules that carry the always-on LoRA, which depend on the
+    modules the pool adapts (mor's default: its attention projections)."""
+    listed = train_config.resolved_always_on_modules(pool.config.target_modules)
+    fields = {**pool.config.model_dump(), "always_on_modules": listed}
+    return FrozenPool(RemixConfig.model_validate(fields), pool.tensors)
+
+
 # Router training over the frozen pool (see TrainConfig.method): remix (RLOO, constant weight
 # omega), mor (hard top-1, weight 1, straight-through), mixer (softmax top-k, RSL loss).
 COMPOSE_METHODS = ("remix", "mor", "mixer")
@@ -206,6 +214,7 @@ def compose(
         pool = build_pool(
             base_reference, read_experts(experts, shape), shape, architecture, **routing
         )
+    pool = with_always_on_modules(pool, train_config)
     log.info(
         "pool of %d experts, rank %d, on %s; training the routers (%s, %d steps)",
         pool.config.num_loras, pool.config.rank, pool.config.target_modules,

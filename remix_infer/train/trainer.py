@@ -30,6 +30,7 @@ from tqdm import tqdm
 from remix_infer.checkpoint import TORCH_DTYPES, read_config, save_checkpoint
 from remix_infer.config import (
     ALL_TARGET_MODULES,
+    ATTENTION_PROJECTIONS,
     FAMILIES,
     LORA_A,
     LORA_B,
@@ -71,6 +72,8 @@ class TrainConfig:
     target_modules: list[str] = field(default_factory=lambda: list(ALL_TARGET_MODULES))
     router_bias: bool = False
     always_on_rank: int = 0  # r0 of an always-on LoRA per module beside the pool; 0: none
+    # the target modules that carry it; default: all of them (mor: the attention projections)
+    always_on_modules: list[str] | None = None
     routing_scope: Literal["auto", "module", "shared"] = "auto"  # auto: shared for mor
     learning_rate: float = 2e-3
     router_learning_rate: float | None = None  # default: learning_rate
@@ -97,6 +100,16 @@ class TrainConfig:
             return self.routing_scope
         return "shared" if self.method == "mor" else "module"
 
+    def resolved_always_on_modules(self, target_modules: list[str]) -> list[str] | None:
+        """The modules with an always-on LoRA (None: all targeted): as given, else for mor
+        MoR-LoRA's small attention LoRA (the targeted q, k, v, o), else all."""
+        if self.always_on_modules is not None or not self.always_on_rank:
+            return self.always_on_modules
+        if self.method != "mor":
+            return None
+        attention = [m for m in ATTENTION_PROJECTIONS if m in target_modules]
+        return attention or None  # no attention projection targeted: on all of them
+
     def remix_config(self, base_model: str, architecture: str, num_layers: int) -> RemixConfig:
         """The checkpoint config this training run produces."""
         if self.method == "lora":
@@ -121,6 +134,7 @@ class TrainConfig:
             weighting="softmax_topk" if softmax else "constant",
             router_bias=self.router_bias,
             always_on_rank=self.always_on_rank,
+            always_on_modules=self.resolved_always_on_modules(self.target_modules),
             routing_scope=self.resolved_routing_scope(),
             dtype=self.dtype,
             method=self.method,

@@ -77,6 +77,12 @@ def check_slot_compatible(template: RemixCheckpoint, candidate: RemixCheckpoint)
             f"{where}: field 'target_modules' is {got.target_modules}, but {sized_from}, which "
             f"adapts {want.target_modules}"
         )
+    always_on = [m for m in got.target_modules if got.carries_always_on(m)]
+    if always_on != [m for m in want.target_modules if want.carries_always_on(m)]:
+        raise ValueError(
+            f"{where}: field 'always_on_modules' gives {always_on} an always-on LoRA, but "
+            f"{sized_from}, which gives it to {want.always_on_modules or want.target_modules}"
+        )
     if got.rank > want.rank:
         raise ValueError(
             f"{where}: field 'rank' is {got.rank}, above the slots' rank {want.rank} ({sized_from})"

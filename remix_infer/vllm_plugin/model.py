@@ -125,8 +125,11 @@ class RemixForCausalLMMixin:
                 linear = getattr(getattr(layer, parent_name), proj)
                 width, out_sizes, reduce_input, shards = _shard_layout(linear, parts)
                 name = module_path(index, proj, parent_name)
+                always_on = any(config.carries_always_on(parts[i]) for i in adapted)
                 pool = RemixPool(
-                    PoolLayout.from_config(config, width, out_sizes, adapted, num_slots),
+                    PoolLayout.from_config(
+                        config, width, out_sizes, adapted, num_slots, always_on=always_on
+                    ),
                     dtype,
                     max_step_tokens,
                     router_bias=config.router_bias and shared is None,
@@ -202,12 +205,13 @@ class RemixForCausalLMMixin:
             ):
                 bias = tensors.pop(tensor_name(module, ROUTER_BIAS), None)
                 router = tensors.pop(tensor_name(module, ROUTER_WEIGHT), None)
-                always_a = tensors.pop(tensor_name(module, ALWAYS_A), None)
-                always_b = tensors.pop(tensor_name(module, ALWAYS_B), None)
+                lora_a = tensors.pop(tensor_name(module, LORA_A))
+                lora_b = tensors.pop(tensor_name(module, LORA_B))
+                always_a, always_b = _always_on_tensors(tensors, module, pool, lora_a, lora_b)
                 pool.load_part(
                     part,
-                    tensors.pop(tensor_name(module, LORA_A))[:, :, cols],
-                    tensors.pop(tensor_name(module, LORA_B))[:, rows, :],
+                    lora_a[:, :, cols],
+                    lora_b[:, rows, :],
                     None if router is None else router[:, cols],
                     bias,
                     None if always_a is None else always_a[:, cols],
@@ -254,6 +258,27 @@ class RemixForCausalLMMixin:
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return super().load_weights(weights) | self._load_remix_weights()
+
+
+def _always_on_tensors(
+    tensors: dict[str, torch.Tensor],
+    module: str,
+    pool: RemixPool,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The always-on LoRA (A [r0, d_in], B [d_out, r0]) of `module` in full, taken from
+    `tensors`; zeros for a part of a merged projection whose pool has one but that the
+    config's always_on_modules leaves out; None when the pool has none."""
+    r0 = pool.layout.always_rank
+    if not r0:
+        return None, None
+    zeros_a = torch.zeros(r0, lora_a.shape[-1], dtype=lora_a.dtype)
+    zeros_b = torch.zeros(lora_b.shape[1], r0, dtype=lora_b.dtype)
+    return (
+        tensors.pop(tensor_name(module, ALWAYS_A), zeros_a),
+        tensors.pop(tensor_name(module, ALWAYS_B), zeros_b),
+    )
 
 
 class RemixLlamaForCausalLM(RemixForCausalLMMixin, LlamaForCausalLM):
