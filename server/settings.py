@@ -93,7 +93,8 @@ class EngineSettings:
         """Refuse combinations that cannot work, before any engine process starts."""
         sizes = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "nnodes")
         for name in (*sizes, "max_checkpoints"):
-            if (getattr(self, name) or 1) < 1:
+            value = getattr(self, name)  # max_checkpoints None: as many as given
+            if value is not None and value < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 <= self.node_rank < self.nnodes:
             raise SettingsError(
