@@ -7,10 +7,13 @@
    the FLOP floor, across token counts.
 3. Several checkpoints in one engine (checkpoint slots): batch decode with 1, 2, 4 and 8
    checkpoints active in one batch (an engine of 8 slots), against one checkpoint alone (an
-   engine of one slot: the single-checkpoint path), and with half of the batch for the base model.
+   engine of one slot: the single-checkpoint path); half or all of the batch for the base model;
+   and the base model served plainly, which base-model requests in a ReMix engine are held to.
 
 Ends with one JSON line: remix_over_base_decode, remix_over_base_prefill, layer_over_floor,
-and multi_over_single_{1,2,4,8} (decode throughput over the one-slot engine's).
+multi_over_single_{1,2,4,8} (decode throughput over the one-slot engine's), half_base_over_single,
+and {single,multi}_all_base_over_plain (base-model requests alone in a 1- or 8-slot engine,
+over the same requests to the plain base model).
 """
 
 from __future__ import annotations
@@ -140,10 +143,14 @@ def engine_benchmark(args: argparse.Namespace) -> dict:
     return summary
 
 
-# case -> (engine: "one" slot or "eight" slots, the slots its requests cycle through)
+# case -> (engine: the "plain" base model, "one" slot or "eight" slots; the slots its requests
+# cycle through, -1 the base model)
 MULTI_CASES = {
+    "plain": ("plain", None),
     "single": ("one", [0]),
     "single_half_base": ("one", [0, -1]),
+    "single_all_base": ("one", [-1]),
+    "multi_all_base": ("eight", [-1]),
     "multi_1": ("eight", [0]),
     "multi_2": ("eight", [0, 1]),
     "multi_4": ("eight", [0, 1, 2, 3]),
@@ -165,8 +172,9 @@ def multi_checkpoint_benchmark(args: argparse.Namespace) -> dict:
         for i in range(8)
     ]
     settings = engine_settings(args)
-    print(f"starting a one-slot and an eight-slot engine over {base} ...", flush=True)
+    print(f"starting a plain, a one-slot and an eight-slot engine over {base} ...", flush=True)
     engines = {
+        "plain": LLM(model=str(base), **settings),
         "one": LLM(**remix_engine_kwargs(ckpts[0]), **settings),
         "eight": LLM(**remix_engine_kwargs({f"c{i}": c for i, c in enumerate(ckpts)}), **settings),
     }
@@ -237,11 +245,15 @@ def main() -> None:
         results["multi"] = multi_checkpoint_benchmark(args)
         for n in (1, 2, 4, 8):
             line[f"multi_over_single_{n}"] = round(results["multi"][f"multi_{n}"]["over_single"], 3)
-        line["half_base_over_single"] = round(
-            results["multi"]["single_half_base"]["over_single"], 3
-        )
+        multi = results["multi"]
+        line["half_base_over_single"] = round(multi["single_half_base"]["over_single"], 3)
+        for engine in ("single", "multi"):
+            over_plain = multi[f"{engine}_all_base"]["tok_s"] / multi["plain"]["tok_s"]
+            line[f"{engine}_all_base_over_plain"] = round(over_plain, 3)
     results["summary"] = line
-    path = save_results("engine", results)
+    # a run of some parts gets its own file, so that it does not overwrite the day's full run
+    parts = [part for part in ("layer", "engine", "multi") if not getattr(args, f"skip_{part}")]
+    path = save_results("-".join(["engine", *parts]) if len(parts) < 3 else "engine", results)
     if "layer" in results:
         from plot import plot_layer
 
