@@ -50,8 +50,12 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# Test files run side by side, one per core (TEST_WORKERS): vLLM's CPU engine computes on one
+# core, so a serial run leaves the other idle. tests/conftest.py pins each worker's engines to
+# its own core; --dist loadfile keeps a file (and its shared engine) on one worker.
+TEST_WORKERS ?= 2
 test: setup lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Serves ./$(DEMO_DIR) on 127.0.0.1:8000; remix-serve builds the demo checkpoint first if absent.
 serve: setup

@@ -18,6 +18,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _pin_xdist_worker() -> None:
+    """Under `pytest -n N` (make test), worker gwI's engines run their OpenMP threads on core
+    I mod (cores): vLLM's automatic binding would put every worker's engine on the same core.
+    Its own torch work gets an equal share of the cores."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return
+    import torch
+
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    cores = sorted(os.sched_getaffinity(0))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(cores[int(worker[2:]) % len(cores)]))
+    torch.set_num_threads(max(1, len(cores) // workers))
+
+
+_pin_xdist_worker()
+
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
