@@ -22,7 +22,7 @@ from remix_infer.ops import (
     StatsRow,
     set_padding_provider,
 )
-from remix_infer.ops.slots import TokenSlots
+from remix_infer.ops.slots import TokenSlots, slot_groups
 from remix_infer.ops.stats import stats_width
 from remix_infer.ops.triton_route import route
 from remix_infer.routing import topk_select
@@ -440,6 +440,31 @@ def test_slots_route_each_token_through_its_own_checkpoint(kernel, merged, alway
         slots.fill(slot_of_token)
         got = layer(x)
     assert layer.folded is folded
+    want, _ = slot_reference(references, weight, parts, x, slot_of_token)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_slot_groups_gather_each_slots_tokens():
+    """The grouped path's groups: each slot with tokens, its rows in order; base-model tokens
+    in none; a step wholly one slot's needs no gather (rows None)."""
+    groups = slot_groups(torch.tensor([2, -1, 0, 2, 2, -1, 0]))
+    assert [(slot, rows.tolist()) for slot, rows in groups] == [(0, [2, 6]), (2, [0, 3, 4])]
+    assert slot_groups(torch.tensor([1, 1, 1])) == [(1, None)]
+    assert slot_groups(torch.tensor([-1, -1])) == []
+
+
+@pytest.mark.parametrize("step", [[2] * 9, [-1] * 9])
+def test_grouped_step_of_one_slot_or_only_the_base_model(step):
+    """The numba kernel's grouped path (several slots) when a step is wholly one slot's or wholly
+    the base model's: each token still gets its own reference's output."""
+    parts, adapted = MERGED["middle part not adapted"]
+    layer, references, weight, slots = build_slots("numba", parts, adapted)
+    assert layer.pool.grouped
+    slot_of_token = torch.tensor(step)
+    slots.fill(slot_of_token)
+    x = torch.randn(len(step), D_IN, generator=torch.Generator().manual_seed(15))
+    with torch.no_grad():
+        got = layer(x)
     want, _ = slot_reference(references, weight, parts, x, slot_of_token)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 

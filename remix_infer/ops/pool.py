@@ -26,11 +26,14 @@ The base product is never run alone: it shares one GEMM with the pool, in one of
         accumulates the routing statistics (triton_route.py).
 
 Checkpoint slots (ops/slots.py): a pool sized for C slots holds C checkpoints' pools and routers
-side by side (slot-major: every tensor's rows, or B's columns, slot by slot). The narrow product
-runs for every slot (dense: C times the adapter FLOPs); each token keeps its own slot's hidden
-states and logits (a gather), routes them as above, and its gated hidden states go back to its
-slot's columns (zeros elsewhere) for one product with every slot's B. C = 1 is the path above
-plus, when the engine gives a slot buffer, zero gates for base-model tokens (slot -1).
+side by side (slot-major: every tensor's rows, or B's columns, slot by slot). C = 1 is the path
+above plus, when the engine gives a slot buffer, zero gates for base-model tokens (slot -1). With
+C > 1 the "numba" kernel (CPU) is grouped: the GEMM is the base product alone, and each slot's A,
+router and B products run on that slot's tokens only (the adapter FLOPs of one checkpoint, none
+for base-model tokens). The "torch" and "triton" kernels are dense: the narrow product runs for
+every slot (C times the adapter FLOPs); each token keeps its own slot's hidden states and logits
+(a gather), routes them as above, and its gated hidden states go back to its slot's columns
+(zeros elsewhere) for one product with every slot's B.
 
 In the shared routing scope (ops/shared.py) the pools take their logits from the model's one
 router instead of their own (no router rows in the GEMM; on triton the kernel routes the given
@@ -53,7 +56,13 @@ from torch import nn
 
 from remix_infer.config import RemixConfig
 from remix_infer.ops.shared import SharedRouter
-from remix_infer.ops.slots import TokenSlots, pick_slot, spread_to_slots
+from remix_infer.ops.slots import (
+    TokenSlots,
+    add_slot_b_products,
+    own_slot_products,
+    pick_slot,
+    spread_to_slots,
+)
 from remix_infer.ops.stats import record_routing, stats_width
 from remix_infer.routing import routing_gates, topk_select
 
@@ -198,6 +207,8 @@ class RemixPool(nn.Module):
         self.always_b = nn.ParameterList(
             frozen(layout.part_widths[i], c * r0) for i in (layout.adapted if r0 else ())
         )
+        # Several slots on CPU: each slot's products on its own tokens, nothing in the GEMM.
+        self.grouped = self.kernel == "numba" and c > 1
         # The stacked GEMM carries the router rows only when it runs in float32.
         self.fold_router = self.kernel != "triton" and dtype == torch.float32 and shared is None
         self._shared = (shared,) if shared is not None else ()  # a tuple: not a submodule here
@@ -280,6 +291,9 @@ class RemixPool(nn.Module):
         make_gemm(weight) -> (x -> x @ weight.T); default F.linear. A gemm with a `refresh()`
         method (a prepacked copy of its weight) is refreshed by `refresh_products`."""
         make_gemm = make_gemm or (lambda w: lambda x: F.linear(x, w))
+        if self.grouped:  # the grouped products read each slot's part of lora_b itself
+            self._b_weights, self._product_b = [], []
+            return
         self._b_weights = self.part_b_weights()  # kept: products may read them by reference
         self._product_b = [make_gemm(b) for b in self._b_weights]
 
@@ -287,7 +301,7 @@ class RemixPool(nn.Module):
     def refresh_products(self) -> None:
         """After the pool's tensors changed in place: rewrite the B products' weights in place
         (so compiled graphs keep reading the same tensors) and refresh prepacked copies."""
-        if self.layout.always_rank:
+        if self.layout.always_rank and not self.grouped:
             for kept, fresh in zip(self._b_weights, self.part_b_weights(), strict=True):
                 kept.copy_(fresh)
         for product in self._product_b:
@@ -303,7 +317,10 @@ class RemixPool(nn.Module):
     @torch.no_grad()
     def fold_base_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight of the one GEMM that `forward` hands to its `gemm`, from the base weight
-        [d_out, d_in]: [W ; A (; P)] for the torch kernel, [W | block-diagonal B] for triton."""
+        [d_out, d_in]: [W ; A (; P)] for the torch kernel, [W | block-diagonal B] for triton,
+        W itself when grouped."""
+        if self.grouped:
+            return weight
         return torch.cat(
             [weight, self._adapter_fold(weight)], dim=0 if self.kernel != "triton" else 1
         )
@@ -312,6 +329,8 @@ class RemixPool(nn.Module):
     def refresh_fold(self, folded: torch.Tensor) -> None:
         """Rewrite the pool's part of a folded weight in place after its tensors changed (the
         base rows or columns stay as they are)."""
+        if self.grouped:  # nothing of the pool's in the GEMM
+            return
         if self.kernel != "triton":
             folded[self.layout.out_features :].copy_(self._adapter_fold(folded))
         else:
@@ -368,23 +387,14 @@ class RemixPool(nn.Module):
     def _forward_torch(self, x: torch.Tensor, gemm: Gemm, reduce: Callable | None) -> torch.Tensor:
         layout = self.layout
         s, n, c = layout.num_parts, layout.num_loras, layout.num_slots
-        d_out, width = layout.out_features, layout.pool_width
-        a_width = width + layout.always_width
-        y = gemm(x)
-        base, lora_h = y[:, :d_out], y[:, d_out : d_out + width]
-        always_h = y[:, d_out + width : d_out + a_width]
-        if self._shared:
-            logits = self._shared_logits(x)
-        elif self.fold_router:
-            logits = y[:, d_out + a_width :]
-        else:
-            logits = F.linear(x.float(), self.router)
+        slots = self.token_slots(x.shape[0])
+        base, lora_h, always_h, logits = self._narrow_products(x, gemm, slots)
         if reduce is not None:  # the shared logits are whole already
             lora_h = reduce(lora_h.contiguous())
             logits = logits if self._shared else reduce(logits.contiguous())
             always_h = reduce(always_h.contiguous()) if layout.always_rank else always_h
-        slots = self.token_slots(x.shape[0])
-        if c > 1:  # each token's own slot's products
+        dense_slots = c > 1 and not self.grouped
+        if dense_slots:  # each token's own slot's products
             lora_h, logits = pick_slot(lora_h, slots, c), pick_slot(logits, slots, c)
         logits = logits.unflatten(-1, (s, n))
         if self.router_bias is not None:
@@ -401,11 +411,64 @@ class RemixPool(nn.Module):
             hidden = self._gate_hidden(lora_h, gates)
         if self.capture_selections:
             self._capture(selected, slots)
-        if c > 1:
+        if self.grouped:
+            return self._add_slot_b_products(base, hidden, always_h, slots)
+        if dense_slots:
             hidden = spread_to_slots(hidden, slots, c)
         if layout.always_rank:  # the always-on hidden states follow the gated ones, ungated
             hidden = torch.cat([hidden, self._always_hidden(always_h, slots, hidden.dtype)], -1)
         return self._add_pool_outputs(base, hidden)
+
+    def _narrow_products(
+        self, x: torch.Tensor, gemm: Gemm, slots: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The base product [T, d_out], the pool's hidden states, the always-on LoRAs' and the
+        router logits (before any reduce; every slot's, or each token's own when grouped)."""
+        layout = self.layout
+        if self.grouped:
+            tokens, s, r0 = x.shape[0], layout.num_parts, layout.always_rank
+            lora_h = x.new_empty(tokens, layout.slot_width)
+            logits = x.new_empty(tokens, s * layout.num_loras, dtype=torch.float32)
+            always_h = x.new_empty(tokens, s * r0)
+            own_slot_products(
+                x, slots, self.lora_a, self.router, self.always_a, lora_h, logits,
+                always_h if r0 else None,
+            )  # fmt: skip
+            return gemm(x), lora_h, always_h, logits
+        d_out, width = layout.out_features, layout.pool_width
+        a_width = width + layout.always_width
+        y = gemm(x)
+        base, lora_h = y[:, :d_out], y[:, d_out : d_out + width]
+        always_h = y[:, d_out + width : d_out + a_width]
+        if self._shared:
+            logits = self._shared_logits(x)
+        elif self.fold_router:
+            logits = y[:, d_out + a_width :]
+        else:
+            logits = F.linear(x.float(), self.router)
+        return base, lora_h, always_h, logits
+
+    def _add_slot_b_products(
+        self,
+        base: torch.Tensor,
+        hidden: torch.Tensor,
+        always_h: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """Grouped: base + each token's own slot's B products, in place ([S, T, n*r] gated
+        hidden states; always-on ones [T, S*r0], ungated)."""
+        layout = self.layout
+        if not self.count_b:  # as in _add_pool_outputs
+            return base.contiguous()
+        always = None
+        if layout.always_rank:
+            always = always_h.view(-1, layout.num_parts, layout.always_rank).transpose(0, 1)
+        columns = layout.part_columns()
+        bounds = [i for part in layout.adapted for i in (columns[part].start, columns[part].stop)]
+        add_slot_b_products(
+            base, slots, hidden, list(self.lora_b), always, list(self.always_b), bounds
+        )
+        return base
 
     def token_slots(self, tokens: int) -> torch.Tensor | None:
         """This step's checkpoint slot of each token [T] (-1: base model), None without slots."""

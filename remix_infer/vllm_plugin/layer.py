@@ -9,8 +9,10 @@ all-reduce, and only rank 0 adds B's term (vLLM's all-reduce of the output then 
 
 Loading a checkpoint slot while serving rewrites the pool's part of the folded weight in place
 (`refresh`), so compiled graphs and CUDA graphs keep their tensors. On CPU vLLM prepacks the
-folded weight for oneDNN and drops it; an engine with several slots keeps the folded weight
-instead and prepacks it itself (PrepackedCpuGemm), so that it can prepack it again after a load.
+folded weight for oneDNN and drops it. With several slots in float32 the pool is grouped (its
+GEMM weight is the base weight alone, which a load leaves as it is); otherwise an engine with
+several slots keeps the folded weight and prepacks it itself (PrepackedCpuGemm), so that it can
+prepack it again after a load.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class RemixLinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         layer.weight.data = self.pool.fold_base_weight(layer.weight.data)
-        if self.reloadable and layer.weight.device.type == "cpu":
+        if self.reloadable and layer.weight.device.type == "cpu" and not self.pool.grouped:
             self.cpu_gemm = PrepackedCpuGemm(layer.weight.data)
             self.pool.prepare(PrepackedCpuGemm)
             return
