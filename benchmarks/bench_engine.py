@@ -12,8 +12,9 @@
 
 Ends with one JSON line: remix_over_base_decode, remix_over_base_prefill, layer_over_floor,
 multi_over_single_{1,2,4,8} (decode throughput over the one-slot engine's), half_base_over_single,
-and {single,multi}_all_base_over_plain (base-model requests alone in a 1- or 8-slot engine,
-over the same requests to the plain base model).
+{single,multi}_all_base_over_plain (base-model requests alone in a 1- or 8-slot engine,
+over the same requests to the plain base model), and load_pause_steps (loading a checkpoint
+into a slot of the 8-slot engine, in decode steps).
 """
 
 from __future__ import annotations
@@ -190,6 +191,7 @@ def multi_checkpoint_benchmark(args: argparse.Namespace) -> dict:
     for case in tqdm(runs, desc="multi-checkpoint runs"):
         engine, slots = MULTI_CASES[case]
         rates[case].append(timed_run(engines[engine], decode, slots))
+    reload_s = reload_timings(engines["eight"], ckpts[1], args.repeats)
     for engine in engines.values():
         engine.llm_engine.engine_core.shutdown()
     single = statistics.median(rates["single"])
@@ -198,7 +200,31 @@ def multi_checkpoint_benchmark(args: argparse.Namespace) -> dict:
         rate = statistics.median(runs_of_case)
         summary[case] = {"tok_s": rate, "over_single": rate / single, "runs": runs_of_case}
         print(f"{case:18s} {rate:8.1f} tok/s  over single {rate / single:.3f}", flush=True)
+    # the engine runs no step while it loads: the pause other requests see, in decode steps
+    step_s = args.batch / summary["multi_8"]["tok_s"]
+    summary["reload"] = {**reload_s, "decode_step_s": step_s}
+    for what in ("load", "unload"):
+        pause = reload_s[f"{what}_s"]
+        print(f"{what} {pause * 1e3:7.1f} ms = {pause / step_s:.2f} decode steps", flush=True)
     return summary
+
+
+def reload_timings(llm, checkpoint: Path, repeats: int) -> dict[str, float]:  # noqa: ANN001
+    """Median seconds of unloading slot 1 and loading `checkpoint` into it (engine RPCs, which
+    run between steps: the engine is paused for as long)."""
+    times: dict[str, list[float]] = {"unload_s": [], "load_s": []}
+    for _ in range(repeats):
+        for what, call in (
+            ("unload_s", lambda: llm.collective_rpc("remix_unload_checkpoint", args=(1,))),
+            (
+                "load_s",
+                lambda: llm.collective_rpc("remix_load_checkpoint", args=(1, str(checkpoint))),
+            ),
+        ):
+            start = time.perf_counter()
+            call()
+            times[what].append(time.perf_counter() - start)
+    return {what: statistics.median(runs) for what, runs in times.items()}
 
 
 def main() -> None:
@@ -250,6 +276,8 @@ def main() -> None:
         for engine in ("single", "multi"):
             over_plain = multi[f"{engine}_all_base"]["tok_s"] / multi["plain"]["tok_s"]
             line[f"{engine}_all_base_over_plain"] = round(over_plain, 3)
+        reload = multi["reload"]
+        line["load_pause_steps"] = round(reload["load_s"] / reload["decode_step_s"], 2)
     results["summary"] = line
     # a run of some parts gets its own file, so that it does not overwrite the day's full run
     parts = [part for part in ("layer", "engine", "multi") if not getattr(args, f"skip_{part}")]

@@ -4,7 +4,8 @@ pool.py          RemixPool: pool tensors, the folded GEMM weight, the forwards o
                  kernels (torch: the oracle; numba: CPU; triton: GPU); FusedRemixLinear: a base
                  linear and its pool as one module
 shared.py        SharedRouter: the shared routing scope's one router per model
-slots.py         checkpoint slots: several checkpoints in one pool, each token's slot (TokenSlots)
+slots.py         checkpoint slots: several checkpoints in one pool, each token's slot (TokenSlots),
+                 the grouped products of several slots on CPU
 stats.py         routing statistics: the stats row layout, per-token figures, the accumulate op
 cpu_route.py     the CPU routing kernel (numba), one call per projection
 triton_route.py  the GPU routing kernel (Triton), one launch per projection
