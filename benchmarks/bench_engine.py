@@ -14,7 +14,7 @@ Ends with one JSON line: remix_over_base_decode, remix_over_base_prefill, layer_
 multi_over_single_{1,2,4,8} (decode throughput over the one-slot engine's), half_base_over_single,
 {single,multi}_all_base_over_plain (base-model requests alone in a 1- or 8-slot engine,
 over the same requests to the plain base model), and load_pause_steps (loading a checkpoint
-into a slot of the 8-slot engine, in decode steps).
+into a slot of the 8-slot engine, in decode steps of its fastest case).
 """
 
 from __future__ import annotations
@@ -173,25 +173,30 @@ def multi_checkpoint_benchmark(args: argparse.Namespace) -> dict:
         for i in range(8)
     ]
     settings = engine_settings(args)
-    print(f"starting a plain, a one-slot and an eight-slot engine over {base} ...", flush=True)
-    engines = {
-        "plain": LLM(model=str(base), **settings),
-        "one": LLM(**remix_engine_kwargs(ckpts[0]), **settings),
-        "eight": LLM(**remix_engine_kwargs({f"c{i}": c for i, c in enumerate(ckpts)}), **settings),
+    cases = ["single", *(case for case in args.multi_cases if case != "single")]
+    kwargs = {
+        "plain": lambda: dict(model=str(base)),
+        "one": lambda: remix_engine_kwargs(ckpts[0]),
+        "eight": lambda: remix_engine_kwargs({f"c{i}": c for i, c in enumerate(ckpts)}),
     }
+    used = sorted({MULTI_CASES[case][0] for case in cases})
+    print(f"starting engines {used} over {base} ...", flush=True)
+    engines = {name: LLM(**kwargs[name](), **settings) for name in used}
     decode = workloads(args)["decode"]
     for engine in engines.values():
         timed_run(
             engine,
             {**decode, "max_tokens": 4},
-            list(range(8)) if engine is engines["eight"] else None,
+            list(range(8)) if engine is engines.get("eight") else None,
         )
-    rates: dict[str, list[float]] = {case: [] for case in MULTI_CASES}
-    runs = [case for _ in range(args.repeats) for case in MULTI_CASES]
+    rates: dict[str, list[float]] = {case: [] for case in cases}
+    runs = [case for _ in range(args.repeats) for case in cases]
     for case in tqdm(runs, desc="multi-checkpoint runs"):
         engine, slots = MULTI_CASES[case]
         rates[case].append(timed_run(engines[engine], decode, slots))
-    reload_s = reload_timings(engines["eight"], ckpts[1], args.repeats)
+    reload_s = (
+        reload_timings(engines["eight"], ckpts[1], args.repeats) if "eight" in engines else {}
+    )
     for engine in engines.values():
         engine.llm_engine.engine_core.shutdown()
     single = statistics.median(rates["single"])
@@ -200,9 +205,14 @@ def multi_checkpoint_benchmark(args: argparse.Namespace) -> dict:
         rate = statistics.median(runs_of_case)
         summary[case] = {"tok_s": rate, "over_single": rate / single, "runs": runs_of_case}
         print(f"{case:18s} {rate:8.1f} tok/s  over single {rate / single:.3f}", flush=True)
+    if not reload_s:
+        return summary
     # the engine runs no step while it loads: the pause other requests see, in decode steps
-    step_s = args.batch / summary["multi_8"]["tok_s"]
+    # (the engine's fastest case: its shortest step, so the pause is not understated)
+    fastest = max(summary[case]["tok_s"] for case in cases if MULTI_CASES[case][0] == "eight")
+    step_s = args.batch / fastest
     summary["reload"] = {**reload_s, "decode_step_s": step_s}
+    print(f"read (staged, beside the steps) {reload_s['stage_s'] * 1e3:7.1f} ms", flush=True)
     for what in ("load", "unload"):
         pause = reload_s[f"{what}_s"]
         print(f"{what} {pause * 1e3:7.1f} ms = {pause / step_s:.2f} decode steps", flush=True)
@@ -210,21 +220,46 @@ def multi_checkpoint_benchmark(args: argparse.Namespace) -> dict:
 
 
 def reload_timings(llm, checkpoint: Path, repeats: int) -> dict[str, float]:  # noqa: ANN001
-    """Median seconds of unloading slot 1 and loading `checkpoint` into it (engine RPCs, which
-    run between steps: the engine is paused for as long)."""
-    times: dict[str, list[float]] = {"unload_s": [], "load_s": []}
+    """Median seconds of unloading slot 1, reading `checkpoint` for it beside the engine's steps
+    (staged, as the server does), and copying it in (the load RPC: it runs between steps, so
+    the engine is paused for as long)."""
+    times: dict[str, list[float]] = {"unload_s": [], "stage_s": [], "load_s": []}
+
+    def timed(what: str, call) -> None:  # noqa: ANN001
+        start = time.perf_counter()
+        call()
+        times[what].append(time.perf_counter() - start)
+
+    def stage() -> None:
+        llm.collective_rpc("remix_stage_checkpoint", args=(1, str(checkpoint)))
+        while not all(llm.collective_rpc("remix_staged_checkpoint", args=(1,))):
+            time.sleep(0.005)
+
     for _ in range(repeats):
-        for what, call in (
-            ("unload_s", lambda: llm.collective_rpc("remix_unload_checkpoint", args=(1,))),
-            (
-                "load_s",
-                lambda: llm.collective_rpc("remix_load_checkpoint", args=(1, str(checkpoint))),
-            ),
-        ):
-            start = time.perf_counter()
-            call()
-            times[what].append(time.perf_counter() - start)
+        timed("unload_s", lambda: llm.collective_rpc("remix_unload_checkpoint", args=(1,)))
+        timed("stage_s", stage)
+        timed(
+            "load_s", lambda: llm.collective_rpc("remix_load_checkpoint", args=(1, str(checkpoint)))
+        )
     return {what: statistics.median(runs) for what, runs in times.items()}
+
+
+def multi_summary(multi: dict) -> dict[str, float]:
+    """The summary line's figures of the cases that ran."""
+    line = {}
+    for n in (1, 2, 4, 8):
+        if f"multi_{n}" in multi:
+            line[f"multi_over_single_{n}"] = round(multi[f"multi_{n}"]["over_single"], 3)
+    if "single_half_base" in multi:
+        line["half_base_over_single"] = round(multi["single_half_base"]["over_single"], 3)
+    for engine in ("single", "multi"):
+        if f"{engine}_all_base" in multi and "plain" in multi:
+            over_plain = multi[f"{engine}_all_base"]["tok_s"] / multi["plain"]["tok_s"]
+            line[f"{engine}_all_base_over_plain"] = round(over_plain, 3)
+    if "reload" in multi:
+        reload = multi["reload"]
+        line["load_pause_steps"] = round(reload["load_s"] / reload["decode_step_s"], 2)
+    return line
 
 
 def main() -> None:
@@ -243,6 +278,13 @@ def main() -> None:
     parser.add_argument("--skip-engine", action="store_true")
     parser.add_argument("--skip-layer", action="store_true")
     parser.add_argument("--skip-multi", action="store_true")
+    parser.add_argument(
+        "--multi-cases",
+        nargs="+",
+        choices=list(MULTI_CASES),
+        default=list(MULTI_CASES),
+        help="the several-checkpoints part's cases (single always runs: the ratios' reference)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
@@ -269,15 +311,7 @@ def main() -> None:
     if not args.skip_multi:
         print("== several checkpoints in one engine (decode) ==", flush=True)
         results["multi"] = multi_checkpoint_benchmark(args)
-        for n in (1, 2, 4, 8):
-            line[f"multi_over_single_{n}"] = round(results["multi"][f"multi_{n}"]["over_single"], 3)
-        multi = results["multi"]
-        line["half_base_over_single"] = round(multi["single_half_base"]["over_single"], 3)
-        for engine in ("single", "multi"):
-            over_plain = multi[f"{engine}_all_base"]["tok_s"] / multi["plain"]["tok_s"]
-            line[f"{engine}_all_base_over_plain"] = round(over_plain, 3)
-        reload = multi["reload"]
-        line["load_pause_steps"] = round(reload["load_s"] / reload["decode_step_s"], 2)
+        line.update(multi_summary(results["multi"]))
     results["summary"] = line
     # a run of some parts gets its own file, so that it does not overwrite the day's full run
     parts = [part for part in ("layer", "engine", "multi") if not getattr(args, f"skip_{part}")]

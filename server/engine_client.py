@@ -42,6 +42,8 @@ RAY_ON_CPU = (
     "hosts with --nnodes"
 )
 
+STAGE_POLL_S = 0.01  # how often a load asks the workers whether they have read the checkpoint
+
 
 def _on_cpu() -> bool:
     try:
@@ -373,7 +375,15 @@ class RemixEngine:
 
     async def load_slot(self, slot: int, path: Path) -> None:
         """Copy the (validated) checkpoint at `path` into `slot` on every worker of every
-        engine; no request for the slot may be in flight."""
+        engine; no request for the slot may be in flight. The workers read it first beside
+        their steps (staged), so the engine pauses only for the copy."""
+        await self._rpc_every_engine("remix_stage_checkpoint", slot, str(path))
+        while not all(
+            done
+            for per_engine in await self._rpc_every_engine("remix_staged_checkpoint", slot)
+            for done in per_engine
+        ):
+            await asyncio.sleep(STAGE_POLL_S)
         await self._rpc_every_engine("remix_load_checkpoint", slot, str(path))
 
     async def unload_slot(self, slot: int) -> None:

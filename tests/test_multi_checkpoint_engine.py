@@ -7,6 +7,7 @@ One engine per mode (eager in process; compiled in its own process), shared by t
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -134,7 +135,8 @@ def test_interleaved_batch_matches_each_reference(llm, expected):
 
 def test_load_unload_and_reload_while_serving(llm, checkpoints, expected):
     """Load c into the empty slot, empty b's slot (its requests get the base model), load b
-    again: the answers follow, and the other checkpoint's never change."""
+    again, staged as the server does (read beside the steps, then copied in): the answers
+    follow, and the other checkpoint's never change."""
     batch = BATCH + [("c", p) for _, p in BATCH[:3]]
     llm.collective_rpc("remix_load_checkpoint", args=(2, str(checkpoints["c"])))
     assert_answers(generate(llm, batch, SLOT_OF), batch, expected, AS_IS)
@@ -145,6 +147,10 @@ def test_load_unload_and_reload_while_serving(llm, checkpoints, expected):
     assert not any(
         StatsRow.parse(r).tokens for r in llm.collective_rpc("remix_routing_stats")[0][1].values()
     )
+    llm.collective_rpc("remix_stage_checkpoint", args=(1, str(checkpoints["b"])))
+    assert_answers(generate(llm, batch, SLOT_OF), batch, expected, unloaded)  # not in yet
+    while not all(llm.collective_rpc("remix_staged_checkpoint", args=(1,))):
+        time.sleep(0.01)
     llm.collective_rpc("remix_load_checkpoint", args=(1, str(checkpoints["b"])))
     assert_answers(generate(llm, batch, SLOT_OF), batch, expected, AS_IS)
     llm.collective_rpc("remix_unload_checkpoint", args=(2,))
@@ -166,6 +172,9 @@ def test_refusals(llm, checkpoints, tmp_path):
         with pytest.raises(ValueError, match=message) as error:
             check_slot_compatible(template, load_checkpoint(path))
         assert str(path) in str(error.value)
+        with pytest.raises(Exception, match=message):
+            llm.collective_rpc("remix_load_checkpoint", args=(2, str(path)))
+        llm.collective_rpc("remix_stage_checkpoint", args=(2, str(path)))  # the read's error
         with pytest.raises(Exception, match=message):
             llm.collective_rpc("remix_load_checkpoint", args=(2, str(path)))
     with pytest.raises(ValueError, match="field 'rank' is 4"):

@@ -225,14 +225,20 @@ class RemixForCausalLMMixin:
         if tensors:  # every checkpoint tensor of this rank's layers must have found its module
             raise ValueError(f"{ckpt.path}: adapter tensors not used: {sorted(tensors)[:3]}")
 
-    def remix_load_slot(self, slot: int, path: str) -> None:
-        """Validate checkpoint `path` against the engine's slots and copy it into `slot` in
-        place (no reallocation: compiled graphs and CUDA graphs stay valid)."""
-        self._check_slot(slot)
-        ckpt = load_checkpoint(path)
-        check_slot_compatible(self._remix_template, ckpt)
+    def remix_read_checkpoint(self, path: str) -> RemixCheckpoint:
+        """Read checkpoint `path` and validate it against the engine's slots (ValueError if it
+        cannot be loaded); touches no slot, so it may run beside the engine's steps."""
         if not all(linear.quant_method.reloadable for linear in self._remix_linears):
             raise ValueError(NOT_RELOADABLE)
+        ckpt = load_checkpoint(path)
+        check_slot_compatible(self._remix_template, ckpt)
+        return ckpt
+
+    def remix_load_slot(self, slot: int, path: str, ckpt: RemixCheckpoint | None = None) -> None:
+        """Copy checkpoint `path` (`ckpt`: already read by remix_read_checkpoint) into `slot` in
+        place (no reallocation: compiled graphs and CUDA graphs stay valid)."""
+        self._check_slot(slot)
+        ckpt = ckpt or self.remix_read_checkpoint(path)
         self.remix_slot_paths[slot] = None  # its tokens are base-model tokens while it changes
         for pool in self.remix_adapters.values():
             pool.clear_slot(slot)

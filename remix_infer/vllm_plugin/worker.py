@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -154,11 +155,31 @@ class RemixWorkerExtension:
             raise ValueError("this engine serves no ReMix checkpoint")
         return model
 
+    def remix_stage_checkpoint(self, slot: int, path: str) -> None:
+        """Start reading and validating checkpoint `path` for `slot` in a thread of this worker,
+        beside the engine's steps (reading is most of a load's time; the engine runs no step
+        while an RPC runs). remix_staged_checkpoint says when it is done."""
+        model = self._remix_model()
+        if not hasattr(self, "_remix_staging"):
+            self._remix_staging: dict[int, tuple[str, Future]] = {}
+            self._remix_reader = ThreadPoolExecutor(1, thread_name_prefix="remix-stage")
+        self._remix_staging[slot] = (
+            path,
+            self._remix_reader.submit(model.remix_read_checkpoint, path),
+        )
+
+    def remix_staged_checkpoint(self, slot: int) -> bool:
+        """Whether the checkpoint staged for `slot` is read (or failed: the load will say)."""
+        staged = getattr(self, "_remix_staging", {}).get(slot)
+        return staged is None or staged[1].done()
+
     def remix_load_checkpoint(self, slot: int, path: str) -> None:
-        """Validate checkpoint `path` (ValueError: incompatible, unreadable, slot out of range)
-        and copy it into `slot` in place. The caller guarantees no request for this slot is in
-        flight."""
-        self._remix_model().remix_load_slot(slot, path)
+        """Copy checkpoint `path` into `slot` in place: the one staged for it (waiting for the
+        read to end), or read and validated here. ValueError: incompatible, unreadable, slot out
+        of range. The caller guarantees no request for this slot is in flight."""
+        staged = getattr(self, "_remix_staging", {}).pop(slot, None)
+        ckpt = staged[1].result() if staged is not None and staged[0] == path else None
+        self._remix_model().remix_load_slot(slot, path, ckpt)
 
     def remix_unload_checkpoint(self, slot: int) -> None:
         """Empty `slot` (its tokens get no adapter) and zero its routing statistics."""
