@@ -6,13 +6,16 @@ n = 8 LoRAs, k = 4, r = 8, against the same stack without adapters (base) and wi
 rank-32 LoRA per projection (two extra GEMMs each). Token counts 1 to 8192; eager, eager
 captured in a CUDA graph, and torch.compile (dynamic) captured in a CUDA graph (as vLLM runs
 on GPU); variants interleaved within each repeat so drift cancels; kernel launches per layer.
+Then checkpoint slots (`--slot-tokens`, default 32 and 256): the stack's pools with 1 and 8
+slots, the tokens spread over 1, 2, 4 or 8 checkpoints or partly the base model (SLOT_CASES),
+against one checkpoint in a one-slot stack, in the last mode.
 
 Before timing, it checks on the device that the fast path (the Triton routing kernel, bf16)
 chooses the top-k the plain-torch float32 path chooses (except on true ties) and that their
 outputs agree within bf16 tolerance, and stops with an error if not: there is no other GPU test.
 
-Without a GPU it runs a small CPU shape (eager, float32, the torch kernel; the Triton kernel's
-check runs in Triton's interpreter) and says so. Ends with one JSON line; results JSON + PNG go
+Without a GPU it runs a small CPU shape (eager, float32, the torch kernel, and the numba kernel
+for the slots; the Triton kernel's check runs in Triton's interpreter) and says so. Ends with one JSON line; results JSON + PNG go
 to benchmarks/results/.
 """
 
@@ -38,7 +41,7 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from remix_infer.config import RemixConfig  # noqa: E402
-from remix_infer.ops import FusedRemixLinear, PoolLayout, RemixPool  # noqa: E402
+from remix_infer.ops import FusedRemixLinear, PoolLayout, RemixPool, TokenSlots  # noqa: E402
 
 SHAPES = {  # hidden, q width, kv width, intermediate
     "llama3-8b": (4096, 4096, 1024, 14336),
@@ -48,6 +51,17 @@ SHAPES = {  # hidden, q width, kv width, intermediate
 N, K, R = 8, 4, 8
 LORA_RANK = 32
 VARIANTS = ("base", "remix", "lora32")
+MAX_TOKENS = 8192
+# checkpoint slots: case -> (slots of the pools, the slots the tokens cycle through; -1: base)
+SLOT_CASES = {
+    "one checkpoint, 1 slot": (1, [0]),
+    "half base model, 1 slot": (1, [0, -1]),
+    "1 checkpoint of 8 slots": (8, [0]),
+    "2 checkpoints of 8": (8, [0, 1]),
+    "4 checkpoints of 8": (8, [0, 1, 2, 3]),
+    "8 checkpoints of 8": (8, list(range(8))),
+    "base model only, 8 slots": (8, [-1]),
+}
 
 
 def pool_config() -> RemixConfig:
@@ -69,11 +83,21 @@ def projection_shapes(shape: str) -> dict[str, tuple[int, list[int]]]:
 
 
 def random_pool(
-    d_in: int, widths: list[int], dtype: torch.dtype, device: str, kernel: str, seed: int
+    d_in: int,
+    widths: list[int],
+    dtype: torch.dtype,
+    device: str,
+    kernel: str,
+    seed: int,
+    slots: TokenSlots | None = None,
+    num_slots: int = 1,
 ) -> RemixPool:
+    """A pool of random LoRAs and routers (in every one of its num_slots checkpoint slots)."""
     gen = torch.Generator().manual_seed(seed)
-    layout = PoolLayout.from_config(pool_config(), d_in, widths, list(range(len(widths))))
-    pool = RemixPool(layout, dtype, 8192, kernel=kernel, device=device)
+    layout = PoolLayout.from_config(
+        pool_config(), d_in, widths, list(range(len(widths))), num_slots=num_slots
+    )
+    pool = RemixPool(layout, dtype, MAX_TOKENS, kernel=kernel, device=device, slots=slots)
     with torch.no_grad():
         pool.lora_a.copy_(torch.randn(pool.lora_a.shape, generator=gen) * d_in**-0.5)
         pool.router.copy_(torch.randn(pool.router.shape, generator=gen) * d_in**-0.5)
@@ -107,13 +131,24 @@ class PlainLinear(nn.Module):
 
 
 class DecoderStack(nn.Module):
-    """Decoder layers without attention (the q part of qkv stands in for attention's output)."""
+    """Decoder layers without attention (the q part of qkv stands in for attention's output).
+
+    num_slots: ReMix pools of that many checkpoint slots, reading `token_slots` (the slot of
+    each token, which the caller fills before running); None: pools without slots."""
 
     def __init__(
-        self, shape: str, layers: int, variant: str, dtype: torch.dtype, device: str, kernel: str
+        self,
+        shape: str,
+        layers: int,
+        variant: str,
+        dtype: torch.dtype,
+        device: str,
+        kernel: str,
+        num_slots: int | None = None,
     ) -> None:
         super().__init__()
         self.q_width = SHAPES[shape][1]
+        self.token_slots = TokenSlots(MAX_TOKENS, device) if num_slots else None
         self.layers = nn.ModuleList()
         for i in range(layers):
             projections = nn.ModuleDict()
@@ -124,7 +159,9 @@ class DecoderStack(nn.Module):
                     device=device, dtype=dtype
                 )
                 if variant == "remix":
-                    pool = random_pool(d_in, widths, dtype, device, kernel, seed)
+                    pool = random_pool(
+                        d_in, widths, dtype, device, kernel, seed, self.token_slots, num_slots or 1
+                    )
                     projections[name] = FusedRemixLinear(weight, pool)
                 elif variant == "lora32":
                     projections[name] = LoraLinear(weight, LORA_RANK, seed)
@@ -268,13 +305,44 @@ def time_shape(args: argparse.Namespace, shape: str, device: str, dtype, kernel,
     return rows
 
 
+def time_slots(args: argparse.Namespace, shape: str, device: str, dtype, kernel, mode) -> list:
+    """Checkpoint slots: the stack with pools of 1 and of 8 slots, each token's slot from
+    SLOT_CASES, against the one-slot stack serving one checkpoint and the stack without adapters;
+    the cases interleaved within each repeat. (CUDA graphs read the slot buffer in place.)"""
+    stacks = {
+        c: DecoderStack(shape, args.layers, "remix", dtype, device, kernel, c) for c in (1, 8)
+    }
+    plain = DecoderStack(shape, args.layers, "base", dtype, device, kernel)
+    clock, rows = timer(device), []
+    for tokens in tqdm(args.slot_tokens, desc=f"{shape} {mode} slots", leave=False):
+        x = torch.randn(tokens, SHAPES[shape][0], device=device, dtype=dtype)
+        with torch.no_grad():
+            calls = {c: runner(stack, x, mode) for c, stack in stacks.items()}
+            base_call = runner(plain, x, mode)
+            times: dict[str, list[float]] = {case: [] for case in ["base", *SLOT_CASES]}
+            for _ in range(args.repeats):
+                times["base"].append(clock(base_call))
+                for case, (num_slots, cycle) in SLOT_CASES.items():
+                    slots = torch.tensor([cycle[i % len(cycle)] for i in range(tokens)])
+                    stacks[num_slots].token_slots.fill(slots.to(device))
+                    calls[num_slots]()  # warm: a new mix may take another path
+                    times[case].append(clock(calls[num_slots]))
+        t = {case: statistics.median(runs) for case, runs in times.items()}
+        one = t["one checkpoint, 1 slot"]
+        for case in SLOT_CASES:
+            rows.append({"shape": shape, "mode": mode, "tokens": tokens, "case": case,
+                         "ms": t[case] * 1e3, "over_one_checkpoint": one / t[case],
+                         "over_base": t["base"] / t[case]})  # fmt: skip
+    return rows
+
+
 def plot(rows: list[dict], path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    timed = [r for r in rows if "mode" in r]
+    timed = [r for r in rows if "mode" in r and "case" not in r]
     shapes = sorted({r["shape"] for r in timed})
     fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
     for ax, shape in zip(axes[0], shapes, strict=True):
@@ -295,7 +363,11 @@ def plot(rows: list[dict], path) -> None:
 
 
 def summary(rows: list[dict], shape: str, mode: str, device_name: str, check: dict) -> dict:
-    timed = {r["tokens"]: r for r in rows if r.get("shape") == shape and r.get("mode") == mode}
+    timed = {
+        r["tokens"]: r
+        for r in rows
+        if r.get("shape") == shape and r.get("mode") == mode and "case" not in r
+    }
     decode = timed[min(timed, key=lambda t: abs(t - 32))]
     prefill = timed[min(timed, key=lambda t: abs(t - 4096))]
     return {
@@ -317,6 +389,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--tokens", type=int, nargs="+")
     parser.add_argument("--shapes", nargs="+")
+    parser.add_argument(
+        "--slot-tokens", type=int, nargs="+", default=[32, 256], help="checkpoint slots' part"
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="where results go")
     args = parser.parse_args()
     torch._dynamo.config.cache_size_limit = 64  # one compiled stack per variant and shape
@@ -342,14 +417,25 @@ def main() -> None:
     rows = []
     for shape in shapes:
         rows += time_shape(args, shape, device, dtype, kernel, modes)
+    # slots on CPU: the numba kernel, whose grouped products serve several slots there
+    slot_kernel = kernel if device == "cuda" else "numba"
+    slot_rows = time_slots(args, shapes[0], device, dtype, slot_kernel, modes[-1])
+    rows += slot_rows
     for r in rows:
-        if "mode" in r:
+        if "case" in r:
+            print(f"{r['shape']:12s} {r['mode']:15s} {r['tokens']:5d} tokens  {r['case']:26s} "
+                  f"over one checkpoint {r['over_one_checkpoint']:.3f}  over base "
+                  f"{r['over_base']:.3f}", file=sys.stderr)  # fmt: skip
+        elif "mode" in r:
             print(f"{r['shape']:12s} {r['mode']:15s} {r['tokens']:5d} tokens  remix/base "
                   f"{r['remix_over_base']:.3f}  lora32/base {r['lora32_over_base']:.3f}  "
                   f"remix/lora32 {r['remix_over_lora32']:.3f}", file=sys.stderr)  # fmt: skip
         else:
             print(f"{r['shape']:12s} launches per layer {r}", file=sys.stderr)
     line = summary(rows, shapes[0], modes[-1], device_name, check)
+    for r in slot_rows:  # at the decode-like token count
+        if r["tokens"] == args.slot_tokens[0]:
+            line[f"slots {r['case']} / one checkpoint"] = round(r["over_one_checkpoint"], 3)
     results = {"summary": line, "check": check, "rows": rows, "revision": git_revision(),
                "machine": machine(), "layers": args.layers, "pool": {"n": N, "k": K, "r": R}}  # fmt: skip
     path = save_results("gpu", results, args.results)

@@ -21,7 +21,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 def test_bench_gpu_cpu_smoke(tmp_path):
     proc = subprocess.run(
         [sys.executable, "bench_gpu.py", "--tokens", "1", "16", "--repeats", "1",
-         "--results", str(tmp_path)],
+         "--slot-tokens", "8", "--results", str(tmp_path)],
         cwd=BENCHMARKS, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -31,6 +31,9 @@ def test_bench_gpu_cpu_smoke(tmp_path):
         assert math.isfinite(line[key]) and line[key] > 0, (key, line)
     assert line["bf16_topk_disagreement"] == 0.0
     results = json.loads(next(tmp_path.glob("*-gpu.json")).read_text())
-    assert {r["tokens"] for r in results["rows"]} == {1, 16}
+    assert {r["tokens"] for r in results["rows"] if "case" not in r} == {1, 16}
+    slot_rows = [r for r in results["rows"] if "case" in r]  # checkpoint slots, every case
+    assert len(slot_rows) == 7 and all(r["tokens"] == 8 and r["ms"] > 0 for r in slot_rows)
+    assert line["slots 8 checkpoints of 8 / one checkpoint"] > 0
     assert set(results["check"]) == {"qkv", "o", "gate_up", "down"}
     assert next(tmp_path.glob("*-gpu.png")).stat().st_size > 0
