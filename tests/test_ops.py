@@ -22,7 +22,7 @@ from remix_infer.ops import (
     StatsRow,
     set_padding_provider,
 )
-from remix_infer.ops.slots import TokenSlots, slot_groups
+from remix_infer.ops.slots import TokenSlots, own_slot_products, slot_groups
 from remix_infer.ops.stats import stats_width
 from remix_infer.ops.triton_route import route
 from remix_infer.routing import topk_select
@@ -467,6 +467,49 @@ def test_grouped_step_of_one_slot_or_only_the_base_model(step):
         got = layer(x)
     want, _ = slot_reference(references, weight, parts, x, slot_of_token)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_row_parallel_shards_sum_to_the_whole():
+    """Several slots on the grouped path, split over two row-parallel ranks: each rank's
+    partial products of each token's own slot, summed with the other's, route as the whole
+    layer does, and the two outputs sum to the whole layer's."""
+    parts, adapted = MERGED["one part"]
+    whole, _, weight, slots = build_slots("numba", parts, adapted)
+    slot_of_token = torch.tensor(SLOT_OF_TOKEN)
+    slot_of_token[slot_of_token == 1] = -1
+    slots.fill(slot_of_token)
+    x = torch.randn(len(SLOT_OF_TOKEN), D_IN, generator=torch.Generator().manual_seed(16))
+    half, src = D_IN // 2, whole.pool
+    shards = []
+    for rank, cols in enumerate((slice(0, half), slice(half, D_IN))):
+        layout = PoolLayout.from_config(config(), half, list(parts), list(adapted), num_slots=3)
+        pool = RemixPool(
+            layout, torch.float32, 256, True, "numba", count_b=rank == 0, device="cpu", slots=slots
+        )
+        with torch.no_grad():
+            pool.lora_a.copy_(src.lora_a[:, cols])
+            pool.router.copy_(src.router[:, cols])
+            pool.router_bias.copy_(src.router_bias)
+            pool.lora_b[0].copy_(src.lora_b[0])
+        shards.append((FusedRemixLinear(weight[:, cols], pool), x[:, cols]))
+
+    def partial_products(layer, xs):  # what the other rank contributes to the all-reduce
+        pool, tokens = layer.pool, xs.shape[0]
+        lora_h = xs.new_empty(tokens, pool.layout.slot_width)
+        logits = torch.empty(tokens, pool.router.shape[0] // 3)
+        own_slot_products(xs, slots.current(tokens), pool.lora_a, pool.router, None, lora_h,
+                          logits, None)  # fmt: skip
+        return [lora_h, logits]
+
+    with torch.no_grad():
+        outs = [
+            layer.pool(xs, lambda z, w=layer.folded: F.linear(z, w), None, _adder(partial_products(*shards[1 - rank])))
+            for rank, (layer, xs) in enumerate(shards)
+        ]  # fmt: skip
+        torch.testing.assert_close(outs[0] + outs[1], whole(x), atol=1e-5, rtol=1e-5)
+    for layer, _ in shards:
+        tokens = len(SLOT_OF_TOKEN)
+        assert torch.equal(layer.pool.step_selected[:tokens], whole.pool.step_selected[:tokens])
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
