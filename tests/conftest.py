@@ -41,6 +41,15 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from helpers.models import make_checkpoint  # noqa: E402
 
+# `make test` hands whole files to its workers in collection order (--dist loadfile): the
+# longest files go first, so that none of them is left running alone at the end.
+LONGEST_FILES = ("test_readme.py", "test_server.py", "test_engine_parity.py", "test_distributed.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable
+
 
 @pytest.fixture(scope="session")
 def _checkpoint_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
