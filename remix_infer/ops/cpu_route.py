@@ -41,8 +41,13 @@ def _route_rows(
     gates = np.zeros(n, np.float64)
     for t in range(tokens):
         slot = 0 if slots.shape[0] == 0 else slots[t]
-        active = slot >= 0  # a base-model token: no adapter, not counted
-        real = active and (padding.shape[0] == 0 or not padding[t])
+        if slot < 0:  # a base-model token: no adapter, not counted, nothing to route
+            hidden[:, t, :] = 0.0
+            selected[t] = -1
+            if t < step.shape[0]:
+                step[t] = 0
+            continue
+        real = padding.shape[0] == 0 or not padding[t]
         for s in range(parts):
             row = logits[t, s]
             chosen[:] = False
@@ -69,7 +74,7 @@ def _route_rows(
             weight_sq = 0.0
             for i in range(n):
                 g = 0.0
-                if chosen[i] and active:
+                if chosen[i]:
                     g = omega * math.exp(row[i] - top) / chosen_total if softmax_gates else omega
                 gates[i] = g
                 weight_sum += g
@@ -78,7 +83,7 @@ def _route_rows(
                     hidden[s, t, i * r + c] = lora_h[t, (s * n + i) * r + c] * np.float32(g)
             if t < step.shape[0]:
                 for i in range(n):
-                    step[t, s, i] = 1 if chosen[i] and active else 0
+                    step[t, s, i] = 1 if chosen[i] else 0
             if real:
                 row = slot * parts + s
                 for i in range(n):
@@ -105,7 +110,8 @@ def route_cpu(
 ) -> None:
     """logits [T, S, n] float32, lora_h [T, S*n*r] (rows may be strided; each token's own
     slot's) -> hidden [S, T, n*r] (gated; zero for base-model tokens), selected [T, S, k] (int64,
-    largest first); stats [C*S, n+3] (into each token's slot's rows) and step_selected updated."""
+    largest first; -1 for base-model tokens); stats [C*S, n+3] (into each token's slot's rows)
+    and step_selected updated."""
     padding = padding_mask(logits.shape[0])
     _route_rows(
         logits.detach().numpy(),

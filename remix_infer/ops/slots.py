@@ -68,7 +68,9 @@ def slot_groups(slots: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
     rows None: the slot has every token (no gather needed)."""
     tokens = slots.shape[0]
     counts = torch.bincount(slots + 1).tolist()  # counts[0]: base-model tokens
-    if len(counts) > 1 and counts[-1] == tokens:
+    if counts[0] == tokens:
+        return []
+    if counts[-1] == tokens:
         return [(len(counts) - 2, None)]
     order = torch.argsort(slots, stable=True)
     groups, start = [], counts[0]
