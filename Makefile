@@ -52,10 +52,12 @@ format: setup
 
 # Test files run side by side, one per core (TEST_WORKERS): vLLM's CPU engine computes on one
 # core, so a serial run leaves the other idle. tests/conftest.py pins each worker's engines to
-# its own core; --dist loadfile keeps a file (and its shared engine) on one worker.
+# its own core; --dist loadfile keeps a file (and its shared engine) on one worker, and
+# --no-loadscope-reorder hands the files out in collection order (conftest.py puts the longest
+# first) instead of xdist's most-tests-first.
 TEST_WORKERS ?= 2
 test: setup lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Serves ./$(DEMO_DIR) on 127.0.0.1:8000; remix-serve builds the demo checkpoint first if absent.
 serve: setup

@@ -41,8 +41,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from helpers.models import make_checkpoint  # noqa: E402
 
-# `make test` hands whole files to its workers in collection order (--dist loadfile): the
-# longest files go first, so that none of them is left running alone at the end.
+# `make test` hands whole files to its workers in collection order (--dist loadfile
+# --no-loadscope-reorder): the longest files go first, so that none of them is left running
+# alone at the end.
 LONGEST_FILES = ("test_readme.py", "test_server.py", "test_engine_parity.py", "test_distributed.py")
 
 
