@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from remix_infer.config import CONFIG_FILE
 from server.settings import EngineSettings, ServerSettings, SettingsError, add_flags, from_args
 
 if TYPE_CHECKING:
@@ -72,10 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_checkpoint(arg: str | None) -> Path:
     """The checkpoint to serve; with no argument ./demo-checkpoint. A demo checkpoint
-    (a directory named demo-checkpoint) that does not exist yet is built first."""
+    (a directory named demo-checkpoint) that holds none yet (absent, or its build was
+    interrupted before the checkpoint was written) is built first."""
     path = Path(arg if arg is not None else DEFAULT_CHECKPOINT)
-    if path.name == DEFAULT_CHECKPOINT and not path.exists():
-        log.info("%s is absent: building the demo checkpoint there", path)
+    if path.name == DEFAULT_CHECKPOINT and not (path / CONFIG_FILE).exists():
+        log.info("%s holds no checkpoint: building the demo checkpoint there", path)
         log.info("(trains a small model on this machine, about 3 minutes)")
         from remix_infer.train.demo import run_demo
 

@@ -425,3 +425,18 @@ def test_every_setting_reads_its_flag_and_environment(monkeypatch):
         "pipeline_parallel_size": 1, "data_parallel_size": 1, "nnodes": 1, "node_rank": 0,
         "master_addr": "127.0.0.1", "master_port": 29501,
     }  # fmt: skip
+
+
+def test_an_interrupted_demo_build_is_built_again(tmp_path, monkeypatch):
+    """./demo-checkpoint without its checkpoint (a build stopped part-way, say by Ctrl-C during
+    `make serve`) is built again instead of refused; a built one is served as it is."""
+    import remix_infer.train.demo
+    from server.cli import resolve_checkpoint
+
+    built = []
+    monkeypatch.setattr(remix_infer.train.demo, "run_demo", built.append)
+    demo = tmp_path / "demo-checkpoint"
+    (demo / "base").mkdir(parents=True)  # what an interrupted build leaves
+    assert resolve_checkpoint(str(demo)) == demo and built == [demo]
+    (demo / "remix_config.json").write_text("{}")
+    assert resolve_checkpoint(str(demo)) == demo and built == [demo]
