@@ -148,7 +148,7 @@ class DecoderStack(nn.Module):
     ) -> None:
         super().__init__()
         self.q_width = SHAPES[shape][1]
-        self.token_slots = TokenSlots(MAX_TOKENS, device) if num_slots else None
+        self.token_slots = TokenSlots(MAX_TOKENS, num_slots, device) if num_slots else None
         self.layers = nn.ModuleList()
         for i in range(layers):
             projections = nn.ModuleDict()

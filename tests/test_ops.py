@@ -372,7 +372,7 @@ def build_slots(kernel, parts, adapted, always=0, slot_ranks=(R, R - 2), weighti
     cfg = config(weighting, always=always)
     weight = torch.randn(sum(parts), D_IN, generator=gen) * D_IN**-0.5
     layout = PoolLayout.from_config(cfg, D_IN, list(parts), list(adapted), num_slots=3)
-    slots = TokenSlots(256, device="cpu")
+    slots = TokenSlots(256, num_slots=3, device="cpu")
     pool = RemixPool(layout, torch.float32, 256, True, kernel, device="cpu", slots=slots)
     references = {}
     for slot, rank in zip((0, 1, 2), (slot_ranks[0], R, slot_ranks[1]), strict=True):
@@ -445,12 +445,20 @@ def test_slots_route_each_token_through_its_own_checkpoint(kernel, merged, alway
 
 
 def test_slot_groups_gather_each_slots_tokens():
-    """The grouped path's groups: each slot with tokens, its rows in order; base-model tokens
-    in none; a step wholly one slot's needs no gather (rows None)."""
-    groups = slot_groups(torch.tensor([2, -1, 0, 2, 2, -1, 0]))
-    assert [(slot, rows.tolist()) for slot, rows in groups] == [(0, [2, 6]), (2, [0, 3, 4])]
-    assert slot_groups(torch.tensor([1, 1, 1])) == [(1, None)]
-    assert slot_groups(torch.tensor([-1, -1])) == []
+    """The grouped path's groups, found once per step when the slots are filled: each slot with
+    tokens, its rows in order; base-model tokens and padding rows in none; a step wholly one
+    slot's needs no gather (rows None)."""
+    slots = TokenSlots(16, num_slots=3, device="cpu")
+
+    def groups(step):
+        slots.fill(torch.tensor(step))
+        found = slot_groups(slots.order, slots.counts)
+        return [(slot, rows if rows is None else rows.tolist()) for slot, rows in found]
+
+    assert groups([2, -1, 0, 2, 2, -1, 0]) == [(0, [2, 6]), (2, [0, 3, 4])]
+    assert groups([1, 1, 1]) == [(1, None)]
+    assert groups([-1, -1]) == []
+    assert slots.index[3:].eq(-1).all()  # the rows past the step are the base model's
 
 
 @pytest.mark.parametrize("step", [[2] * 9, [-1] * 9])
@@ -494,12 +502,10 @@ def test_grouped_row_parallel_shards_sum_to_the_whole():
         shards.append((FusedRemixLinear(weight[:, cols], pool), x[:, cols]))
 
     def partial_products(layer, xs):  # what the other rank contributes to the all-reduce
-        pool, tokens = layer.pool, xs.shape[0]
-        lora_h = xs.new_empty(tokens, pool.layout.slot_width)
-        logits = torch.empty(tokens, pool.router.shape[0] // 3)
-        own_slot_products(xs, slots.current(tokens), pool.lora_a, pool.router, None, lora_h,
-                          logits, None)  # fmt: skip
-        return [lora_h, logits]
+        pool, width = layer.pool, layer.pool.layout.slot_width
+        narrow = xs.new_empty(xs.shape[0], pool.slot_narrow.shape[1])
+        own_slot_products(xs, slots.order, slots.counts, pool.slot_narrow, narrow)
+        return [narrow[:, :width], narrow[:, width:]]
 
     with torch.no_grad():
         outs = [
