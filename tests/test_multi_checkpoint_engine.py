@@ -201,3 +201,22 @@ def test_compiled_mode_interleaved_and_loaded_while_serving(checkpoints, expecte
         after = generate(engine, batch, SLOT_OF)
     assert_answers(before, BATCH, expected, AS_IS)
     assert_answers(after, batch, expected, AS_IS)
+
+
+def test_tensor_parallel_2_interleaved_and_loaded_while_serving(checkpoints, expected):
+    """TP=2 (mp backend, gloo on CPU): row-parallel shards sum each slot's partial products,
+    so the interleaved batch, and a checkpoint loaded into both ranks while serving, give each
+    request its own reference's greedy tokens; both ranks route alike."""
+    batch = BATCH + [("c", p) for _, p in BATCH[:3]]
+    ab = {"a": checkpoints["a"], "b": checkpoints["b"]}
+    tp2 = dict(tensor_parallel_size=2, distributed_executor_backend="mp")
+    with remix_llm(
+        ab, in_process=False, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, max_checkpoints=SLOTS, **tp2
+    ) as engine:
+        before = generate(engine, BATCH, SLOT_OF)
+        engine.collective_rpc("remix_load_checkpoint", args=(2, str(checkpoints["c"])))
+        after = generate(engine, batch, SLOT_OF)
+        ranks = engine.collective_rpc("remix_routing_stats")
+    assert_answers(before, BATCH, expected, AS_IS)
+    assert_answers(after, batch, expected, AS_IS)
+    assert len(ranks) == 2 and ranks[0] == ranks[1]
