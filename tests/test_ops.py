@@ -293,19 +293,24 @@ def test_stats_row_names_the_columns():
     assert stats_width(3) == 6
 
 
-def test_triton_kernel_survives_torch_compile():
-    """The kernel is a registered custom op: a compiled layer (one graph, dynamic shapes) runs
-    it, gives the eager layer's output and still updates the statistics."""
-    parts, adapted = MERGED["three parts"]
-    layer = build("triton", parts, adapted)[0]
-    x = torch.randn(37, D_IN, generator=torch.Generator().manual_seed(8))
+@pytest.mark.parametrize("grouped", [False, True])
+def test_triton_kernel_survives_torch_compile(grouped):
+    """The kernels are registered custom ops (the routing kernel; grouped slots: the shrink-
+    route and expand kernels): a compiled layer (one graph, dynamic shapes) runs them, gives
+    the eager layer's output and still updates the statistics."""
+    if grouped:
+        layer, _, _, slots = build_slots("triton grouped", *MERGED["two parts"], always=2)
+        slots.fill(torch.tensor(SLOT_OF_TOKEN))
+    else:
+        layer = build("triton", *MERGED["three parts"])[0]
+    x = torch.randn(len(SLOT_OF_TOKEN), D_IN, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         eager = layer(x)
         stats = layer.pool.stats.clone()
         compiled = torch.compile(layer, dynamic=True, fullgraph=True)
         torch.testing.assert_close(compiled(x), eager, atol=1e-6, rtol=1e-6)
         assert torch.equal(layer.pool.stats, 2 * stats)
-        assert compiled(x[:21]).shape == (21, sum(parts))
+        assert compiled(x[:13]).shape == (13, layer.pool.layout.out_features)
 
 
 def test_more_tokens_than_the_pool_was_sized_for_are_refused():
@@ -364,16 +369,23 @@ def test_shared_router_routes_every_pool_from_the_first_input(kernel):
 SLOT_OF_TOKEN = [0, 2, -1, 2, 0, 0, -1, 2, 1, 0, 2, 2, -1, 0, 2, 0, 2, 0, 0, 2, 1]
 
 
+# the kernels of pools of several slots: "triton grouped" is triton with grouped=True
+SLOT_KERNELS = [*KERNELS, "triton grouped"]
+
+
 def build_slots(kernel, parts, adapted, always=0, slot_ranks=(R, R - 2), weighting="constant"):
     """A FusedRemixLinear of 3 slots: slot 0 and 2 hold random references (slot 2 with a lower
     rank, zero-padded), slot 1 is loaded then cleared; {slot: references}, the base weight,
-    and the token slots it reads."""
+    and the token slots it reads. kernel: one of SLOT_KERNELS."""
     gen = torch.Generator().manual_seed(11)
     cfg = config(weighting, always=always)
     weight = torch.randn(sum(parts), D_IN, generator=gen) * D_IN**-0.5
     layout = PoolLayout.from_config(cfg, D_IN, list(parts), list(adapted), num_slots=3)
     slots = TokenSlots(256, device="cpu")
-    pool = RemixPool(layout, torch.float32, 256, True, kernel, device="cpu", slots=slots)
+    kernel, grouped = ("triton", True) if kernel == "triton grouped" else (kernel, None)
+    pool = RemixPool(
+        layout, torch.float32, 256, True, kernel, device="cpu", slots=slots, grouped=grouped
+    )
     references = {}
     for slot, rank in zip((0, 1, 2), (slot_ranks[0], R, slot_ranks[1]), strict=True):
         slot_cfg = cfg.model_copy(update={"rank": rank})
@@ -394,7 +406,7 @@ def slot_reference(references, weight, parts, x, slot_of_token):
     return want, selected
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", SLOT_KERNELS)
 @pytest.mark.parametrize("merged", ["one part", "middle part not adapted"])
 @pytest.mark.parametrize("always", [0, 2])
 def test_slots_route_each_token_through_its_own_checkpoint(kernel, merged, always):
@@ -415,7 +427,7 @@ def test_slots_route_each_token_through_its_own_checkpoint(kernel, merged, alway
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     mask = as_mask(selected.clamp(min=0)) * (slot_of_token >= 0)[:, None, None]
     assert torch.equal(layer.pool.step_selected[: len(x)], mask.to(torch.uint8))
-    if kernel != "triton":
+    if not kernel.startswith("triton"):
         assert torch.equal(layer.pool.captured[0], selected)
     s = len(adapted)
     stats = layer.pool.stats.view(3, s, -1)
@@ -453,12 +465,14 @@ def test_slot_groups_gather_each_slots_tokens():
     assert slot_groups(torch.tensor([-1, -1])) == []
 
 
+@pytest.mark.parametrize("kernel", ["numba", "triton grouped"])
 @pytest.mark.parametrize("step", [[2] * 9, [-1] * 9])
-def test_grouped_step_of_one_slot_or_only_the_base_model(step):
-    """The numba kernel's grouped path (several slots) when a step is wholly one slot's or wholly
-    the base model's: each token still gets its own reference's output."""
+def test_grouped_step_of_one_slot_or_only_the_base_model(step, kernel):
+    """The grouped paths (several slots) when a step is wholly one slot's or wholly the base
+    model's: each token still gets its own reference's output, and only that slot's
+    statistics move."""
     parts, adapted = MERGED["middle part not adapted"]
-    layer, references, weight, slots = build_slots("numba", parts, adapted)
+    layer, references, weight, slots = build_slots(kernel, parts, adapted)
     assert layer.pool.grouped
     slot_of_token = torch.tensor(step)
     slots.fill(slot_of_token)
@@ -467,6 +481,8 @@ def test_grouped_step_of_one_slot_or_only_the_base_model(step):
         got = layer(x)
     want, _ = slot_reference(references, weight, parts, x, slot_of_token)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    counted = layer.pool.stats.view(3, len(adapted), -1)[:, :, N].sum(1)  # tokens, per slot
+    assert counted.tolist() == ([0, 0, 9 * len(adapted)] if step[0] == 2 else [0, 0, 0])
 
 
 def test_grouped_row_parallel_shards_sum_to_the_whole():
@@ -528,3 +544,36 @@ def test_one_slot_with_base_model_tokens(kernel):
     torch.testing.assert_close(got[slot_of_token < 0], F.linear(x, weight)[slot_of_token < 0])
     torch.testing.assert_close(got[slot_of_token >= 0], unslotted, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layer.pool.stats, plain.pool.stats, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(("weighting", "always"), [("constant", 0), ("softmax_topk", 2)])
+def test_grouped_triton_equals_the_torch_kernel(weighting, always):
+    """The grouped triton path (three adapted parts, three slots with router biases) against
+    the torch kernel's pool of the same tensors over three steps: mixed slots with base-model
+    and padding tokens, a step wholly one slot's, one wholly the base model's. Same outputs,
+    statistics per slot and selections after each; nothing of the pool's in the GEMM."""
+    parts, adapted = MERGED["three parts"]
+    built = [build_slots(k, parts, adapted, always, weighting=weighting) for k in ("torch", "triton grouped")]  # fmt: skip
+    (oracle, _, weight, oracle_slots), (layer, _, _, layer_slots) = built
+    assert torch.equal(layer.folded, weight)  # the base weight alone
+    mixed = torch.tensor(SLOT_OF_TOKEN)
+    mixed[mixed == 1] = -1
+    gen = torch.Generator().manual_seed(17)
+    padding = torch.zeros(len(mixed), dtype=torch.bool)
+    padding[-3:] = True  # the last rows pad the step: routed, not counted
+    for step, pad in ((mixed, padding), (torch.zeros(13, dtype=torch.long), None), (torch.full((13,), -1), None)):  # fmt: skip
+        x = torch.randn(len(step), D_IN, generator=gen)
+        outs = []
+        set_padding_provider(lambda pad=pad: pad)
+        try:
+            for pool_layer, slots in ((oracle, oracle_slots), (layer, layer_slots)):
+                slots.fill(step)
+                with torch.no_grad():
+                    outs.append(pool_layer(x))
+        finally:
+            set_padding_provider(lambda: None)
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.pool.stats, oracle.pool.stats, rtol=1e-6, atol=1e-9)
+        real = slice(len(step) - (3 if pad is not None else 0))  # padding rows' choices differ
+        assert torch.equal(layer.pool.step_selected[real], oracle.pool.step_selected[real])
+    assert layer.pool.stats.view(3, 3, -1)[2, :, N].tolist() == [7, 7, 7]  # 8 of slot 2, 1 pads

@@ -30,7 +30,9 @@ side by side (slot-major: every tensor's rows, or B's columns, slot by slot). C 
 above plus, when the engine gives a slot buffer, zero gates for base-model tokens (slot -1). With
 C > 1 the "numba" kernel (CPU) is grouped: the GEMM is the base product alone, and each slot's A,
 router and B products run on that slot's tokens only (the adapter FLOPs of one checkpoint, none
-for base-model tokens). The "torch" and "triton" kernels are dense: the narrow product runs for
+for base-model tokens); the "triton" kernel has the same grouped path (triton_grouped.py), taken
+with grouped=True: its default stays dense until a GPU run of `make bench-gpu` shows it faster.
+The "torch" kernel and triton by default are dense: the narrow product runs for
 every slot (C times the adapter FLOPs); each token keeps its own slot's hidden states and logits
 (a gather), routes them as above, and its gated hidden states go back to its slot's columns
 (zeros elsewhere) for one product with every slot's B.
@@ -133,6 +135,11 @@ class PoolLayout:
         """Columns of the always-on LoRAs' hidden states, all slots and parts: C*S*r0."""
         return self.num_slots * self.num_parts * self.always_rank
 
+    def adapted_column_bounds(self) -> list[int]:
+        """The first and past-the-last output column of each adapted part, flattened."""
+        columns = self.part_columns()
+        return [i for part in self.adapted for i in (columns[part].start, columns[part].stop)]
+
     def part_columns(self) -> list[slice]:
         """The base output columns of each part (adapted or not), in order."""
         starts = [sum(self.part_widths[:i]) for i in range(len(self.part_widths))]
@@ -173,13 +180,15 @@ class RemixPool(nn.Module):
         shared: SharedRouter | None = None,
         routes_shared: bool = False,
         slots: TokenSlots | None = None,
+        grouped: bool | None = None,
     ) -> None:
         """count_b=False: leave B's term to another rank of a row-parallel group;
         part_names: what each adapted part is called in reports (e.g. its HF module path);
         shared: the model's one router (shared routing scope; its owner registers it), whose
         logits replace this pool's own router; routes_shared: this pool reads the first layer's
         input and runs the shared router for every pool; slots: the engine's per-token
-        checkpoint slots (None: every token is slot 0's)."""
+        checkpoint slots (None: every token is slot 0's); grouped: with several slots, each
+        slot's products on its own tokens only (None: the kernel's default, see `_grouped`)."""
         super().__init__()
         device = torch.device(device) if device is not None else torch.get_default_device()
         self.layout, self.name, self.count_b = layout, name, count_b
@@ -207,8 +216,7 @@ class RemixPool(nn.Module):
         self.always_b = nn.ParameterList(
             frozen(layout.part_widths[i], c * r0) for i in (layout.adapted if r0 else ())
         )
-        # Several slots on CPU: each slot's products on its own tokens, nothing in the GEMM.
-        self.grouped = self.kernel == "numba" and c > 1
+        self.grouped = self._grouped(grouped, c, shared is not None)
         # The stacked GEMM carries the router rows only when it runs in float32.
         self.fold_router = self.kernel != "triton" and dtype == torch.float32 and shared is None
         self._shared = (shared,) if shared is not None else ()  # a tuple: not a submodule here
@@ -234,6 +242,17 @@ class RemixPool(nn.Module):
         # Debug/test hook (torch kernel): keep every forward's selections [T, S, k] while on.
         self.capture_selections = False
         self.captured: list[torch.Tensor] = []
+
+    def _grouped(self, asked: bool | None, num_slots: int, shared: bool) -> bool:
+        """Whether several slots' products run grouped (each slot's on its own tokens, nothing
+        of the pool's in the GEMM): by default for numba; triton stays dense by default until a
+        GPU run of `make bench-gpu` shows its grouped path faster (untimed so far)."""
+        if asked is None:
+            return self.kernel == "numba" and num_slots > 1
+        if asked and (num_slots == 1 or self.kernel == "torch" or shared):
+            raise ValueError("grouped products need several slots, own routers and a numba or "
+                             "triton kernel")  # fmt: skip
+        return asked
 
     @torch.no_grad()
     def load_part(
@@ -378,7 +397,9 @@ class RemixPool(nn.Module):
 
         gemm: x' -> x' @ fold_base_weight(W).T; reduce: sums a row-parallel shard's partial pool
         products over the ranks (None when the input is whole)."""
-        if self.kernel == "triton":
+        if self.kernel == "triton" and self.grouped:
+            out = self._forward_triton_grouped(x, gemm, reduce)
+        elif self.kernel == "triton":
             out = gemm(self._route_triton(x, reduce))
         else:
             out = self._forward_torch(x, gemm, reduce)
@@ -546,6 +567,34 @@ class RemixPool(nn.Module):
         for j, part in enumerate(layout.adapted):
             base[:, columns[part]].add_(self._product_b[j](hidden[j]))
         return base
+
+    def _forward_triton_grouped(
+        self, x: torch.Tensor, gemm: Gemm, reduce: Callable | None
+    ) -> torch.Tensor:
+        """Several slots, grouped (triton_grouped.py): the base GEMM alone, each slot's A,
+        router and always-on products and routing on its own tokens, then each slot's B
+        products added into its tokens' rows."""
+        from remix_infer.ops.triton_grouped import expand, shrink_route, sort_by_slot
+
+        if reduce is not None:
+            raise ValueError("the grouped triton path takes no row-parallel shard: grouped=False")
+        layout = self.layout
+        tokens, r0 = x.shape[0], layout.always_rank
+        order, slot_start = sort_by_slot(self.token_slots(tokens), layout.num_slots)
+        hidden = x.new_empty(tokens, layout.slot_width)
+        always_h = x.new_empty(tokens, layout.num_parts * r0) if r0 else None
+        shrink_route(
+            x, order, slot_start, self.lora_a, self.router, self.router_bias, self.always_a,
+            hidden, always_h, self.stats, self.step_selected, layout.num_loras, layout.rank,
+            layout.top_k, layout.omega, layout.weighting == "softmax_topk",
+        )  # fmt: skip
+        out = gemm(x)
+        if self.count_b:
+            expand(
+                out, order, slot_start, hidden, list(self.lora_b), always_h,
+                list(self.always_b), layout.adapted_column_bounds(),
+            )  # fmt: skip
+        return out
 
     def _route_triton(self, x: torch.Tensor, reduce: Callable | None) -> torch.Tensor:
         """[x | gated h] for the column-stacked GEMM, written by the routing kernel. With

@@ -132,6 +132,69 @@ def _route_block(
 
 
 @triton.jit
+def _pool_products(
+    x_ptr, a_ptr, router_ptr, a0_ptr, rows, row_ok, a_row0, p_row0, a0_row0,
+    d_start, d_span, D, stride_x, copy_ptr, stride_copy, copy_x,
+    N: tl.constexpr, R: tl.constexpr, R0: tl.constexpr,
+    N_PAD: tl.constexpr, NR_PAD: tl.constexpr, R0_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_A: tl.constexpr, COPY_X: tl.constexpr,
+):  # fmt: skip
+    """One block of tokens (rows: their rows of x) times one pool's rows, over d_in columns
+    [d_start, d_start + d_span): the n*r LoRA A rows from a_row0 (serving dtype, or float32
+    IEEE), the n router rows from p_row0 (float32, IEEE) and, with R0 > 0, the r0 always-on
+    rows from a0_row0, reading x once for all. COPY_X: also copy the x tile to copy_ptr where
+    copy_x. Returns the float32 products [BLOCK_T, NR_PAD], [BLOCK_T, N_PAD], [BLOCK_T, R0_PAD]."""
+    hcols = tl.arange(0, NR_PAD)
+    lcols = tl.arange(0, N_PAD)
+    ocols = tl.arange(0, R0_PAD)
+    acc_h = tl.zeros([BLOCK_T, NR_PAD], dtype=tl.float32)
+    acc_l = tl.zeros([BLOCK_T, N_PAD], dtype=tl.float32)
+    acc_0 = tl.zeros([BLOCK_T, R0_PAD], dtype=tl.float32)
+    for d0 in range(0, d_span, BLOCK_D):
+        dcols = d_start + d0 + tl.arange(0, BLOCK_D)
+        d_ok = dcols < D
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_x + dcols[None, :],
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        if COPY_X:
+            tl.store(
+                copy_ptr + rows[:, None] * stride_copy + dcols[None, :],
+                x,
+                mask=copy_x[:, None] & d_ok[None, :],
+            )
+        a = tl.load(
+            a_ptr + (a_row0 + hcols)[:, None] * D + dcols[None, :],
+            mask=(hcols < N * R)[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        acc_h += _dot(x, tl.trans(a), IEEE_A)
+        p = tl.load(
+            router_ptr + (p_row0 + lcols)[:, None] * D + dcols[None, :],
+            mask=(lcols < N)[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        acc_l += tl.dot(x.to(tl.float32), tl.trans(p), input_precision="ieee")
+        if R0 > 0:
+            a0 = tl.load(
+                a0_ptr + (a0_row0 + ocols)[:, None] * D + dcols[None, :],
+                mask=(ocols < R0)[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            acc_0 += _dot(x, tl.trans(a0), IEEE_A)
+    return acc_h, acc_l, acc_0
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b accumulated in float32; IEEE: in float32 (float32 serving, and the interpreter)."""
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
 def _remix_route_kernel(
     x_ptr, a_ptr, router_ptr, bias_ptr, h_ptr, logits_ptr,
     out_ptr, ws_ptr, sem_ptr, stats_ptr, step_ptr, pad_ptr, slots_ptr,
@@ -148,42 +211,13 @@ def _remix_route_kernel(
     row_ok = rows < T
     hcols = tl.arange(0, NR_PAD)
     lcols = tl.arange(0, N_PAD)
-    acc_h = tl.zeros([BLOCK_T, NR_PAD], dtype=tl.float32)
-    acc_l = tl.zeros([BLOCK_T, N_PAD], dtype=tl.float32)
     copy_x = rows < tl.where(part == 0, T, 0)  # part 0 copies x into the GEMM's input
     if FUSED:
-        a_rows = part * N * R + hcols
-        p_rows = part * N + lcols
-        for d0 in range(0, D_PER_SPLIT, BLOCK_D):
-            dcols = split * D_PER_SPLIT + d0 + tl.arange(0, BLOCK_D)
-            d_ok = dcols < D
-            x = tl.load(
-                x_ptr + rows[:, None] * stride_x + dcols[None, :],
-                mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            tl.store(
-                out_ptr + rows[:, None] * stride_out + dcols[None, :],
-                x,
-                mask=copy_x[:, None] & d_ok[None, :],
-            )
-            a = tl.load(
-                a_ptr + a_rows[:, None] * D + dcols[None, :],
-                mask=(hcols < N * R)[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            if IEEE_A:
-                acc_h += tl.dot(
-                    x.to(tl.float32), tl.trans(a).to(tl.float32), input_precision="ieee"
-                )
-            else:
-                acc_h += tl.dot(x, tl.trans(a))
-            p = tl.load(
-                router_ptr + p_rows[:, None] * D + dcols[None, :],
-                mask=(lcols < N)[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            acc_l += tl.dot(x.to(tl.float32), tl.trans(p), input_precision="ieee")
+        acc_h, acc_l, _ = _pool_products(
+            x_ptr, a_ptr, router_ptr, a_ptr, rows, row_ok, part * N * R, part * N, 0,
+            split * D_PER_SPLIT, D_PER_SPLIT, D, stride_x, out_ptr, stride_out, copy_x,
+            N, R, 0, N_PAD, NR_PAD, 16, BLOCK_T, BLOCK_D, IEEE_A, True,
+        )  # fmt: skip
     else:  # products given (summed over a row-parallel group): copy x, load them
         for d0 in range(0, D, BLOCK_D):
             dcols = d0 + tl.arange(0, BLOCK_D)

@@ -1,0 +1,230 @@
+"""The grouped Triton path of a pool of several checkpoint slots (GPU; see pool.py for the math).
+
+The dense path runs every slot's A, router and B products for every token (C slots: C times
+the adapter FLOPs, base-model tokens included). Here, as punica's SGMV and vLLM's LoRA kernels
+do, the step's tokens are sorted by slot once (`sort_by_slot`: the order and each slot's start,
+static shapes, no host read of the counts, so CUDA graphs can capture it), and each slot's
+products run on its own tokens only:
+
+    shrink_route  for each token t of slot c (one program per block of c's tokens and part s):
+                  h = x_t A_{c,s}^T, logits = x_t P_{c,s}^T (+ bias_{c,s}, float32), and with an
+                  always-on LoRA h0 = x_t A0_{c,s}^T; routes as the one-slot kernel does
+                  (`_route_block` of triton_route.py), writing the gated h into hidden [T, S*n*r]
+                  and h0 into always_h [T, S*r0], the statistics into slot c's rows
+    expand        out[t, columns of part s] += hidden[t, s] B_{c,s}^T (+ always_h[t, s] B0_{c,s}^T),
+                  each output element written by one program (deterministic, no atomics)
+
+after the base GEMM out = x W^T (the GEMM carries nothing of the pool's). Base-model tokens
+(slot -1) are in no slot's group: zero hidden states, not counted, their output rows untouched.
+Programs of a slot without tokens (or past its tokens) return at once.
+
+Registered as custom ops (torch.ops.remix.grouped_shrink_route, .grouped_expand) so
+torch.compile and graph capture keep them. Runs on CPU under the Triton interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from remix_infer.ops.custom_op import remix_op
+from remix_infer.ops.stats import padding_mask
+from remix_infer.ops.triton_route import INTERPRETED, _block_t, _dot, _pool_products, _route_block
+
+BLOCK_OUT = 64  # output columns per expand program
+
+
+def sort_by_slot(slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's tokens sorted by slot, base-model tokens first: (order [T], the token rows
+    in slot order; slot_start [C + 1], where each slot's tokens start in `order`, and the end)."""
+    sorted_slots, order = torch.sort(slots, stable=True)
+    bounds = torch.arange(num_slots + 1, device=slots.device, dtype=slots.dtype)
+    return order, torch.searchsorted(sorted_slots, bounds)
+
+
+@triton.jit
+def _slot_span(slot_start_ptr, slot):
+    """Where the slot's tokens start in the sorted order, and how many there are."""
+    start = tl.load(slot_start_ptr + slot)
+    return start, tl.load(slot_start_ptr + slot + 1) - start
+
+
+@triton.jit
+def _slot_rows(order_ptr, start, count, block, BLOCK_T: tl.constexpr):
+    """This program's block of the slot's tokens: their rows of x and out, and which are real."""
+    offsets = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = offsets < count
+    return tl.load(order_ptr + start + offsets, mask=row_ok, other=0), row_ok
+
+
+@triton.jit
+def _grouped_shrink_route_kernel(
+    x_ptr, order_ptr, slot_start_ptr, a_ptr, router_ptr, bias_ptr, a0_ptr,
+    hidden_ptr, always_ptr, stats_ptr, step_ptr, pad_ptr,
+    D, stride_x, omega, max_step_rows,
+    N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S: tl.constexpr, R0: tl.constexpr,
+    N_PAD: tl.constexpr, NR_PAD: tl.constexpr, R0_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_A: tl.constexpr,
+    SOFTMAX_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PADDING: tl.constexpr,
+):  # fmt: skip
+    block, part, slot = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start, count = _slot_span(slot_start_ptr, slot)
+    if block * BLOCK_T >= count:  # past this slot's tokens (or it has none)
+        return
+    rows, row_ok = _slot_rows(order_ptr, start, count, block, BLOCK_T)
+    group = slot * S + part  # this slot's pool of this part, in the slot-major tensors
+    acc_h, acc_l, acc_0 = _pool_products(
+        x_ptr, a_ptr, router_ptr, a0_ptr, rows, row_ok, group * N * R, group * N, group * R0,
+        0, D, D, stride_x, x_ptr, 0, row_ok,
+        N, R, R0, N_PAD, NR_PAD, R0_PAD, BLOCK_T, BLOCK_D, IEEE_A, False,
+    )  # fmt: skip
+    if R0 > 0:  # the always-on hidden states, ungated
+        ocols = tl.arange(0, R0_PAD)
+        tl.store(
+            always_ptr + rows[:, None] * (S * R0) + part * R0 + ocols[None, :],
+            acc_0.to(always_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & (ocols < R0)[None, :],
+        )
+    # every row of the block is this slot's: the one-slot routing, with the slot's bias and
+    # statistics rows
+    _route_block(
+        acc_h, acc_l, rows, row_ok, part, bias_ptr + slot * S * N, hidden_ptr,
+        stats_ptr + slot * S * (N + 3), step_ptr, pad_ptr, pad_ptr, S * N * R, 0, omega,
+        max_step_rows, N, R, K, S, N_PAD, NR_PAD, SOFTMAX_GATES, HAS_BIAS, HAS_PADDING,
+        False, False,
+    )  # fmt: skip
+
+
+@remix_op("grouped_shrink_route", mutates_args=("hidden", "always_h", "stats", "step_selected"))
+def shrink_route(
+    x: torch.Tensor,
+    order: torch.Tensor,
+    slot_start: torch.Tensor,
+    lora_a: torch.Tensor,
+    router: torch.Tensor,
+    router_bias: torch.Tensor | None,
+    always_a: torch.Tensor | None,
+    hidden: torch.Tensor,
+    always_h: torch.Tensor | None,
+    stats: torch.Tensor,
+    step_selected: torch.Tensor,
+    num_loras: int,
+    rank: int,
+    top_k: int,
+    omega: float,
+    softmax_gates: bool,
+) -> None:
+    """x [T, d_in] -> each token's own slot's gated hidden states hidden [T, S*n*r] and
+    always-on hidden states always_h [T, S*r0] (serving dtype; zero for base-model tokens),
+    statistics into stats [C*S, n + 3] and selections into step_selected. order, slot_start:
+    `sort_by_slot`. lora_a, router, router_bias, always_a: every slot's rows, slot-major."""
+    tokens, d_in = x.shape
+    num_slots = slot_start.shape[0] - 1
+    num_parts = stats.shape[0] // num_slots
+    r0 = always_h.shape[1] // num_parts if always_h is not None else 0
+    hidden.zero_()  # base-model tokens are in no group: their rows stay zero
+    step_selected[:tokens].zero_()
+    if always_h is not None:
+        always_h.zero_()
+    if tokens == 0:
+        return
+    block_t = _block_t(tokens)
+    padding = padding_mask(tokens)
+    _grouped_shrink_route_kernel[(triton.cdiv(tokens, block_t), num_parts, num_slots)](
+        x, order, slot_start, lora_a, router,
+        router_bias if router_bias is not None else router,
+        always_a if always_a is not None else lora_a,
+        hidden, always_h if always_h is not None else hidden, stats, step_selected,
+        padding.view(torch.uint8) if padding is not None else x,
+        d_in, x.stride(0), float(omega), step_selected.shape[0],
+        N=num_loras, R=rank, K=top_k, S=num_parts, R0=r0,
+        N_PAD=max(16, triton.next_power_of_2(num_loras)),
+        NR_PAD=max(16, triton.next_power_of_2(num_loras * rank)),
+        R0_PAD=max(16, triton.next_power_of_2(r0)),
+        BLOCK_T=block_t, BLOCK_D=64 if x.dtype == torch.float32 else 128,
+        IEEE_A=x.dtype == torch.float32 or INTERPRETED, SOFTMAX_GATES=softmax_gates,
+        HAS_BIAS=router_bias is not None, HAS_PADDING=padding is not None,
+    )  # fmt: skip
+
+
+@triton.jit
+def _grouped_expand_kernel(
+    out_ptr, order_ptr, slot_start_ptr, h_ptr, b_ptr, h0_ptr, b0_ptr,
+    width, stride_out, stride_h, stride_b, stride_h0, stride_b0,
+    NR: tl.constexpr, R0: tl.constexpr, NR_PAD: tl.constexpr, R0_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_OUT: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    block, column_block, slot = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start, count = _slot_span(slot_start_ptr, slot)
+    if block * BLOCK_T >= count:  # past this slot's tokens (or it has none)
+        return
+    rows, row_ok = _slot_rows(order_ptr, start, count, block, BLOCK_T)
+    cols = column_block * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    col_ok = cols < width
+    k = tl.arange(0, NR_PAD)
+    h = tl.load(
+        h_ptr + rows[:, None] * stride_h + k[None, :],
+        mask=row_ok[:, None] & (k < NR)[None, :],
+        other=0.0,
+    )
+    b = tl.load(  # the slot's columns of B, transposed: [NR_PAD, BLOCK_OUT]
+        b_ptr + cols[None, :] * stride_b + slot * NR + k[:, None],
+        mask=(k < NR)[:, None] & col_ok[None, :],
+        other=0.0,
+    )
+    acc = _dot(h, b, IEEE)
+    if R0 > 0:
+        k0 = tl.arange(0, R0_PAD)
+        h0 = tl.load(
+            h0_ptr + rows[:, None] * stride_h0 + k0[None, :],
+            mask=row_ok[:, None] & (k0 < R0)[None, :],
+            other=0.0,
+        )
+        b0 = tl.load(
+            b0_ptr + cols[None, :] * stride_b0 + slot * R0 + k0[:, None],
+            mask=(k0 < R0)[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        acc += _dot(h0, b0, IEEE)
+    at = out_ptr + rows[:, None] * stride_out + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    base = tl.load(at, mask=mask, other=0.0)
+    tl.store(at, (base.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@remix_op("grouped_expand", mutates_args=("out",))
+def expand(
+    out: torch.Tensor,
+    order: torch.Tensor,
+    slot_start: torch.Tensor,
+    hidden: torch.Tensor,
+    lora_b: list[torch.Tensor],
+    always_h: torch.Tensor | None,
+    always_b: list[torch.Tensor],
+    part_columns: list[int],
+) -> None:
+    """out [T, d_out] += each token's gated hidden states hidden [T, S*n*r] (and always-on
+    ones always_h [T, S*r0]) times its own slot's B of each part, in place; base-model tokens
+    untouched. lora_b[j] [d_out_j, C*n*r], always_b[j] [d_out_j, C*r0]: every slot's columns,
+    slot-major; part_columns: the first and past-the-last output column of each part."""
+    tokens, num_slots = out.shape[0], slot_start.shape[0] - 1
+    if tokens == 0:
+        return
+    if out.stride(1) != 1:
+        raise ValueError("the grouped expand writes rows of contiguous columns")
+    nr = lora_b[0].shape[1] // num_slots
+    r0 = always_h.shape[1] // len(lora_b) if always_h is not None else 0
+    block_t = _block_t(tokens)
+    for j, b in enumerate(lora_b):  # one launch per part: their widths and tensors differ
+        start, stop = part_columns[2 * j], part_columns[2 * j + 1]
+        h0 = always_h[:, j * r0 :] if always_h is not None else hidden
+        b0 = always_b[j] if always_h is not None else b
+        grid = (triton.cdiv(tokens, block_t), triton.cdiv(stop - start, BLOCK_OUT), num_slots)
+        _grouped_expand_kernel[grid](
+            out[:, start:], order, slot_start, hidden[:, j * nr :], b, h0, b0,
+            stop - start, out.stride(0), hidden.stride(0), b.stride(0), h0.stride(0),
+            b0.stride(0), NR=nr, R0=r0, NR_PAD=max(16, triton.next_power_of_2(nr)),
+            R0_PAD=max(16, triton.next_power_of_2(r0)), BLOCK_T=block_t, BLOCK_OUT=BLOCK_OUT,
+            IEEE=out.dtype == torch.float32 or INTERPRETED,
+        )  # fmt: skip
