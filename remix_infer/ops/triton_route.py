@@ -190,8 +190,10 @@ def _pool_products(
 def _dot(a, b, IEEE: tl.constexpr):
     """a @ b accumulated in float32; IEEE: in float32 (float32 serving, and the interpreter)."""
     if IEEE:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
+        product = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        product = tl.dot(a, b)
+    return product
 
 
 @triton.jit
