@@ -24,7 +24,8 @@ from remix_infer.ops import (
 )
 from remix_infer.ops.slots import TokenSlots, own_slot_products, slot_groups
 from remix_infer.ops.stats import stats_width
-from remix_infer.ops.triton_route import route
+from remix_infer.ops.triton_grouped import shrink_route, sort_by_slot
+from remix_infer.ops.triton_route import route, semaphore_size
 from remix_infer.routing import topk_select
 
 KERNELS = ["torch", "numba", "triton"]
@@ -544,6 +545,36 @@ def test_one_slot_with_base_model_tokens(kernel):
     torch.testing.assert_close(got[slot_of_token < 0], F.linear(x, weight)[slot_of_token < 0])
     torch.testing.assert_close(got[slot_of_token >= 0], unslotted, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layer.pool.stats, plain.pool.stats, rtol=1e-6, atol=1e-9)
+
+
+def test_grouped_split_reduction_is_deterministic_and_resets_its_tickets():
+    """The grouped kernel's reduction over d_in split across programs (d_in 200: 4 blocks of
+    64, 2 per split): the same result twice, one program's up to rounding, tickets reset."""
+    gen = torch.Generator().manual_seed(19)
+    slots, parts, d_in, r0, tokens = 3, 2, 200, 2, len(SLOT_OF_TOKEN)
+    x = torch.randn(tokens, d_in, generator=gen)
+    lora_a = torch.randn(slots * parts * N * R, d_in, generator=gen) * d_in**-0.5
+    router = torch.randn(slots * parts * N, d_in, generator=gen) * d_in**-0.5
+    bias = torch.randn(slots * parts, N, generator=gen)
+    always_a = torch.randn(slots * parts * r0, d_in, generator=gen) * d_in**-0.5
+    order, slot_start = sort_by_slot(torch.tensor(SLOT_OF_TOKEN), slots)
+    semaphore = torch.zeros(slots * semaphore_size(tokens, parts), dtype=torch.int32)
+    results = []
+    for split in (1, 3, 3):
+        hidden, always_h = x.new_empty(tokens, parts * N * R), x.new_empty(tokens, parts * r0)
+        stats = torch.zeros(slots * parts, N + 3, dtype=torch.float64)
+        selected = torch.zeros(tokens, parts, N, dtype=torch.uint8)
+        shrink_route(
+            x, order, slot_start, lora_a, router, bias, always_a, hidden, always_h, stats,
+            selected, semaphore, N, R, K, 0.7, True, split=split,
+        )  # fmt: skip
+        assert int(semaphore.abs().sum()) == 0
+        results.append((hidden, always_h, stats, selected))
+    for one, split in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-6)
+    for first, again in zip(results[1], results[2], strict=True):
+        assert torch.equal(first, again)
+    assert results[0][1][2].abs().sum() == 0 and results[0][1][0].abs().sum() > 0  # base, slot 0
 
 
 @pytest.mark.parametrize(("weighting", "always"), [("constant", 0), ("softmax_topk", 2)])

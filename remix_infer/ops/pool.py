@@ -233,9 +233,10 @@ class RemixPool(nn.Module):
         if self.kernel == "triton":  # split-K tickets of the routing kernel; it resets them
             from remix_infer.ops.triton_route import semaphore_size
 
+            tickets = semaphore_size(max_step_tokens, s) * (c if self.grouped else 1)
             self.register_buffer(
                 "semaphore",
-                torch.zeros(semaphore_size(max_step_tokens, s), dtype=torch.int32, device=device),
+                torch.zeros(tickets, dtype=torch.int32, device=device),
                 persistent=False,
             )
         self.prepare()
@@ -585,8 +586,8 @@ class RemixPool(nn.Module):
         always_h = x.new_empty(tokens, layout.num_parts * r0) if r0 else None
         shrink_route(
             x, order, slot_start, self.lora_a, self.router, self.router_bias, self.always_a,
-            hidden, always_h, self.stats, self.step_selected, layout.num_loras, layout.rank,
-            layout.top_k, layout.omega, layout.weighting == "softmax_topk",
+            hidden, always_h, self.stats, self.step_selected, self.semaphore, layout.num_loras,
+            layout.rank, layout.top_k, layout.omega, layout.weighting == "softmax_topk",
         )  # fmt: skip
         out = gemm(x)
         if self.count_b:

@@ -30,7 +30,16 @@ import triton.language as tl
 
 from remix_infer.ops.custom_op import remix_op
 from remix_infer.ops.stats import padding_mask
-from remix_infer.ops.triton_route import INTERPRETED, _block_t, _dot, _pool_products, _route_block
+from remix_infer.ops.triton_route import (
+    INTERPRETED,
+    _block_t,
+    _dot,
+    _pool_products,
+    _route_block,
+    _sum_splits,
+    choose_split,
+    semaphore_size,
+)
 
 BLOCK_OUT = 64  # output columns per expand program
 
@@ -61,14 +70,15 @@ def _slot_rows(order_ptr, start, count, block, BLOCK_T: tl.constexpr):
 @triton.jit
 def _grouped_shrink_route_kernel(
     x_ptr, order_ptr, slot_start_ptr, a_ptr, router_ptr, bias_ptr, a0_ptr,
-    hidden_ptr, always_ptr, stats_ptr, step_ptr, pad_ptr,
-    D, stride_x, omega, max_step_rows,
+    hidden_ptr, always_ptr, ws_ptr, sem_ptr, stats_ptr, step_ptr, pad_ptr,
+    T, D, D_PER_SPLIT, stride_x, omega, max_step_rows,
     N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S: tl.constexpr, R0: tl.constexpr,
-    N_PAD: tl.constexpr, NR_PAD: tl.constexpr, R0_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_A: tl.constexpr,
+    N_PAD: tl.constexpr, NR_PAD: tl.constexpr, R0_PAD: tl.constexpr, WIDTH: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, IEEE_A: tl.constexpr,
     SOFTMAX_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PADDING: tl.constexpr,
 ):  # fmt: skip
-    block, part, slot = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    block, part = tl.program_id(0), tl.program_id(1)
+    slot, split = tl.program_id(2) // SPLIT, tl.program_id(2) % SPLIT
     start, count = _slot_span(slot_start_ptr, slot)
     if block * BLOCK_T >= count:  # past this slot's tokens (or it has none)
         return
@@ -76,18 +86,46 @@ def _grouped_shrink_route_kernel(
     group = slot * S + part  # this slot's pool of this part, in the slot-major tensors
     acc_h, acc_l, acc_0 = _pool_products(
         x_ptr, a_ptr, router_ptr, a0_ptr, rows, row_ok, group * N * R, group * N, group * R0,
-        0, D, D, stride_x, x_ptr, 0, row_ok,
+        split * D_PER_SPLIT, D_PER_SPLIT, D, stride_x, x_ptr, 0, row_ok,
         N, R, R0, N_PAD, NR_PAD, R0_PAD, BLOCK_T, BLOCK_D, IEEE_A, False,
     )  # fmt: skip
-    if R0 > 0:  # the always-on hidden states, ungated
+    if SPLIT == 1:
+        _route_own_slot(
+            acc_h, acc_l, acc_0, rows, row_ok, part, slot, bias_ptr, hidden_ptr, always_ptr,
+            stats_ptr, step_ptr, pad_ptr, omega, max_step_rows, N, R, K, S, R0, N_PAD, NR_PAD,
+            R0_PAD, SOFTMAX_GATES, HAS_BIAS, HAS_PADDING,
+        )  # fmt: skip
+    else:  # the workspace [SPLIT, S * T, WIDTH]: the partials, by part and token
+        ticket = (slot * tl.num_programs(0) + block) * S + part
+        last, acc_h, acc_l, acc_0 = _sum_splits(
+            acc_h, acc_l, acc_0, ws_ptr, sem_ptr, ticket, part * T + rows, row_ok, split, S * T,
+            NR_PAD, N_PAD, R0_PAD, R0, WIDTH, SPLIT,
+        )  # fmt: skip
+        if last:
+            _route_own_slot(
+                acc_h, acc_l, acc_0, rows, row_ok, part, slot, bias_ptr, hidden_ptr,
+                always_ptr, stats_ptr, step_ptr, pad_ptr, omega, max_step_rows, N, R, K, S, R0,
+                N_PAD, NR_PAD, R0_PAD, SOFTMAX_GATES, HAS_BIAS, HAS_PADDING,
+            )  # fmt: skip
+
+
+@triton.jit
+def _route_own_slot(
+    acc_h, acc_l, acc_0, rows, row_ok, part, slot, bias_ptr, hidden_ptr, always_ptr,
+    stats_ptr, step_ptr, pad_ptr, omega, max_step_rows,
+    N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S: tl.constexpr, R0: tl.constexpr,
+    N_PAD: tl.constexpr, NR_PAD: tl.constexpr, R0_PAD: tl.constexpr,
+    SOFTMAX_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PADDING: tl.constexpr,
+):  # fmt: skip
+    """Write the always-on hidden states (ungated) and route a block of one slot's tokens as
+    the one-slot kernel does, with the slot's bias and statistics rows."""
+    if R0 > 0:
         ocols = tl.arange(0, R0_PAD)
         tl.store(
             always_ptr + rows[:, None] * (S * R0) + part * R0 + ocols[None, :],
             acc_0.to(always_ptr.dtype.element_ty),
             mask=row_ok[:, None] & (ocols < R0)[None, :],
         )
-    # every row of the block is this slot's: the one-slot routing, with the slot's bias and
-    # statistics rows
     _route_block(
         acc_h, acc_l, rows, row_ok, part, bias_ptr + slot * S * N, hidden_ptr,
         stats_ptr + slot * S * (N + 3), step_ptr, pad_ptr, pad_ptr, S * N * R, 0, omega,
@@ -96,7 +134,10 @@ def _grouped_shrink_route_kernel(
     )  # fmt: skip
 
 
-@remix_op("grouped_shrink_route", mutates_args=("hidden", "always_h", "stats", "step_selected"))
+@remix_op(
+    "grouped_shrink_route",
+    mutates_args=("hidden", "always_h", "stats", "step_selected", "semaphore"),
+)
 def shrink_route(
     x: torch.Tensor,
     order: torch.Tensor,
@@ -109,16 +150,20 @@ def shrink_route(
     always_h: torch.Tensor | None,
     stats: torch.Tensor,
     step_selected: torch.Tensor,
+    semaphore: torch.Tensor,
     num_loras: int,
     rank: int,
     top_k: int,
     omega: float,
     softmax_gates: bool,
+    split: int = 0,
 ) -> None:
     """x [T, d_in] -> each token's own slot's gated hidden states hidden [T, S*n*r] and
     always-on hidden states always_h [T, S*r0] (serving dtype; zero for base-model tokens),
     statistics into stats [C*S, n + 3] and selections into step_selected. order, slot_start:
-    `sort_by_slot`. lora_a, router, router_bias, always_a: every slot's rows, slot-major."""
+    `sort_by_slot`. lora_a, router, router_bias, always_a: every slot's rows, slot-major.
+    semaphore: the split reduction's tickets, `semaphore_size(max tokens, S) * C` int32 zeros;
+    split 0 = choose it here (how many programs share one block's reduction over d_in)."""
     tokens, d_in = x.shape
     num_slots = slot_start.shape[0] - 1
     num_parts = stats.shape[0] // num_slots
@@ -129,20 +174,31 @@ def shrink_route(
         always_h.zero_()
     if tokens == 0:
         return
-    block_t = _block_t(tokens)
+    if semaphore.numel() < num_slots * semaphore_size(tokens, num_parts):
+        raise ValueError(f"{tokens} tokens: more than the pool's max_step_tokens")
+    block_t, block_d = _block_t(tokens), 64 if x.dtype == torch.float32 else 128
+    blocks = triton.cdiv(tokens, block_t)
+    # at most this many blocks have tokens (each slot's last may be partial): split for them
+    split = split or choose_split(min(blocks * num_slots, blocks + num_slots - 1), num_parts,
+                                  d_in, block_d)  # fmt: skip
+    n_pad = max(16, triton.next_power_of_2(num_loras))
+    nr_pad = max(16, triton.next_power_of_2(num_loras * rank))
+    r0_pad = max(16, triton.next_power_of_2(r0))
+    width = nr_pad + n_pad + (r0_pad if r0 else 0)
+    workspace = (
+        x.new_empty(split, num_parts * tokens, width, dtype=torch.float32) if split > 1 else stats
+    )  # stats: unused
     padding = padding_mask(tokens)
-    _grouped_shrink_route_kernel[(triton.cdiv(tokens, block_t), num_parts, num_slots)](
+    _grouped_shrink_route_kernel[(blocks, num_parts, num_slots * split)](
         x, order, slot_start, lora_a, router,
         router_bias if router_bias is not None else router,
         always_a if always_a is not None else lora_a,
-        hidden, always_h if always_h is not None else hidden, stats, step_selected,
-        padding.view(torch.uint8) if padding is not None else x,
-        d_in, x.stride(0), float(omega), step_selected.shape[0],
-        N=num_loras, R=rank, K=top_k, S=num_parts, R0=r0,
-        N_PAD=max(16, triton.next_power_of_2(num_loras)),
-        NR_PAD=max(16, triton.next_power_of_2(num_loras * rank)),
-        R0_PAD=max(16, triton.next_power_of_2(r0)),
-        BLOCK_T=block_t, BLOCK_D=64 if x.dtype == torch.float32 else 128,
+        hidden, always_h if always_h is not None else hidden, workspace, semaphore, stats,
+        step_selected, padding.view(torch.uint8) if padding is not None else x,
+        tokens, d_in, triton.cdiv(triton.cdiv(d_in, block_d), split) * block_d, x.stride(0),
+        float(omega), step_selected.shape[0],
+        N=num_loras, R=rank, K=top_k, S=num_parts, R0=r0, N_PAD=n_pad, NR_PAD=nr_pad,
+        R0_PAD=r0_pad, WIDTH=width, BLOCK_T=block_t, BLOCK_D=block_d, SPLIT=split,
         IEEE_A=x.dtype == torch.float32 or INTERPRETED, SOFTMAX_GATES=softmax_gates,
         HAS_BIAS=router_bias is not None, HAS_PADDING=padding is not None,
     )  # fmt: skip

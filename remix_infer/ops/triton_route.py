@@ -243,29 +243,60 @@ def _remix_route_kernel(
             slots_ptr, stride_out, D, omega, max_step_rows, N, R, K, S, N_PAD, NR_PAD,
             SOFTMAX_GATES, HAS_BIAS, HAS_PADDING, HAS_SLOTS, MULTI_SLOT,
         )  # fmt: skip
-    else:
-        # Workspace [SPLIT, S, blocks * BLOCK_T, NR_PAD + N_PAD]: this split's partials.
+    else:  # the workspace [SPLIT, S, blocks * BLOCK_T, NR_PAD + N_PAD]: the partials
         blocks = tl.num_programs(0)
-        slot = ((split * S + part) * blocks * BLOCK_T + rows) * (NR_PAD + N_PAD)
-        tl.store(ws_ptr + slot[:, None] + hcols[None, :], acc_h)
-        tl.store(ws_ptr + slot[:, None] + NR_PAD + lcols[None, :], acc_l)
-        tl.debug_barrier()
-        ticket = tl.atomic_add(sem_ptr + block * S + part, 1, sem="acq_rel")
-        if ticket == SPLIT - 1:  # the last split of this block: sum all, in split order
-            acc_h = tl.zeros([BLOCK_T, NR_PAD], dtype=tl.float32)
-            acc_l = tl.zeros([BLOCK_T, N_PAD], dtype=tl.float32)
-            for j in tl.static_range(SPLIT):
-                slot_j = ((j * S + part) * blocks * BLOCK_T + rows) * (NR_PAD + N_PAD)
-                acc_h += tl.load(ws_ptr + slot_j[:, None] + hcols[None, :], cache_modifier=".cg")
-                acc_l += tl.load(
-                    ws_ptr + slot_j[:, None] + NR_PAD + lcols[None, :], cache_modifier=".cg"
-                )
-            tl.atomic_xchg(sem_ptr + block * S + part, 0)
+        last, acc_h, acc_l, _ = _sum_splits(
+            acc_h, acc_l, acc_h, ws_ptr, sem_ptr, block * S + part,
+            part * blocks * BLOCK_T + rows, row_ok, split, S * blocks * BLOCK_T,
+            NR_PAD, N_PAD, 16, 0, NR_PAD + N_PAD, SPLIT,
+        )  # fmt: skip
+        if last:
             _route_block(
                 acc_h, acc_l, rows, row_ok, part, bias_ptr, out_ptr, stats_ptr, step_ptr,
                 pad_ptr, slots_ptr, stride_out, D, omega, max_step_rows, N, R, K, S, N_PAD,
                 NR_PAD, SOFTMAX_GATES, HAS_BIAS, HAS_PADDING, HAS_SLOTS, MULTI_SLOT,
             )  # fmt: skip
+
+
+@triton.jit
+def _sum_splits(
+    acc_h, acc_l, acc_0, ws_ptr, sem_ptr, ticket, ws_rows, ws_ok, split, split_rows,
+    NR_PAD: tl.constexpr, N_PAD: tl.constexpr, R0_PAD: tl.constexpr, R0: tl.constexpr,
+    WIDTH: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    """The reduction over d_in split across SPLIT programs: store this split's partial products
+    (and, with R0 > 0, the always-on ones) in rows ws_rows of its part of the workspace
+    [SPLIT, split_rows, WIDTH] and take a ticket; the program that takes the last one gets the
+    sums in split order (deterministic) and resets the ticket for the next launch, so no memset
+    is needed and CUDA graphs can capture it. Returns (whether last, the three sums)."""
+    hcols = tl.arange(0, NR_PAD)
+    lcols = tl.arange(0, N_PAD)
+    ocols = tl.arange(0, R0_PAD)
+    at = ws_ptr + ((split * split_rows + ws_rows) * WIDTH)[:, None]
+    tl.store(at + hcols[None, :], acc_h, mask=ws_ok[:, None])
+    tl.store(at + NR_PAD + lcols[None, :], acc_l, mask=ws_ok[:, None])
+    if R0 > 0:
+        tl.store(at + NR_PAD + N_PAD + ocols[None, :], acc_0, mask=ws_ok[:, None])
+    tl.debug_barrier()
+    last = tl.atomic_add(sem_ptr + ticket, 1, sem="acq_rel") == SPLIT - 1
+    if last:  # the last split of this block: sum all, in split order
+        acc_h = tl.zeros_like(acc_h)
+        acc_l = tl.zeros_like(acc_l)
+        acc_0 = tl.zeros_like(acc_0)
+        for j in tl.static_range(SPLIT):
+            at = ws_ptr + ((j * split_rows + ws_rows) * WIDTH)[:, None]
+            mask = ws_ok[:, None]
+            acc_h += tl.load(at + hcols[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+            acc_l += tl.load(
+                at + NR_PAD + lcols[None, :], mask=mask, other=0.0, cache_modifier=".cg"
+            )
+            if R0 > 0:
+                acc_0 += tl.load(
+                    at + NR_PAD + N_PAD + ocols[None, :], mask=mask, other=0.0,
+                    cache_modifier=".cg",
+                )  # fmt: skip
+        tl.atomic_xchg(sem_ptr + ticket, 0)
+    return last, acc_h, acc_l, acc_0
 
 
 def _block_t(tokens: int) -> int:
