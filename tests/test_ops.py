@@ -24,7 +24,7 @@ from remix_infer.ops import (
 )
 from remix_infer.ops.slots import TokenSlots, own_slot_products, slot_groups
 from remix_infer.ops.stats import stats_width
-from remix_infer.ops.triton_grouped import shrink_route, sort_by_slot
+from remix_infer.ops.triton_grouped import shrink, shrink_route, sort_by_slot
 from remix_infer.ops.triton_route import route, semaphore_size
 from remix_infer.routing import topk_select
 
@@ -374,6 +374,13 @@ SLOT_OF_TOKEN = [0, 2, -1, 2, 0, 0, -1, 2, 1, 0, 2, 2, -1, 0, 2, 0, 2, 0, 0, 2, 
 SLOT_KERNELS = [*KERNELS, "triton grouped"]
 
 
+def kind(kernel: str) -> dict:
+    """RemixPool's arguments for one of SLOT_KERNELS."""
+    if kernel == "triton grouped":
+        return {"kernel": "triton", "grouped": True}
+    return {"kernel": kernel}
+
+
 def build_slots(kernel, parts, adapted, always=0, slot_ranks=(R, R - 2), weighting="constant"):
     """A FusedRemixLinear of 3 slots: slot 0 and 2 hold random references (slot 2 with a lower
     rank, zero-padded), slot 1 is loaded then cleared; {slot: references}, the base weight,
@@ -383,10 +390,7 @@ def build_slots(kernel, parts, adapted, always=0, slot_ranks=(R, R - 2), weighti
     weight = torch.randn(sum(parts), D_IN, generator=gen) * D_IN**-0.5
     layout = PoolLayout.from_config(cfg, D_IN, list(parts), list(adapted), num_slots=3)
     slots = TokenSlots(256, device="cpu")
-    kernel, grouped = ("triton", True) if kernel == "triton grouped" else (kernel, None)
-    pool = RemixPool(
-        layout, torch.float32, 256, True, kernel, device="cpu", slots=slots, grouped=grouped
-    )
+    pool = RemixPool(layout, torch.float32, 256, True, device="cpu", slots=slots, **kind(kernel))
     references = {}
     for slot, rank in zip((0, 1, 2), (slot_ranks[0], R, slot_ranks[1]), strict=True):
         slot_cfg = cfg.model_copy(update={"rank": rank})
@@ -486,12 +490,13 @@ def test_grouped_step_of_one_slot_or_only_the_base_model(step, kernel):
     assert counted.tolist() == ([0, 0, 9 * len(adapted)] if step[0] == 2 else [0, 0, 0])
 
 
-def test_grouped_row_parallel_shards_sum_to_the_whole():
+@pytest.mark.parametrize("kernel", ["numba", "triton grouped"])
+def test_grouped_row_parallel_shards_sum_to_the_whole(kernel):
     """Several slots on the grouped path, split over two row-parallel ranks: each rank's
     partial products of each token's own slot, summed with the other's, route as the whole
-    layer does, and the two outputs sum to the whole layer's."""
+    layer does, and the two outputs sum to the whole layer's (with an always-on LoRA)."""
     parts, adapted = MERGED["one part"]
-    whole, _, weight, slots = build_slots("numba", parts, adapted)
+    whole, _, weight, slots = build_slots(kernel, parts, adapted, always=2)
     slot_of_token = torch.tensor(SLOT_OF_TOKEN)
     slot_of_token[slot_of_token == 1] = -1
     slots.fill(slot_of_token)
@@ -499,24 +504,30 @@ def test_grouped_row_parallel_shards_sum_to_the_whole():
     half, src = D_IN // 2, whole.pool
     shards = []
     for rank, cols in enumerate((slice(0, half), slice(half, D_IN))):
-        layout = PoolLayout.from_config(config(), half, list(parts), list(adapted), num_slots=3)
-        pool = RemixPool(
-            layout, torch.float32, 256, True, "numba", count_b=rank == 0, device="cpu", slots=slots
+        layout = PoolLayout.from_config(
+            config(always=2), half, list(parts), list(adapted), num_slots=3
         )
+        pool = RemixPool(
+            layout, torch.float32, 256, True, count_b=rank == 0, device="cpu", slots=slots,
+            **kind(kernel),
+        )  # fmt: skip
         with torch.no_grad():
             pool.lora_a.copy_(src.lora_a[:, cols])
             pool.router.copy_(src.router[:, cols])
             pool.router_bias.copy_(src.router_bias)
             pool.lora_b[0].copy_(src.lora_b[0])
+            pool.always_a.copy_(src.always_a[:, cols])
+            pool.always_b[0].copy_(src.always_b[0])
         shards.append((FusedRemixLinear(weight[:, cols], pool), x[:, cols]))
 
     def partial_products(layer, xs):  # what the other rank contributes to the all-reduce
         pool, tokens = layer.pool, xs.shape[0]
         lora_h = xs.new_empty(tokens, pool.layout.slot_width)
         logits = torch.empty(tokens, pool.router.shape[0] // 3)
-        own_slot_products(xs, slots.current(tokens), pool.lora_a, pool.router, None, lora_h,
-                          logits, None)  # fmt: skip
-        return [lora_h, logits]
+        always_h = xs.new_empty(tokens, pool.always_a.shape[0] // 3)
+        own_slot_products(xs, slots.current(tokens), pool.lora_a, pool.router, pool.always_a,
+                          lora_h, logits, always_h)  # fmt: skip
+        return [lora_h, logits, always_h]
 
     with torch.no_grad():
         outs = [
@@ -549,7 +560,8 @@ def test_one_slot_with_base_model_tokens(kernel):
 
 def test_grouped_split_reduction_is_deterministic_and_resets_its_tickets():
     """The grouped kernel's reduction over d_in split across programs (d_in 200: 4 blocks of
-    64, 2 per split): the same result twice, one program's up to rounding, tickets reset."""
+    64, 2 per split): the same result twice, one program's up to rounding, tickets reset; and
+    its products alone (`shrink`) are each token's own slot's, zero for base-model tokens."""
     gen = torch.Generator().manual_seed(19)
     slots, parts, d_in, r0, tokens = 3, 2, 200, 2, len(SLOT_OF_TOKEN)
     x = torch.randn(tokens, d_in, generator=gen)
@@ -575,6 +587,16 @@ def test_grouped_split_reduction_is_deterministic_and_resets_its_tickets():
     for first, again in zip(results[1], results[2], strict=True):
         assert torch.equal(first, again)
     assert results[0][1][2].abs().sum() == 0 and results[0][1][0].abs().sum() > 0  # base, slot 0
+    # the products alone (a row-parallel shard's, before the all-reduce): each token's own slot's
+    own = torch.tensor(SLOT_OF_TOKEN)
+    for split in (1, 3):
+        products = [torch.empty(tokens, w) for w in (parts * N * R, parts * N, parts * r0)]
+        shrink(x, order, slot_start, lora_a, router, always_a, *products, semaphore, N, R, split)
+        for got, rows in zip(products, (lora_a, router, always_a), strict=True):
+            want = F.linear(x, rows).unflatten(1, (slots, -1))[
+                torch.arange(tokens), own.clamp(min=0)
+            ]
+            torch.testing.assert_close(got, want * (own >= 0)[:, None], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(("weighting", "always"), [("constant", 0), ("softmax_topk", 2)])

@@ -575,27 +575,57 @@ class RemixPool(nn.Module):
         """Several slots, grouped (triton_grouped.py): the base GEMM alone, each slot's A,
         router and always-on products and routing on its own tokens, then each slot's B
         products added into its tokens' rows."""
-        from remix_infer.ops.triton_grouped import expand, shrink_route, sort_by_slot
+        from remix_infer.ops.triton_grouped import expand, sort_by_slot
 
-        if reduce is not None:
-            raise ValueError("the grouped triton path takes no row-parallel shard: grouped=False")
-        layout = self.layout
-        tokens, r0 = x.shape[0], layout.always_rank
-        order, slot_start = sort_by_slot(self.token_slots(tokens), layout.num_slots)
-        hidden = x.new_empty(tokens, layout.slot_width)
-        always_h = x.new_empty(tokens, layout.num_parts * r0) if r0 else None
-        shrink_route(
-            x, order, slot_start, self.lora_a, self.router, self.router_bias, self.always_a,
-            hidden, always_h, self.stats, self.step_selected, self.semaphore, layout.num_loras,
-            layout.rank, layout.top_k, layout.omega, layout.weighting == "softmax_topk",
-        )  # fmt: skip
+        order, slot_start = sort_by_slot(self.token_slots(x.shape[0]), self.layout.num_slots)
+        hidden, always_h = self._grouped_hidden(x, order, slot_start, reduce)
         out = gemm(x)
         if self.count_b:
             expand(
                 out, order, slot_start, hidden, list(self.lora_b), always_h,
-                list(self.always_b), layout.adapted_column_bounds(),
+                list(self.always_b), self.layout.adapted_column_bounds(),
             )  # fmt: skip
         return out
+
+    def _grouped_hidden(
+        self,
+        x: torch.Tensor,
+        order: torch.Tensor,
+        slot_start: torch.Tensor,
+        reduce: Callable | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each token's own slot's gated hidden states [T, S*n*r] and always-on ones [T, S*r0]
+        (None without), routed. A row-parallel shard computes its partial products first,
+        `reduce` sums them over the ranks, and the kernel routes the sums."""
+        from remix_infer.ops.triton_grouped import shrink, shrink_route
+
+        layout = self.layout
+        tokens, s, n, r0 = x.shape[0], layout.num_parts, layout.num_loras, layout.always_rank
+        hidden = x.new_empty(tokens, layout.slot_width)
+        always_h = x.new_empty(tokens, s * r0) if r0 else None
+        route_args = (
+            self.stats, self.step_selected, self.semaphore, n, layout.rank, layout.top_k,
+            layout.omega, layout.weighting == "softmax_topk",
+        )  # fmt: skip
+        if reduce is None:
+            shrink_route(
+                x, order, slot_start, self.lora_a, self.router, self.router_bias, self.always_a,
+                hidden, always_h, *route_args,
+            )  # fmt: skip
+            return hidden, always_h
+        lora_h = x.new_empty(tokens, layout.slot_width, dtype=torch.float32)
+        logits = x.new_empty(tokens, s * n, dtype=torch.float32)
+        partial_always = torch.empty_like(always_h, dtype=torch.float32) if r0 else None
+        shrink(
+            x, order, slot_start, self.lora_a, self.router, self.always_a, lora_h, logits,
+            partial_always, self.semaphore, n, layout.rank,
+        )  # fmt: skip
+        lora_h, logits = reduce(lora_h), reduce(logits)
+        shrink_route(
+            x, order, slot_start, self.lora_a, self.router, self.router_bias, None, hidden, None,
+            *route_args, lora_h=lora_h, logits=logits,
+        )  # fmt: skip
+        return hidden, reduce(partial_always).to(x.dtype) if r0 else None
 
     def _route_triton(self, x: torch.Tensor, reduce: Callable | None) -> torch.Tensor:
         """[x | gated h] for the column-stacked GEMM, written by the routing kernel. With

@@ -16,10 +16,14 @@ products run on its own tokens only:
 
 after the base GEMM out = x W^T (the GEMM carries nothing of the pool's). Base-model tokens
 (slot -1) are in no slot's group: zero hidden states, not counted, their output rows untouched.
-Programs of a slot without tokens (or past its tokens) return at once.
+Programs of a slot without tokens (or past its tokens) return at once. As in the routing kernel,
+few tokens may split the reduction over d_in across programs (`_sum_splits`, deterministic).
+A row-parallel shard runs `shrink` (its partial products only), sums them over the ranks and
+has `shrink_route` route the sums.
 
-Registered as custom ops (torch.ops.remix.grouped_shrink_route, .grouped_expand) so
-torch.compile and graph capture keep them. Runs on CPU under the Triton interpreter.
+Registered as custom ops (torch.ops.remix.grouped_shrink_route, .grouped_shrink,
+.grouped_expand) so torch.compile and graph capture keep them. Runs on CPU under the Triton
+interpreter.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from remix_infer.ops.triton_route import (
     _block_t,
     _dot,
     _pool_products,
+    _product_slots,
     _route_block,
     _sum_splits,
     choose_split,
@@ -70,19 +75,33 @@ def _slot_rows(order_ptr, start, count, block, BLOCK_T: tl.constexpr):
 @triton.jit
 def _grouped_shrink_route_kernel(
     x_ptr, order_ptr, slot_start_ptr, a_ptr, router_ptr, bias_ptr, a0_ptr,
-    hidden_ptr, always_ptr, ws_ptr, sem_ptr, stats_ptr, step_ptr, pad_ptr,
+    hidden_ptr, always_ptr, h_ptr, logits_ptr, ws_ptr, sem_ptr, stats_ptr, step_ptr, pad_ptr,
     T, D, D_PER_SPLIT, stride_x, omega, max_step_rows,
     N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S: tl.constexpr, R0: tl.constexpr,
     N_PAD: tl.constexpr, NR_PAD: tl.constexpr, R0_PAD: tl.constexpr, WIDTH: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, IEEE_A: tl.constexpr,
     SOFTMAX_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PADDING: tl.constexpr,
+    GIVEN: tl.constexpr, PRODUCTS_ONLY: tl.constexpr,
 ):  # fmt: skip
+    """GIVEN: route the products in h_ptr, logits_ptr (summed over a row-parallel group)
+    instead of computing them; PRODUCTS_ONLY: write the products there (float32, always-on
+    ones into always_ptr) instead of routing them."""
     block, part = tl.program_id(0), tl.program_id(1)
     slot, split = tl.program_id(2) // SPLIT, tl.program_id(2) % SPLIT
     start, count = _slot_span(slot_start_ptr, slot)
     if block * BLOCK_T >= count:  # past this slot's tokens (or it has none)
         return
     rows, row_ok = _slot_rows(order_ptr, start, count, block, BLOCK_T)
+    if GIVEN:
+        h_at, h_ok, l_at, l_ok = _product_slots(rows, row_ok, part, N, R, S, N_PAD, NR_PAD)
+        acc_h = tl.load(h_ptr + h_at, mask=h_ok, other=0.0)
+        acc_l = tl.load(logits_ptr + l_at, mask=l_ok, other=0.0)
+        _finish_block(
+            acc_h, acc_l, acc_h, rows, row_ok, part, slot, bias_ptr, hidden_ptr, always_ptr,
+            h_ptr, logits_ptr, stats_ptr, step_ptr, pad_ptr, omega, max_step_rows, N, R, K, S,
+            R0, N_PAD, NR_PAD, R0_PAD, SOFTMAX_GATES, HAS_BIAS, HAS_PADDING, PRODUCTS_ONLY,
+        )  # fmt: skip
+        return
     group = slot * S + part  # this slot's pool of this part, in the slot-major tensors
     acc_h, acc_l, acc_0 = _pool_products(
         x_ptr, a_ptr, router_ptr, a0_ptr, rows, row_ok, group * N * R, group * N, group * R0,
@@ -90,10 +109,10 @@ def _grouped_shrink_route_kernel(
         N, R, R0, N_PAD, NR_PAD, R0_PAD, BLOCK_T, BLOCK_D, IEEE_A, False,
     )  # fmt: skip
     if SPLIT == 1:
-        _route_own_slot(
+        _finish_block(
             acc_h, acc_l, acc_0, rows, row_ok, part, slot, bias_ptr, hidden_ptr, always_ptr,
-            stats_ptr, step_ptr, pad_ptr, omega, max_step_rows, N, R, K, S, R0, N_PAD, NR_PAD,
-            R0_PAD, SOFTMAX_GATES, HAS_BIAS, HAS_PADDING,
+            h_ptr, logits_ptr, stats_ptr, step_ptr, pad_ptr, omega, max_step_rows, N, R, K, S,
+            R0, N_PAD, NR_PAD, R0_PAD, SOFTMAX_GATES, HAS_BIAS, HAS_PADDING, PRODUCTS_ONLY,
         )  # fmt: skip
     else:  # the workspace [SPLIT, S * T, WIDTH]: the partials, by part and token
         ticket = (slot * tl.num_programs(0) + block) * S + part
@@ -102,23 +121,26 @@ def _grouped_shrink_route_kernel(
             NR_PAD, N_PAD, R0_PAD, R0, WIDTH, SPLIT,
         )  # fmt: skip
         if last:
-            _route_own_slot(
+            _finish_block(
                 acc_h, acc_l, acc_0, rows, row_ok, part, slot, bias_ptr, hidden_ptr,
-                always_ptr, stats_ptr, step_ptr, pad_ptr, omega, max_step_rows, N, R, K, S, R0,
-                N_PAD, NR_PAD, R0_PAD, SOFTMAX_GATES, HAS_BIAS, HAS_PADDING,
+                always_ptr, h_ptr, logits_ptr, stats_ptr, step_ptr, pad_ptr, omega,
+                max_step_rows, N, R, K, S, R0, N_PAD, NR_PAD, R0_PAD, SOFTMAX_GATES, HAS_BIAS,
+                HAS_PADDING, PRODUCTS_ONLY,
             )  # fmt: skip
 
 
 @triton.jit
-def _route_own_slot(
+def _finish_block(
     acc_h, acc_l, acc_0, rows, row_ok, part, slot, bias_ptr, hidden_ptr, always_ptr,
-    stats_ptr, step_ptr, pad_ptr, omega, max_step_rows,
+    h_ptr, logits_ptr, stats_ptr, step_ptr, pad_ptr, omega, max_step_rows,
     N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S: tl.constexpr, R0: tl.constexpr,
     N_PAD: tl.constexpr, NR_PAD: tl.constexpr, R0_PAD: tl.constexpr,
     SOFTMAX_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PADDING: tl.constexpr,
+    PRODUCTS_ONLY: tl.constexpr,
 ):  # fmt: skip
-    """Write the always-on hidden states (ungated) and route a block of one slot's tokens as
-    the one-slot kernel does, with the slot's bias and statistics rows."""
+    """A block of one slot's tokens and one part, its products summed: write the always-on
+    hidden states (ungated); then write the products (PRODUCTS_ONLY) or route them as the
+    one-slot kernel does, with the slot's bias and statistics rows."""
     if R0 > 0:
         ocols = tl.arange(0, R0_PAD)
         tl.store(
@@ -126,12 +148,17 @@ def _route_own_slot(
             acc_0.to(always_ptr.dtype.element_ty),
             mask=row_ok[:, None] & (ocols < R0)[None, :],
         )
-    _route_block(
-        acc_h, acc_l, rows, row_ok, part, bias_ptr + slot * S * N, hidden_ptr,
-        stats_ptr + slot * S * (N + 3), step_ptr, pad_ptr, pad_ptr, S * N * R, 0, omega,
-        max_step_rows, N, R, K, S, N_PAD, NR_PAD, SOFTMAX_GATES, HAS_BIAS, HAS_PADDING,
-        False, False,
-    )  # fmt: skip
+    if PRODUCTS_ONLY:
+        h_at, h_ok, l_at, l_ok = _product_slots(rows, row_ok, part, N, R, S, N_PAD, NR_PAD)
+        tl.store(h_ptr + h_at, acc_h, mask=h_ok)
+        tl.store(logits_ptr + l_at, acc_l, mask=l_ok)
+    else:
+        _route_block(
+            acc_h, acc_l, rows, row_ok, part, bias_ptr + slot * S * N, hidden_ptr,
+            stats_ptr + slot * S * (N + 3), step_ptr, pad_ptr, pad_ptr, S * N * R, 0, omega,
+            max_step_rows, N, R, K, S, N_PAD, NR_PAD, SOFTMAX_GATES, HAS_BIAS, HAS_PADDING,
+            False, False,
+        )  # fmt: skip
 
 
 @remix_op(
@@ -157,21 +184,87 @@ def shrink_route(
     omega: float,
     softmax_gates: bool,
     split: int = 0,
+    lora_h: torch.Tensor | None = None,
+    logits: torch.Tensor | None = None,
 ) -> None:
     """x [T, d_in] -> each token's own slot's gated hidden states hidden [T, S*n*r] and
     always-on hidden states always_h [T, S*r0] (serving dtype; zero for base-model tokens),
     statistics into stats [C*S, n + 3] and selections into step_selected. order, slot_start:
     `sort_by_slot`. lora_a, router, router_bias, always_a: every slot's rows, slot-major.
     semaphore: the split reduction's tickets, `semaphore_size(max tokens, S) * C` int32 zeros;
-    split 0 = choose it here (how many programs share one block's reduction over d_in)."""
-    tokens, d_in = x.shape
-    num_slots = slot_start.shape[0] - 1
-    num_parts = stats.shape[0] // num_slots
-    r0 = always_h.shape[1] // num_parts if always_h is not None else 0
+    split 0 = choose it here (how many programs share one block's reduction over d_in).
+    lora_h [T, S*n*r], logits [T, S*n] (float32): each token's own slot's products, given
+    (`shrink`, summed over a row-parallel group); then always_h is the caller's (None here)."""
     hidden.zero_()  # base-model tokens are in no group: their rows stay zero
-    step_selected[:tokens].zero_()
+    step_selected[: x.shape[0]].zero_()
     if always_h is not None:
         always_h.zero_()
+    _launch(
+        x, order, slot_start, lora_a, router, router_bias, always_a, hidden, always_h, lora_h,
+        logits, stats, step_selected, semaphore, num_loras, rank, top_k, omega, softmax_gates,
+        split, given=lora_h is not None, products_only=False,
+    )  # fmt: skip
+
+
+@remix_op("grouped_shrink", mutates_args=("lora_h", "logits", "always_h", "semaphore"))
+def shrink(
+    x: torch.Tensor,
+    order: torch.Tensor,
+    slot_start: torch.Tensor,
+    lora_a: torch.Tensor,
+    router: torch.Tensor,
+    always_a: torch.Tensor | None,
+    lora_h: torch.Tensor,
+    logits: torch.Tensor,
+    always_h: torch.Tensor | None,
+    semaphore: torch.Tensor,
+    num_loras: int,
+    rank: int,
+    split: int = 0,
+) -> None:
+    """x [T, d_in] (a row-parallel shard's slice) -> each token's own slot's products, float32:
+    lora_h [T, S*n*r], logits [T, S*n] (no bias), always_h [T, S*r0]; zero for base-model
+    tokens. Summed over the ranks, they go to `shrink_route`."""
+    for out in (lora_h, logits, always_h):
+        if out is not None:
+            out.zero_()
+    _launch(
+        x, order, slot_start, lora_a, router, None, always_a, lora_h, always_h, lora_h, logits,
+        logits, logits, semaphore, num_loras, rank, 1, 0.0, False, split, given=False,
+        products_only=True,
+    )  # fmt: skip
+
+
+def _launch(
+    x: torch.Tensor,
+    order: torch.Tensor,
+    slot_start: torch.Tensor,
+    lora_a: torch.Tensor,
+    router: torch.Tensor,
+    router_bias: torch.Tensor | None,
+    always_a: torch.Tensor | None,
+    hidden: torch.Tensor,
+    always_h: torch.Tensor | None,
+    lora_h: torch.Tensor | None,
+    logits: torch.Tensor | None,
+    stats: torch.Tensor,
+    step_selected: torch.Tensor,
+    semaphore: torch.Tensor,
+    num_loras: int,
+    rank: int,
+    top_k: int,
+    omega: float,
+    softmax_gates: bool,
+    split: int,
+    given: bool,
+    products_only: bool,
+) -> None:
+    """Launch the shrink(-route) kernel over (token blocks, parts, slots x splits); stats and
+    step_selected are not read when products_only."""
+    tokens, d_in = x.shape
+    num_slots = slot_start.shape[0] - 1
+    num_parts = lora_a.shape[0] // (num_slots * num_loras * rank)
+    r0 = always_h.shape[1] // num_parts if always_h is not None else 0
     if tokens == 0:
         return
     if semaphore.numel() < num_slots * semaphore_size(tokens, num_parts):
@@ -179,28 +272,31 @@ def shrink_route(
     block_t, block_d = _block_t(tokens), 64 if x.dtype == torch.float32 else 128
     blocks = triton.cdiv(tokens, block_t)
     # at most this many blocks have tokens (each slot's last may be partial): split for them
-    split = split or choose_split(min(blocks * num_slots, blocks + num_slots - 1), num_parts,
-                                  d_in, block_d)  # fmt: skip
+    active = min(blocks * num_slots, blocks + num_slots - 1)
+    split = 1 if given else split or choose_split(active, num_parts, d_in, block_d)
     n_pad = max(16, triton.next_power_of_2(num_loras))
     nr_pad = max(16, triton.next_power_of_2(num_loras * rank))
     r0_pad = max(16, triton.next_power_of_2(r0))
     width = nr_pad + n_pad + (r0_pad if r0 else 0)
     workspace = (
-        x.new_empty(split, num_parts * tokens, width, dtype=torch.float32) if split > 1 else stats
-    )  # stats: unused
+        x.new_empty(split, num_parts * tokens, width, dtype=torch.float32) if split > 1 else x
+    )  # x: unused
     padding = padding_mask(tokens)
     _grouped_shrink_route_kernel[(blocks, num_parts, num_slots * split)](
         x, order, slot_start, lora_a, router,
         router_bias if router_bias is not None else router,
         always_a if always_a is not None else lora_a,
-        hidden, always_h if always_h is not None else hidden, workspace, semaphore, stats,
-        step_selected, padding.view(torch.uint8) if padding is not None else x,
+        hidden, always_h if always_h is not None else hidden,
+        lora_h if lora_h is not None else hidden, logits if logits is not None else hidden,
+        workspace, semaphore, stats, step_selected,
+        padding.view(torch.uint8) if padding is not None else x,
         tokens, d_in, triton.cdiv(triton.cdiv(d_in, block_d), split) * block_d, x.stride(0),
         float(omega), step_selected.shape[0],
         N=num_loras, R=rank, K=top_k, S=num_parts, R0=r0, N_PAD=n_pad, NR_PAD=nr_pad,
         R0_PAD=r0_pad, WIDTH=width, BLOCK_T=block_t, BLOCK_D=block_d, SPLIT=split,
         IEEE_A=x.dtype == torch.float32 or INTERPRETED, SOFTMAX_GATES=softmax_gates,
-        HAS_BIAS=router_bias is not None, HAS_PADDING=padding is not None,
+        HAS_BIAS=router_bias is not None, HAS_PADDING=padding is not None, GIVEN=given,
+        PRODUCTS_ONLY=products_only,
     )  # fmt: skip
 
 

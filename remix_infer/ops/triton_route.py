@@ -187,6 +187,21 @@ def _pool_products(
 
 
 @triton.jit
+def _product_slots(
+    rows, row_ok, part, N: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
+    N_PAD: tl.constexpr, NR_PAD: tl.constexpr,
+):  # fmt: skip
+    """Where one block's products of one part lie in the products [T, S*n*r] and logits
+    [T, S*n] that a caller gives (summed over a row-parallel group): offsets and masks."""
+    hcols = tl.arange(0, NR_PAD)
+    lcols = tl.arange(0, N_PAD)
+    h_at = rows[:, None] * (S * N * R) + part * N * R + hcols[None, :]
+    l_at = rows[:, None] * (S * N) + part * N + lcols[None, :]
+    h_ok = row_ok[:, None] & (hcols < N * R)[None, :]
+    return h_at, h_ok, l_at, row_ok[:, None] & (lcols < N)[None, :]
+
+
+@triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     """a @ b accumulated in float32; IEEE: in float32 (float32 serving, and the interpreter)."""
     if IEEE:
@@ -211,8 +226,6 @@ def _remix_route_kernel(
     block, part, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
-    hcols = tl.arange(0, NR_PAD)
-    lcols = tl.arange(0, N_PAD)
     copy_x = rows < tl.where(part == 0, T, 0)  # part 0 copies x into the GEMM's input
     if FUSED:
         acc_h, acc_l, _ = _pool_products(
@@ -226,16 +239,9 @@ def _remix_route_kernel(
             mask = copy_x[:, None] & (dcols < D)[None, :]
             x = tl.load(x_ptr + rows[:, None] * stride_x + dcols[None, :], mask=mask)
             tl.store(out_ptr + rows[:, None] * stride_out + dcols[None, :], x, mask=mask)
-        acc_h = tl.load(
-            h_ptr + rows[:, None] * (S * N * R) + part * N * R + hcols[None, :],
-            mask=row_ok[:, None] & (hcols < N * R)[None, :],
-            other=0.0,
-        )
-        acc_l = tl.load(
-            logits_ptr + rows[:, None] * (S * N) + part * N + lcols[None, :],
-            mask=row_ok[:, None] & (lcols < N)[None, :],
-            other=0.0,
-        )
+        h_at, h_ok, l_at, l_ok = _product_slots(rows, row_ok, part, N, R, S, N_PAD, NR_PAD)
+        acc_h = tl.load(h_ptr + h_at, mask=h_ok, other=0.0)
+        acc_l = tl.load(logits_ptr + l_at, mask=l_ok, other=0.0)
 
     if SPLIT == 1:
         _route_block(
