@@ -157,7 +157,7 @@ class DecoderStack(nn.Module):
     ) -> None:
         super().__init__()
         self.q_width = SHAPES[shape][1]
-        self.token_slots = TokenSlots(MAX_TOKENS, device) if num_slots else None
+        self.token_slots = TokenSlots(MAX_TOKENS, num_slots, device) if num_slots else None
         self.layers = nn.ModuleList()
         for i in range(layers):
             projections = nn.ModuleDict()
@@ -204,7 +204,7 @@ def check_fast_path(
     several slots: triton's grouped path, the tokens cycling through the base model and every
     slot, against the torch kernel's pool of as many slots."""
     report = {}
-    slots = TokenSlots(MAX_TOKENS, device) if num_slots > 1 else None
+    slots = TokenSlots(MAX_TOKENS, num_slots, device) if num_slots > 1 else None
     if slots is not None:
         slots.fill(torch.arange(tokens, device=device) % (num_slots + 1) - 1)
     for name in projections:

@@ -201,3 +201,26 @@ def test_compiled_mode_interleaved_and_loaded_while_serving(checkpoints, expecte
         after = generate(engine, batch, SLOT_OF)
     assert_answers(before, BATCH, expected, AS_IS)
     assert_answers(after, batch, expected, AS_IS)
+
+
+@pytest.mark.parametrize("layout", ["tensor_parallel_size", "pipeline_parallel_size"])
+def test_two_ranks_interleaved_and_loaded_while_serving(layout, checkpoints, expected):
+    """TP=2 or PP=2 (mp backend, gloo on CPU): row-parallel shards sum each slot's partial
+    products, and each pipeline stage routes its own layers by the same token slots, so the
+    interleaved batch, and a checkpoint loaded into both ranks while serving, give each request
+    its own reference's greedy tokens."""
+    batch = BATCH + [("c", p) for _, p in BATCH[:3]]
+    ab = {"a": checkpoints["a"], "b": checkpoints["b"]}
+    two = {layout: 2, "distributed_executor_backend": "mp"}
+    with remix_llm(
+        ab, in_process=False, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, max_checkpoints=SLOTS, **two
+    ) as engine:
+        before = generate(engine, BATCH, SLOT_OF)
+        engine.collective_rpc("remix_load_checkpoint", args=(2, str(checkpoints["c"])))
+        after = generate(engine, batch, SLOT_OF)
+        ranks = engine.collective_rpc("remix_routing_stats")
+    assert_answers(before, BATCH, expected, AS_IS)
+    assert_answers(after, batch, expected, AS_IS)
+    assert len(ranks) == 2
+    if layout == "tensor_parallel_size":  # routing is replicated, not split
+        assert ranks[0] == ranks[1]

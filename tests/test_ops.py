@@ -22,9 +22,9 @@ from remix_infer.ops import (
     StatsRow,
     set_padding_provider,
 )
-from remix_infer.ops.slots import TokenSlots, own_slot_products, slot_groups
+from remix_infer.ops.slots import TokenSlots, pick_slot, slot_groups
 from remix_infer.ops.stats import stats_width
-from remix_infer.ops.triton_grouped import shrink, shrink_route, sort_by_slot
+from remix_infer.ops.triton_grouped import shrink, shrink_route
 from remix_infer.ops.triton_route import route, semaphore_size
 from remix_infer.routing import topk_select
 
@@ -311,6 +311,8 @@ def test_triton_kernel_survives_torch_compile(grouped):
         compiled = torch.compile(layer, dynamic=True, fullgraph=True)
         torch.testing.assert_close(compiled(x), eager, atol=1e-6, rtol=1e-6)
         assert torch.equal(layer.pool.stats, 2 * stats)
+        if grouped:  # the engine fills each step's slots before it runs
+            slots.fill(torch.tensor(SLOT_OF_TOKEN[:13]))
         assert compiled(x[:13]).shape == (13, layer.pool.layout.out_features)
 
 
@@ -389,7 +391,7 @@ def build_slots(kernel, parts, adapted, always=0, slot_ranks=(R, R - 2), weighti
     cfg = config(weighting, always=always)
     weight = torch.randn(sum(parts), D_IN, generator=gen) * D_IN**-0.5
     layout = PoolLayout.from_config(cfg, D_IN, list(parts), list(adapted), num_slots=3)
-    slots = TokenSlots(256, device="cpu")
+    slots = TokenSlots(256, num_slots=3, device="cpu")
     pool = RemixPool(layout, torch.float32, 256, True, device="cpu", slots=slots, **kind(kernel))
     references = {}
     for slot, rank in zip((0, 1, 2), (slot_ranks[0], R, slot_ranks[1]), strict=True):
@@ -462,12 +464,20 @@ def test_slots_route_each_token_through_its_own_checkpoint(kernel, merged, alway
 
 
 def test_slot_groups_gather_each_slots_tokens():
-    """The grouped path's groups: each slot with tokens, its rows in order; base-model tokens
-    in none; a step wholly one slot's needs no gather (rows None)."""
-    groups = slot_groups(torch.tensor([2, -1, 0, 2, 2, -1, 0]))
-    assert [(slot, rows.tolist()) for slot, rows in groups] == [(0, [2, 6]), (2, [0, 3, 4])]
-    assert slot_groups(torch.tensor([1, 1, 1])) == [(1, None)]
-    assert slot_groups(torch.tensor([-1, -1])) == []
+    """The grouped path's groups, found once per step when the slots are filled: each slot with
+    tokens, its rows in order; base-model tokens and padding rows in none; a step wholly one
+    slot's needs no gather (rows None)."""
+    slots = TokenSlots(16, num_slots=3, device="cpu")
+
+    def groups(step):
+        slots.fill(torch.tensor(step))
+        found = slot_groups(slots.order, slots.counts)
+        return [(slot, rows if rows is None else rows.tolist()) for slot, rows in found]
+
+    assert groups([2, -1, 0, 2, 2, -1, 0]) == [(0, [2, 6]), (2, [0, 3, 4])]
+    assert groups([1, 1, 1]) == [(1, None)]
+    assert groups([-1, -1]) == []
+    assert slots.index[3:].eq(-1).all()  # the rows past the step are the base model's
 
 
 @pytest.mark.parametrize("kernel", ["numba", "triton grouped"])
@@ -521,13 +531,9 @@ def test_grouped_row_parallel_shards_sum_to_the_whole(kernel):
         shards.append((FusedRemixLinear(weight[:, cols], pool), x[:, cols]))
 
     def partial_products(layer, xs):  # what the other rank contributes to the all-reduce
-        pool, tokens = layer.pool, xs.shape[0]
-        lora_h = xs.new_empty(tokens, pool.layout.slot_width)
-        logits = torch.empty(tokens, pool.router.shape[0] // 3)
-        always_h = xs.new_empty(tokens, pool.always_a.shape[0] // 3)
-        own_slot_products(xs, slots.current(tokens), pool.lora_a, pool.router, pool.always_a,
-                          lora_h, logits, always_h)  # fmt: skip
-        return [lora_h, logits, always_h]
+        own = slots.current(xs.shape[0])  # each token's own slot's, zero for the base model
+        rows = (layer.pool.lora_a, layer.pool.router, layer.pool.always_a)
+        return [pick_slot(F.linear(xs, w), own, 3) * (own >= 0)[:, None] for w in rows]
 
     with torch.no_grad():
         outs = [
@@ -569,7 +575,9 @@ def test_grouped_split_reduction_is_deterministic_and_resets_its_tickets():
     router = torch.randn(slots * parts * N, d_in, generator=gen) * d_in**-0.5
     bias = torch.randn(slots * parts, N, generator=gen)
     always_a = torch.randn(slots * parts * r0, d_in, generator=gen) * d_in**-0.5
-    order, slot_start = sort_by_slot(torch.tensor(SLOT_OF_TOKEN), slots)
+    groups = TokenSlots(256, num_slots=slots, device="cpu")
+    groups.fill(torch.tensor(SLOT_OF_TOKEN))
+    order, counts = groups.order, groups.counts
     semaphore = torch.zeros(slots * semaphore_size(tokens, parts), dtype=torch.int32)
     results = []
     for split in (1, 3, 3):
@@ -577,7 +585,7 @@ def test_grouped_split_reduction_is_deterministic_and_resets_its_tickets():
         stats = torch.zeros(slots * parts, N + 3, dtype=torch.float64)
         selected = torch.zeros(tokens, parts, N, dtype=torch.uint8)
         shrink_route(
-            x, order, slot_start, lora_a, router, bias, always_a, hidden, always_h, stats,
+            x, order, counts, lora_a, router, bias, always_a, hidden, always_h, stats,
             selected, semaphore, N, R, K, 0.7, True, split=split,
         )  # fmt: skip
         assert int(semaphore.abs().sum()) == 0
@@ -591,7 +599,7 @@ def test_grouped_split_reduction_is_deterministic_and_resets_its_tickets():
     own = torch.tensor(SLOT_OF_TOKEN)
     for split in (1, 3):
         products = [torch.empty(tokens, w) for w in (parts * N * R, parts * N, parts * r0)]
-        shrink(x, order, slot_start, lora_a, router, always_a, *products, semaphore, N, R, split)
+        shrink(x, order, counts, lora_a, router, always_a, *products, semaphore, N, R, split)
         for got, rows in zip(products, (lora_a, router, always_a), strict=True):
             want = F.linear(x, rows).unflatten(1, (slots, -1))[
                 torch.arange(tokens), own.clamp(min=0)

@@ -200,6 +200,8 @@ class RemixPool(nn.Module):
         c = layout.num_slots
         if c > 1 and slots is None:
             raise ValueError("a pool of several checkpoint slots needs the token slots")
+        if slots is not None and slots.counts.numel() < c + 1:
+            raise ValueError(f"token slots sized for fewer than the pool's {c} slots")
         self.constant_k = layout.top_k if layout.weighting == "constant" else None
 
         def frozen(*shape: int, dtype: torch.dtype = dtype) -> nn.Parameter:
@@ -219,6 +221,11 @@ class RemixPool(nn.Module):
         self.grouped = self._grouped(grouped, c, shared is not None)
         # The stacked GEMM carries the router rows only when it runs in float32.
         self.fold_router = self.kernel != "triton" and dtype == torch.float32 and shared is None
+        if self.grouped and self.kernel == "numba":  # each slot's rows [A ; A0 ; P], one product
+            rows = s * n * r + s * r0 + (s * n if self.fold_router else 0)
+            self.register_buffer(
+                "slot_narrow", torch.zeros(c, rows, d_in, dtype=dtype, device=device), False
+            )
         self._shared = (shared,) if shared is not None else ()  # a tuple: not a submodule here
         self._slots = (slots,) if slots is not None else ()  # the model owns it
         self.routes_shared = routes_shared
@@ -338,8 +345,9 @@ class RemixPool(nn.Module):
     def fold_base_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight of the one GEMM that `forward` hands to its `gemm`, from the base weight
         [d_out, d_in]: [W ; A (; P)] for the torch kernel, [W | block-diagonal B] for triton,
-        W itself when grouped."""
+        W itself when grouped (whose narrow rows wait in slot_narrow)."""
         if self.grouped:
+            self.refresh_fold(weight)
             return weight
         return torch.cat(
             [weight, self._adapter_fold(weight)], dim=0 if self.kernel != "triton" else 1
@@ -349,23 +357,31 @@ class RemixPool(nn.Module):
     def refresh_fold(self, folded: torch.Tensor) -> None:
         """Rewrite the pool's part of a folded weight in place after its tensors changed (the
         base rows or columns stay as they are)."""
-        if self.grouped:  # nothing of the pool's in the GEMM
+        if self.grouped:  # nothing of the pool's in the GEMM: numba's rows are slot_narrow
+            if self.kernel == "numba":  # (triton's kernels read the pool's tensors themselves)
+                c, d_in = self.layout.num_slots, self.layout.in_features
+                narrow = [t.view(c, -1, d_in) for t in self._narrow_rows()]
+                self.slot_narrow.copy_(torch.cat(narrow, 1))
             return
         if self.kernel != "triton":
             folded[self.layout.out_features :].copy_(self._adapter_fold(folded))
         else:
             folded[:, self.layout.in_features :].copy_(self._adapter_fold(folded))
 
+    def _narrow_rows(self) -> list[torch.Tensor]:
+        """The pool's rows that ride on the base product: [A ; A0 ; P], every slot's."""
+        rows = [self.lora_a]
+        if self.always_a is not None:
+            rows.append(self.always_a)
+        if self.fold_router:
+            rows.append(self.router)
+        return rows
+
     def _adapter_fold(self, like: torch.Tensor) -> torch.Tensor:
         """The pool's rows [A ; A0 ; P] (torch kernel) or columns [block-diagonal B | B0]
         (triton) of the folded weight, in `like`'s dtype and device."""
         if self.kernel != "triton":
-            rows = [self.lora_a]
-            if self.always_a is not None:
-                rows.append(self.always_a)
-            if self.fold_router:
-                rows.append(self.router)
-            return torch.cat([t.to(like.dtype) for t in rows])
+            return torch.cat([t.to(like.dtype) for t in self._narrow_rows()])
         layout = self.layout
         b = torch.zeros(
             layout.out_features, layout.pool_width + layout.always_width, dtype=like.dtype,
@@ -410,7 +426,7 @@ class RemixPool(nn.Module):
         layout = self.layout
         s, n, c = layout.num_parts, layout.num_loras, layout.num_slots
         slots = self.token_slots(x.shape[0])
-        base, lora_h, always_h, logits = self._narrow_products(x, gemm, slots)
+        base, lora_h, always_h, logits = self._narrow_products(x, gemm)
         if reduce is not None:  # the shared logits are whole already
             lora_h = reduce(lora_h.contiguous())
             logits = logits if self._shared else reduce(logits.contiguous())
@@ -434,7 +450,7 @@ class RemixPool(nn.Module):
         if self.capture_selections:
             self._capture(selected, slots)
         if self.grouped:
-            return self._add_slot_b_products(base, hidden, always_h, slots)
+            return self._add_slot_b_products(base, hidden, always_h)
         if dense_slots:
             hidden = spread_to_slots(hidden, slots, c)
         if layout.always_rank:  # the always-on hidden states follow the gated ones, ungated
@@ -442,30 +458,26 @@ class RemixPool(nn.Module):
         return self._add_pool_outputs(base, hidden)
 
     def _narrow_products(
-        self, x: torch.Tensor, gemm: Gemm, slots: torch.Tensor | None
+        self, x: torch.Tensor, gemm: Gemm
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The base product [T, d_out], the pool's hidden states, the always-on LoRAs' and the
         router logits (before any reduce; every slot's, or each token's own when grouped)."""
         layout = self.layout
         if self.grouped:
-            tokens, s, r0 = x.shape[0], layout.num_parts, layout.always_rank
-            lora_h = x.new_empty(tokens, layout.slot_width)
-            logits = x.new_empty(tokens, s * layout.num_loras, dtype=torch.float32)
-            always_h = x.new_empty(tokens, s * r0)
-            own_slot_products(
-                x, slots, self.lora_a, self.router, self.always_a, lora_h, logits,
-                always_h if r0 else None,
-            )  # fmt: skip
-            return gemm(x), lora_h, always_h, logits
-        d_out, width = layout.out_features, layout.pool_width
-        a_width = width + layout.always_width
-        y = gemm(x)
-        base, lora_h = y[:, :d_out], y[:, d_out : d_out + width]
-        always_h = y[:, d_out + width : d_out + a_width]
+            base, narrow = gemm(x), x.new_empty(x.shape[0], self.slot_narrow.shape[1])
+            groups = self._slots[0]
+            own_slot_products(x, groups.order, groups.counts, self.slot_narrow, narrow)
+        else:
+            y = gemm(x)
+            base, narrow = y[:, : layout.out_features], y[:, layout.out_features :]
+        slots_held = 1 if self.grouped else layout.num_slots  # the products' columns: each
+        width = slots_held * layout.slot_width  # token's own slot's, or every slot's
+        a_width = width + slots_held * layout.num_parts * layout.always_rank
+        lora_h, always_h = narrow[:, :width], narrow[:, width:a_width]
         if self._shared:
             logits = self._shared_logits(x)
         elif self.fold_router:
-            logits = y[:, d_out + a_width :]
+            logits = narrow[:, a_width:]
         else:
             logits = F.linear(x.float(), self.router)
         return base, lora_h, always_h, logits
@@ -475,7 +487,6 @@ class RemixPool(nn.Module):
         base: torch.Tensor,
         hidden: torch.Tensor,
         always_h: torch.Tensor,
-        slots: torch.Tensor,
     ) -> torch.Tensor:
         """Grouped: base + each token's own slot's B products, in place ([S, T, n*r] gated
         hidden states; always-on ones [T, S*r0], ungated)."""
@@ -487,9 +498,11 @@ class RemixPool(nn.Module):
             always = always_h.view(-1, layout.num_parts, layout.always_rank).transpose(0, 1)
         columns = layout.part_columns()
         bounds = [i for part in layout.adapted for i in (columns[part].start, columns[part].stop)]
+        groups = self._slots[0]
         add_slot_b_products(
-            base, slots, hidden, list(self.lora_b), always, list(self.always_b), bounds
-        )
+            base, groups.order, groups.counts, hidden, list(self.lora_b), always,
+            list(self.always_b), bounds,
+        )  # fmt: skip
         return base
 
     def token_slots(self, tokens: int) -> torch.Tensor | None:
@@ -575,14 +588,14 @@ class RemixPool(nn.Module):
         """Several slots, grouped (triton_grouped.py): the base GEMM alone, each slot's A,
         router and always-on products and routing on its own tokens, then each slot's B
         products added into its tokens' rows."""
-        from remix_infer.ops.triton_grouped import expand, sort_by_slot
+        from remix_infer.ops.triton_grouped import expand
 
-        order, slot_start = sort_by_slot(self.token_slots(x.shape[0]), self.layout.num_slots)
-        hidden, always_h = self._grouped_hidden(x, order, slot_start, reduce)
+        order, counts = self._slots[0].order, self._slots[0].counts  # grouped once per step
+        hidden, always_h = self._grouped_hidden(x, order, counts, reduce)
         out = gemm(x)
         if self.count_b:
             expand(
-                out, order, slot_start, hidden, list(self.lora_b), always_h,
+                out, order, counts, hidden, list(self.lora_b), always_h,
                 list(self.always_b), self.layout.adapted_column_bounds(),
             )  # fmt: skip
         return out
@@ -591,7 +604,7 @@ class RemixPool(nn.Module):
         self,
         x: torch.Tensor,
         order: torch.Tensor,
-        slot_start: torch.Tensor,
+        counts: torch.Tensor,
         reduce: Callable | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each token's own slot's gated hidden states [T, S*n*r] and always-on ones [T, S*r0]
@@ -609,7 +622,7 @@ class RemixPool(nn.Module):
         )  # fmt: skip
         if reduce is None:
             shrink_route(
-                x, order, slot_start, self.lora_a, self.router, self.router_bias, self.always_a,
+                x, order, counts, self.lora_a, self.router, self.router_bias, self.always_a,
                 hidden, always_h, *route_args,
             )  # fmt: skip
             return hidden, always_h
@@ -617,12 +630,12 @@ class RemixPool(nn.Module):
         logits = x.new_empty(tokens, s * n, dtype=torch.float32)
         partial_always = torch.empty_like(always_h, dtype=torch.float32) if r0 else None
         shrink(
-            x, order, slot_start, self.lora_a, self.router, self.always_a, lora_h, logits,
+            x, order, counts, self.lora_a, self.router, self.always_a, lora_h, logits,
             partial_always, self.semaphore, n, layout.rank,
         )  # fmt: skip
         lora_h, logits = reduce(lora_h), reduce(logits)
         shrink_route(
-            x, order, slot_start, self.lora_a, self.router, self.router_bias, None, hidden, None,
+            x, order, counts, self.lora_a, self.router, self.router_bias, None, hidden, None,
             *route_args, lora_h=lora_h, logits=logits,
         )  # fmt: skip
         return hidden, reduce(partial_always).to(x.dtype) if r0 else None

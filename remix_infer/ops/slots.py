@@ -19,21 +19,31 @@ BASE_MODEL_SLOT = -1
 
 
 class TokenSlots(nn.Module):
-    """index [max_step_tokens] int64: the slot of each token of the running step (-1: base)."""
+    """index [max_step_tokens] int64: the slot of each token of the running step (-1: base);
+    order and counts: the same tokens grouped by slot (stable; base-model tokens first) and
+    how many each slot has (counts[0]: the base model's), which the grouped products read."""
 
-    def __init__(self, max_step_tokens: int, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, max_step_tokens: int, num_slots: int = 1, device: torch.device | str | None = None
+    ) -> None:
         super().__init__()
+        for name, size in (("index", max_step_tokens), ("order", max_step_tokens)):
+            self.register_buffer(
+                name, torch.zeros(size, dtype=torch.int64, device=device), persistent=False
+            )
         self.register_buffer(
-            "index",
-            torch.zeros(max_step_tokens, dtype=torch.int64, device=device),
-            persistent=False,
+            "counts", torch.zeros(num_slots + 1, dtype=torch.int64, device=device), persistent=False
         )
 
     def fill(self, slots: torch.Tensor) -> None:
-        """This step's slots [T] (on any device); rows past T (padding) become the base model."""
+        """This step's slots [T] (on any device); rows past T (padding) become the base model.
+        Groups the tokens once here, for every pool of the step (no host read: CUDA graphs)."""
         tokens = slots.shape[0]
         self.index[:tokens].copy_(slots, non_blocking=True)
         self.index[tokens:].fill_(BASE_MODEL_SLOT)
+        filled = self.index[:tokens]
+        self.counts.zero_().index_add_(0, filled + 1, torch.ones_like(filled))
+        self.order[:tokens].copy_(torch.argsort(filled, stable=True))
 
     def current(self, tokens: int) -> torch.Tensor:
         return self.index[:tokens]
@@ -63,68 +73,62 @@ def spread_to_slots(values: torch.Tensor, slots: torch.Tensor, num_slots: int) -
 # sizes change every step, so they are custom ops (opaque to torch.compile).
 
 
-def slot_groups(slots: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
-    """(slot, its tokens' rows) for every slot with tokens this step, base-model tokens left out;
-    rows None: the slot has every token (no gather needed)."""
-    tokens = slots.shape[0]
-    counts = torch.bincount(slots + 1).tolist()  # counts[0]: base-model tokens
-    if counts[0] == tokens:
-        return []
-    if counts[-1] == tokens:
-        return [(len(counts) - 2, None)]
-    order = torch.argsort(slots, stable=True)
-    groups, start = [], counts[0]
-    for slot, count in enumerate(counts[1:]):
+def slot_groups(order: torch.Tensor, counts: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
+    """(slot, its tokens' rows) for every slot with tokens this step, from TokenSlots' order and
+    counts; base-model tokens left out; rows None: the slot has every token (no gather)."""
+    counts_of = counts.tolist()  # [0]: base-model tokens
+    tokens = sum(counts_of)
+    groups, start = [], counts_of[0]
+    for slot, count in enumerate(counts_of[1:]):
+        if count == tokens:
+            return [(slot, None)]
         if count:
             groups.append((slot, order[start : start + count]))
         start += count
     return groups
 
 
-def _rows(values: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    return values if rows is None else values.index_select(0, rows)
-
-
-def _write_rows(out: torch.Tensor, rows: torch.Tensor | None, values: torch.Tensor) -> None:
+def _product(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None, out: torch.Tensor):
+    """out[rows] = x[rows] @ weight.T (every row when rows is None, with no copy)."""
     if rows is None:
-        out.copy_(values)
+        torch.mm(x, weight.t(), out=out)
     else:
-        out.index_copy_(0, rows, values)
+        out.index_copy_(0, rows, F.linear(x.index_select(0, rows), weight))
 
 
-@remix_op("own_slot_products", mutates_args=("lora_h", "logits", "always_h"))
+def _add_product(
+    x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None, out: torch.Tensor
+):
+    """out[rows] += x[rows] @ weight.T, in place (out may be a strided view)."""
+    if rows is None:
+        out.addmm_(x, weight.t())
+        return
+    gathered = out.index_select(0, rows)
+    gathered.addmm_(x.index_select(0, rows), weight.t())
+    out.index_copy_(0, rows, gathered)
+
+
+@remix_op("own_slot_products", mutates_args=("out",))
 def own_slot_products(
     x: torch.Tensor,
-    slots: torch.Tensor,
-    lora_a: torch.Tensor,
-    router: torch.Tensor,
-    always_a: torch.Tensor | None,
-    lora_h: torch.Tensor,
-    logits: torch.Tensor,
-    always_h: torch.Tensor | None,
+    order: torch.Tensor,
+    counts: torch.Tensor,
+    slot_narrow: torch.Tensor,
+    out: torch.Tensor,
 ) -> None:
-    """x [T, d_in] -> each token's own slot's pool hidden states lora_h [T, S*n*r], router
-    logits [T, S*n] (float32, no bias) and always-on hidden states always_h [T, S*r0]; zero for
-    base-model tokens. lora_a, router, always_a: every slot's rows, slot-major."""
-    lora_h.zero_()
-    logits.zero_()
-    if always_h is not None:
-        always_h.zero_()
-    width, n_logits = lora_h.shape[1], logits.shape[1]
-    for slot, rows in slot_groups(slots):
-        xs = _rows(x, rows)
-        _write_rows(lora_h, rows, F.linear(xs, lora_a[slot * width : (slot + 1) * width]))
-        own_router = router[slot * n_logits : (slot + 1) * n_logits]
-        _write_rows(logits, rows, F.linear(xs.float(), own_router))
-        if always_h is not None:
-            r0 = always_h.shape[1]
-            _write_rows(always_h, rows, F.linear(xs, always_a[slot * r0 : (slot + 1) * r0]))
+    """x [T, d_in] -> out [T, w]: each token's product with its own slot's narrow rows
+    slot_narrow [C, w, d_in] ([A ; A0 ; P] of that slot); zero for base-model tokens. order,
+    counts: the step's tokens grouped by slot (TokenSlots)."""
+    out.zero_()
+    for slot, rows in slot_groups(order, counts):
+        _product(x, slot_narrow[slot], rows, out)
 
 
 @remix_op("add_slot_b_products", mutates_args=("out",))
 def add_slot_b_products(
     out: torch.Tensor,
-    slots: torch.Tensor,
+    order: torch.Tensor,
+    counts: torch.Tensor,
     hidden: torch.Tensor,
     lora_b: list[torch.Tensor],
     always_h: torch.Tensor | None,
@@ -136,15 +140,11 @@ def add_slot_b_products(
     lora_b[j] [d_out_j, C*n*r], always_b[j] [d_out_j, C*r0]: every slot's columns, slot-major;
     part_columns: the first and past-the-last output column of each part, flattened."""
     width = hidden.shape[2]
-    for slot, rows in slot_groups(slots):
+    for slot, rows in slot_groups(order, counts):
         for j, b in enumerate(lora_b):
-            product = F.linear(_rows(hidden[j], rows), b[:, slot * width : (slot + 1) * width])
+            columns = out[:, part_columns[2 * j] : part_columns[2 * j + 1]]
+            _add_product(hidden[j], b[:, slot * width : (slot + 1) * width], rows, columns)
             if always_h is not None:
                 r0 = always_h.shape[2]
                 b0 = always_b[j][:, slot * r0 : (slot + 1) * r0]
-                product += F.linear(_rows(always_h[j], rows), b0)
-            columns = out[:, part_columns[2 * j] : part_columns[2 * j + 1]]
-            if rows is None:
-                columns.add_(product)
-            else:
-                columns.index_add_(0, rows, product)
+                _add_product(always_h[j], b0, rows, columns)

@@ -2,8 +2,8 @@
 
 The dense path runs every slot's A, router and B products for every token (C slots: C times
 the adapter FLOPs, base-model tokens included). Here, as punica's SGMV and vLLM's LoRA kernels
-do, the step's tokens are sorted by slot once (`sort_by_slot`: the order and each slot's start,
-static shapes, no host read of the counts, so CUDA graphs can capture it), and each slot's
+do, the step's tokens are grouped by slot once (TokenSlots.fill: their order and each slot's
+count, static shapes, no host read of the counts, so CUDA graphs can capture it), and each slot's
 products run on its own tokens only:
 
     shrink_route  for each token t of slot c (one program per block of c's tokens and part s):
@@ -49,37 +49,33 @@ from remix_infer.ops.triton_route import (
 BLOCK_OUT = 64  # output columns per expand program
 
 
-def sort_by_slot(slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step's tokens sorted by slot, base-model tokens first: (order [T], the token rows
-    in slot order; slot_start [C + 1], where each slot's tokens start in `order`, and the end)."""
-    sorted_slots, order = torch.sort(slots, stable=True)
-    bounds = torch.arange(num_slots + 1, device=slots.device, dtype=slots.dtype)
-    return order, torch.searchsorted(sorted_slots, bounds)
+@triton.jit
+def _slot_span(counts_ptr, slot, C_PAD: tl.constexpr):
+    """Where the slot's tokens start in the grouped order (after the base model's and those of
+    the slots before it) and how many there are; counts [C + 1], counts[0] the base model's."""
+    i = tl.arange(0, C_PAD)
+    start = tl.sum(tl.load(counts_ptr + i, mask=i <= slot, other=0), axis=0)
+    return start, tl.load(counts_ptr + slot + 1)
 
 
 @triton.jit
-def _slot_span(slot_start_ptr, slot):
-    """Where the slot's tokens start in the sorted order, and how many there are."""
-    start = tl.load(slot_start_ptr + slot)
-    return start, tl.load(slot_start_ptr + slot + 1) - start
-
-
-@triton.jit
-def _slot_rows(order_ptr, start, count, block, BLOCK_T: tl.constexpr):
-    """This program's block of the slot's tokens: their rows of x and out, and which are real."""
+def _slot_rows(order_ptr, start, count, block, T, BLOCK_T: tl.constexpr):
+    """This program's block of the slot's tokens: their rows of x and out (below T: a grouping
+    of more tokens than this call has must not write past them), and which are real."""
     offsets = block * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = offsets < count
-    return tl.load(order_ptr + start + offsets, mask=row_ok, other=0), row_ok
+    rows = tl.load(order_ptr + start + offsets, mask=offsets < count, other=0)
+    return rows, (offsets < count) & (rows < T)
 
 
 @triton.jit
 def _grouped_shrink_route_kernel(
-    x_ptr, order_ptr, slot_start_ptr, a_ptr, router_ptr, bias_ptr, a0_ptr,
+    x_ptr, order_ptr, counts_ptr, a_ptr, router_ptr, bias_ptr, a0_ptr,
     hidden_ptr, always_ptr, h_ptr, logits_ptr, ws_ptr, sem_ptr, stats_ptr, step_ptr, pad_ptr,
     T, D, D_PER_SPLIT, stride_x, omega, max_step_rows,
     N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S: tl.constexpr, R0: tl.constexpr,
     N_PAD: tl.constexpr, NR_PAD: tl.constexpr, R0_PAD: tl.constexpr, WIDTH: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, IEEE_A: tl.constexpr,
+    C_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
+    IEEE_A: tl.constexpr,
     SOFTMAX_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PADDING: tl.constexpr,
     GIVEN: tl.constexpr, PRODUCTS_ONLY: tl.constexpr,
 ):  # fmt: skip
@@ -88,10 +84,10 @@ def _grouped_shrink_route_kernel(
     ones into always_ptr) instead of routing them."""
     block, part = tl.program_id(0), tl.program_id(1)
     slot, split = tl.program_id(2) // SPLIT, tl.program_id(2) % SPLIT
-    start, count = _slot_span(slot_start_ptr, slot)
+    start, count = _slot_span(counts_ptr, slot, C_PAD)
     if block * BLOCK_T >= count:  # past this slot's tokens (or it has none)
         return
-    rows, row_ok = _slot_rows(order_ptr, start, count, block, BLOCK_T)
+    rows, row_ok = _slot_rows(order_ptr, start, count, block, T, BLOCK_T)
     if GIVEN:
         h_at, h_ok, l_at, l_ok = _product_slots(rows, row_ok, part, N, R, S, N_PAD, NR_PAD)
         acc_h = tl.load(h_ptr + h_at, mask=h_ok, other=0.0)
@@ -168,7 +164,7 @@ def _finish_block(
 def shrink_route(
     x: torch.Tensor,
     order: torch.Tensor,
-    slot_start: torch.Tensor,
+    counts: torch.Tensor,
     lora_a: torch.Tensor,
     router: torch.Tensor,
     router_bias: torch.Tensor | None,
@@ -189,8 +185,8 @@ def shrink_route(
 ) -> None:
     """x [T, d_in] -> each token's own slot's gated hidden states hidden [T, S*n*r] and
     always-on hidden states always_h [T, S*r0] (serving dtype; zero for base-model tokens),
-    statistics into stats [C*S, n + 3] and selections into step_selected. order, slot_start:
-    `sort_by_slot`. lora_a, router, router_bias, always_a: every slot's rows, slot-major.
+    statistics into stats [C*S, n + 3] and selections into step_selected. order, counts:
+    the step's tokens grouped by slot (TokenSlots). lora_a, router, router_bias, always_a: every slot's rows, slot-major.
     semaphore: the split reduction's tickets, `semaphore_size(max tokens, S) * C` int32 zeros;
     split 0 = choose it here (how many programs share one block's reduction over d_in).
     lora_h [T, S*n*r], logits [T, S*n] (float32): each token's own slot's products, given
@@ -200,7 +196,7 @@ def shrink_route(
     if always_h is not None:
         always_h.zero_()
     _launch(
-        x, order, slot_start, lora_a, router, router_bias, always_a, hidden, always_h, lora_h,
+        x, order, counts, lora_a, router, router_bias, always_a, hidden, always_h, lora_h,
         logits, stats, step_selected, semaphore, num_loras, rank, top_k, omega, softmax_gates,
         split, given=lora_h is not None, products_only=False,
     )  # fmt: skip
@@ -210,7 +206,7 @@ def shrink_route(
 def shrink(
     x: torch.Tensor,
     order: torch.Tensor,
-    slot_start: torch.Tensor,
+    counts: torch.Tensor,
     lora_a: torch.Tensor,
     router: torch.Tensor,
     always_a: torch.Tensor | None,
@@ -229,7 +225,7 @@ def shrink(
         if out is not None:
             out.zero_()
     _launch(
-        x, order, slot_start, lora_a, router, None, always_a, lora_h, always_h, lora_h, logits,
+        x, order, counts, lora_a, router, None, always_a, lora_h, always_h, lora_h, logits,
         logits, logits, semaphore, num_loras, rank, 1, 0.0, False, split, given=False,
         products_only=True,
     )  # fmt: skip
@@ -238,7 +234,7 @@ def shrink(
 def _launch(
     x: torch.Tensor,
     order: torch.Tensor,
-    slot_start: torch.Tensor,
+    counts: torch.Tensor,
     lora_a: torch.Tensor,
     router: torch.Tensor,
     router_bias: torch.Tensor | None,
@@ -262,7 +258,7 @@ def _launch(
     """Launch the shrink(-route) kernel over (token blocks, parts, slots x splits); stats and
     step_selected are not read when products_only."""
     tokens, d_in = x.shape
-    num_slots = slot_start.shape[0] - 1
+    num_slots = counts.shape[0] - 1
     num_parts = lora_a.shape[0] // (num_slots * num_loras * rank)
     r0 = always_h.shape[1] // num_parts if always_h is not None else 0
     if tokens == 0:
@@ -283,7 +279,7 @@ def _launch(
     )  # x: unused
     padding = padding_mask(tokens)
     _grouped_shrink_route_kernel[(blocks, num_parts, num_slots * split)](
-        x, order, slot_start, lora_a, router,
+        x, order, counts, lora_a, router,
         router_bias if router_bias is not None else router,
         always_a if always_a is not None else lora_a,
         hidden, always_h if always_h is not None else hidden,
@@ -293,7 +289,7 @@ def _launch(
         tokens, d_in, triton.cdiv(triton.cdiv(d_in, block_d), split) * block_d, x.stride(0),
         float(omega), step_selected.shape[0],
         N=num_loras, R=rank, K=top_k, S=num_parts, R0=r0, N_PAD=n_pad, NR_PAD=nr_pad,
-        R0_PAD=r0_pad, WIDTH=width, BLOCK_T=block_t, BLOCK_D=block_d, SPLIT=split,
+        R0_PAD=r0_pad, WIDTH=width, C_PAD=triton.next_power_of_2(num_slots + 1), BLOCK_T=block_t, BLOCK_D=block_d, SPLIT=split,
         IEEE_A=x.dtype == torch.float32 or INTERPRETED, SOFTMAX_GATES=softmax_gates,
         HAS_BIAS=router_bias is not None, HAS_PADDING=padding is not None, GIVEN=given,
         PRODUCTS_ONLY=products_only,
@@ -302,16 +298,16 @@ def _launch(
 
 @triton.jit
 def _grouped_expand_kernel(
-    out_ptr, order_ptr, slot_start_ptr, h_ptr, b_ptr, h0_ptr, b0_ptr,
-    width, stride_out, stride_h, stride_b, stride_h0, stride_b0,
+    out_ptr, order_ptr, counts_ptr, h_ptr, b_ptr, h0_ptr, b0_ptr,
+    T, width, stride_out, stride_h, stride_b, stride_h0, stride_b0,
     NR: tl.constexpr, R0: tl.constexpr, NR_PAD: tl.constexpr, R0_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_OUT: tl.constexpr, IEEE: tl.constexpr,
+    C_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_OUT: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     block, column_block, slot = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start, count = _slot_span(slot_start_ptr, slot)
+    start, count = _slot_span(counts_ptr, slot, C_PAD)
     if block * BLOCK_T >= count:  # past this slot's tokens (or it has none)
         return
-    rows, row_ok = _slot_rows(order_ptr, start, count, block, BLOCK_T)
+    rows, row_ok = _slot_rows(order_ptr, start, count, block, T, BLOCK_T)
     cols = column_block * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     col_ok = cols < width
     k = tl.arange(0, NR_PAD)
@@ -349,7 +345,7 @@ def _grouped_expand_kernel(
 def expand(
     out: torch.Tensor,
     order: torch.Tensor,
-    slot_start: torch.Tensor,
+    counts: torch.Tensor,
     hidden: torch.Tensor,
     lora_b: list[torch.Tensor],
     always_h: torch.Tensor | None,
@@ -360,7 +356,7 @@ def expand(
     ones always_h [T, S*r0]) times its own slot's B of each part, in place; base-model tokens
     untouched. lora_b[j] [d_out_j, C*n*r], always_b[j] [d_out_j, C*r0]: every slot's columns,
     slot-major; part_columns: the first and past-the-last output column of each part."""
-    tokens, num_slots = out.shape[0], slot_start.shape[0] - 1
+    tokens, num_slots = out.shape[0], counts.shape[0] - 1
     if tokens == 0:
         return
     if out.stride(1) != 1:
@@ -374,9 +370,10 @@ def expand(
         b0 = always_b[j] if always_h is not None else b
         grid = (triton.cdiv(tokens, block_t), triton.cdiv(stop - start, BLOCK_OUT), num_slots)
         _grouped_expand_kernel[grid](
-            out[:, start:], order, slot_start, hidden[:, j * nr :], b, h0, b0,
-            stop - start, out.stride(0), hidden.stride(0), b.stride(0), h0.stride(0),
+            out[:, start:], order, counts, hidden[:, j * nr :], b, h0, b0,
+            tokens, stop - start, out.stride(0), hidden.stride(0), b.stride(0), h0.stride(0),
             b0.stride(0), NR=nr, R0=r0, NR_PAD=max(16, triton.next_power_of_2(nr)),
-            R0_PAD=max(16, triton.next_power_of_2(r0)), BLOCK_T=block_t, BLOCK_OUT=BLOCK_OUT,
+            R0_PAD=max(16, triton.next_power_of_2(r0)),
+            C_PAD=triton.next_power_of_2(num_slots + 1), BLOCK_T=block_t, BLOCK_OUT=BLOCK_OUT,
             IEEE=out.dtype == torch.float32 or INTERPRETED,
         )  # fmt: skip

@@ -113,7 +113,7 @@ class RemixForCausalLMMixin:
         max_step_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         shared = self._attach_shared_router(config, max_step_tokens)
         device = next(self.parameters()).device
-        self.remix_token_slots = TokenSlots(max_step_tokens, device=device)
+        self.remix_token_slots = TokenSlots(max_step_tokens, num_slots, device=device)
         reloadable = num_slots > 1 or device.type != "cpu"  # see layer.py
         for index, layer in enumerate(self.model.layers):
             if isinstance(layer, PPMissingLayer):
