@@ -564,6 +564,19 @@ def test_one_slot_with_base_model_tokens(kernel):
     torch.testing.assert_close(layer.pool.stats, plain.pool.stats, rtol=1e-6, atol=1e-9)
 
 
+def test_grouped_is_chosen_per_kernel_and_refused_where_it_cannot_run():
+    """None: numba groups several slots, triton stays dense (untimed on a GPU); grouped=True on
+    the torch kernel or with one slot is refused."""
+    layout = PoolLayout.from_config(config(), D_IN, [40], [0], num_slots=3)
+    slots = TokenSlots(16, num_slots=3, device="cpu")
+    for kernel, grouped in (("numba", True), ("triton", False)):
+        assert RemixPool(layout, torch.float32, 16, kernel=kernel, slots=slots).grouped == grouped
+    for kernel, slot_count in (("torch", 3), ("triton", 1)):
+        one = PoolLayout.from_config(config(), D_IN, [40], [0], num_slots=slot_count)
+        with pytest.raises(ValueError, match="grouped products need several slots"):
+            RemixPool(one, torch.float32, 16, kernel=kernel, slots=slots, grouped=True)
+
+
 def test_grouped_split_reduction_is_deterministic_and_resets_its_tickets():
     """The grouped kernel's reduction over d_in split across programs (d_in 200: 4 blocks of
     64, 2 per split): the same result twice, one program's up to rounding, tickets reset; and
