@@ -8,11 +8,14 @@ captured in a CUDA graph, and torch.compile (dynamic) captured in a CUDA graph (
 on GPU); variants interleaved within each repeat so drift cancels; kernel launches per layer.
 Then checkpoint slots (`--slot-tokens`, default 32 and 256): the stack's pools with 1 and 8
 slots, the tokens spread over 1, 2, 4 or 8 checkpoints or partly the base model (SLOT_CASES),
-against one checkpoint in a one-slot stack, in the last mode.
+against one checkpoint in a one-slot stack, in the last mode; on a GPU every 8-slot case both
+on triton's dense path (its default) and its grouped one ("..., grouped"), to show which is
+faster.
 
 Before timing, it checks on the device that the fast path (the Triton routing kernel, bf16)
 chooses the top-k the plain-torch float32 path chooses (except on true ties) and that their
-outputs agree within bf16 tolerance, and stops with an error if not: there is no other GPU test.
+outputs agree within bf16 tolerance, and the same for the grouped path of 8-slot pools, tokens
+of every slot and the base model; it stops with an error if not: there is no other GPU test.
 
 Without a GPU it runs a small CPU shape (eager, float32, the torch kernel, and the numba kernel
 for the slots; the Triton kernel's check runs in Triton's interpreter) and says so. Ends with one JSON line; results JSON + PNG go
@@ -42,6 +45,7 @@ from tqdm import tqdm  # noqa: E402
 
 from remix_infer.config import RemixConfig  # noqa: E402
 from remix_infer.ops import FusedRemixLinear, PoolLayout, RemixPool, TokenSlots  # noqa: E402
+from remix_infer.ops.slots import pick_slot  # noqa: E402
 
 SHAPES = {  # hidden, q width, kv width, intermediate
     "llama3-8b": (4096, 4096, 1024, 14336),
@@ -91,13 +95,16 @@ def random_pool(
     seed: int,
     slots: TokenSlots | None = None,
     num_slots: int = 1,
+    grouped: bool | None = None,
 ) -> RemixPool:
     """A pool of random LoRAs and routers (in every one of its num_slots checkpoint slots)."""
     gen = torch.Generator().manual_seed(seed)
     layout = PoolLayout.from_config(
         pool_config(), d_in, widths, list(range(len(widths))), num_slots=num_slots
     )
-    pool = RemixPool(layout, dtype, MAX_TOKENS, kernel=kernel, device=device, slots=slots)
+    pool = RemixPool(
+        layout, dtype, MAX_TOKENS, kernel=kernel, device=device, slots=slots, grouped=grouped
+    )
     with torch.no_grad():
         pool.lora_a.copy_(torch.randn(pool.lora_a.shape, generator=gen) * d_in**-0.5)
         pool.router.copy_(torch.randn(pool.router.shape, generator=gen) * d_in**-0.5)
@@ -134,7 +141,8 @@ class DecoderStack(nn.Module):
     """Decoder layers without attention (the q part of qkv stands in for attention's output).
 
     num_slots: ReMix pools of that many checkpoint slots, reading `token_slots` (the slot of
-    each token, which the caller fills before running); None: pools without slots."""
+    each token, which the caller fills before running); None: pools without slots. grouped:
+    the pools' grouped path (None: the kernel's default)."""
 
     def __init__(
         self,
@@ -145,6 +153,7 @@ class DecoderStack(nn.Module):
         device: str,
         kernel: str,
         num_slots: int | None = None,
+        grouped: bool | None = None,
     ) -> None:
         super().__init__()
         self.q_width = SHAPES[shape][1]
@@ -160,8 +169,9 @@ class DecoderStack(nn.Module):
                 )
                 if variant == "remix":
                     pool = random_pool(
-                        d_in, widths, dtype, device, kernel, seed, self.token_slots, num_slots or 1
-                    )
+                        d_in, widths, dtype, device, kernel, seed, self.token_slots,
+                        num_slots or 1, grouped,
+                    )  # fmt: skip
                     projections[name] = FusedRemixLinear(weight, pool)
                 elif variant == "lora32":
                     projections[name] = LoraLinear(weight, LORA_RANK, seed)
@@ -181,13 +191,27 @@ class DecoderStack(nn.Module):
 # --- the check on the device -------------------------------------------------------------
 
 
-def check_fast_path(device: str, dtype: torch.dtype, tokens: int, shape: str) -> dict:
+def check_fast_path(
+    device: str,
+    dtype: torch.dtype,
+    tokens: int,
+    shape: str,
+    num_slots: int = 1,
+    projections: tuple[str, ...] = ("qkv", "o", "gate_up", "down"),
+) -> dict:
     """The fast kernel (triton, serving dtype) against the torch kernel in float32 on the same
-    weights and inputs: top-k sets equal except on true ties, outputs within tolerance."""
+    weights and inputs: top-k sets equal except on true ties, outputs within tolerance. With
+    several slots: triton's grouped path, the tokens cycling through the base model and every
+    slot, against the torch kernel's pool of as many slots."""
     report = {}
-    for name, (d_in, widths) in projection_shapes(shape).items():
-        fast = random_pool(d_in, widths, dtype, device, "triton", seed=7)
-        oracle = random_pool(d_in, widths, torch.float32, device, "torch", seed=7)
+    slots = TokenSlots(MAX_TOKENS, num_slots, device) if num_slots > 1 else None
+    if slots is not None:
+        slots.fill(torch.arange(tokens, device=device) % (num_slots + 1) - 1)
+    for name in projections:
+        d_in, widths = projection_shapes(shape)[name]
+        grouped = True if slots is not None else None
+        fast = random_pool(d_in, widths, dtype, device, "triton", 7, slots, num_slots, grouped)
+        oracle = random_pool(d_in, widths, torch.float32, device, "torch", 7, slots, num_slots)
         with torch.no_grad():  # the oracle holds the serving dtype's values, in float32
             oracle.lora_a.copy_(fast.lora_a.float())
             for b_oracle, b_fast in zip(oracle.lora_b, fast.lora_b, strict=True):
@@ -197,7 +221,10 @@ def check_fast_path(device: str, dtype: torch.dtype, tokens: int, shape: str) ->
             got = FusedRemixLinear(weight.to(dtype), fast)(x).float()
             oracle_layer = FusedRemixLinear(weight.to(dtype).float(), oracle)
             want = oracle_layer(x.float())
-            logits = F.linear(x.float(), oracle.router).unflatten(-1, (len(widths), N))
+            logits = F.linear(x.float(), oracle.router)
+            if slots is not None:  # each token's own slot's
+                logits = pick_slot(logits, slots.current(tokens), num_slots)
+            logits = logits.unflatten(-1, (len(widths), N))
         differ = (fast.step_selected[:tokens] != oracle.step_selected[:tokens]).any(-1)
         # a true tie: the k-th and (k+1)-th float32 logits within float32 rounding of each other
         top = logits.sort(-1, descending=True).values
@@ -210,7 +237,10 @@ def check_fast_path(device: str, dtype: torch.dtype, tokens: int, shape: str) ->
             "relative_error": error,
         }
         if (differ & ~tied).any() or error > 2e-2:
-            raise SystemExit(f"bench-gpu: the fast path disagrees with float32 on {name}: {report}")
+            raise SystemExit(
+                f"bench-gpu: the fast path ({num_slots} slots) disagrees with float32 on {name}: "
+                f"{report}"
+            )
         del fast, oracle
     return report
 
@@ -305,31 +335,44 @@ def time_shape(args: argparse.Namespace, shape: str, device: str, dtype, kernel,
     return rows
 
 
+def slot_cases(kernel: str) -> dict[str, tuple[int, bool | None, list[int]]]:
+    """SLOT_CASES as (slots, grouped, cycle), the pools' default path; on triton, whose default
+    is dense, each case of several slots also on its grouped path ("..., grouped")."""
+    cases = {case: (c, None, cycle) for case, (c, cycle) in SLOT_CASES.items()}
+    if kernel == "triton":
+        cases |= {f"{case}, grouped": (c, True, cycle) for case, (c, _, cycle) in cases.items()
+                  if c > 1}  # fmt: skip
+    return cases
+
+
 def time_slots(args: argparse.Namespace, shape: str, device: str, dtype, kernel, mode) -> list:
     """Checkpoint slots: the stack with pools of 1 and of 8 slots, each token's slot from
-    SLOT_CASES, against the one-slot stack serving one checkpoint and the stack without adapters;
-    the cases interleaved within each repeat. (CUDA graphs read the slot buffer in place.)"""
+    `slot_cases`, against the one-slot stack serving one checkpoint and the stack without
+    adapters; the cases interleaved within each repeat. (CUDA graphs read the slot buffer in
+    place.)"""
+    cases = slot_cases(kernel)
     stacks = {
-        c: DecoderStack(shape, args.layers, "remix", dtype, device, kernel, c) for c in (1, 8)
+        (c, grouped): DecoderStack(shape, args.layers, "remix", dtype, device, kernel, c, grouped)
+        for c, grouped in {(c, grouped) for c, grouped, _ in cases.values()}
     }
     plain = DecoderStack(shape, args.layers, "base", dtype, device, kernel)
     clock, rows = timer(device), []
     for tokens in tqdm(args.slot_tokens, desc=f"{shape} {mode} slots", leave=False):
         x = torch.randn(tokens, SHAPES[shape][0], device=device, dtype=dtype)
         with torch.no_grad():
-            calls = {c: runner(stack, x, mode) for c, stack in stacks.items()}
+            calls = {key: runner(stack, x, mode) for key, stack in stacks.items()}
             base_call = runner(plain, x, mode)
-            times: dict[str, list[float]] = {case: [] for case in ["base", *SLOT_CASES]}
+            times: dict[str, list[float]] = {case: [] for case in ["base", *cases]}
             for _ in range(args.repeats):
                 times["base"].append(clock(base_call))
-                for case, (num_slots, cycle) in SLOT_CASES.items():
+                for case, (num_slots, grouped, cycle) in cases.items():
                     slots = torch.tensor([cycle[i % len(cycle)] for i in range(tokens)])
-                    stacks[num_slots].token_slots.fill(slots.to(device))
-                    calls[num_slots]()  # warm: a new mix may take another path
-                    times[case].append(clock(calls[num_slots]))
+                    stacks[num_slots, grouped].token_slots.fill(slots.to(device))
+                    calls[num_slots, grouped]()  # warm: a new mix may take another path
+                    times[case].append(clock(calls[num_slots, grouped]))
         t = {case: statistics.median(runs) for case, runs in times.items()}
         one = t["one checkpoint, 1 slot"]
-        for case in SLOT_CASES:
+        for case in cases:
             rows.append({"shape": shape, "mode": mode, "tokens": tokens, "case": case,
                          "ms": t[case] * 1e3, "over_one_checkpoint": one / t[case],
                          "over_base": t["base"] / t[case]})  # fmt: skip
@@ -404,6 +447,7 @@ def main() -> None:
         args.tokens = args.tokens or [1, 8, 32, 128, 256, 512, 2048, 4096, 8192]
         device_name = torch.cuda.get_device_name()
         check = check_fast_path(device, dtype, 4096, shapes[0])
+        check_slots = check_fast_path(device, dtype, 4096, shapes[0], num_slots=8)
     else:
         print("bench-gpu: no GPU here; running the small CPU shape (eager, float32, torch kernel)"
               " and the Triton kernel's check in its interpreter", file=sys.stderr)  # fmt: skip
@@ -413,7 +457,10 @@ def main() -> None:
         args.repeats = min(args.repeats, 5)
         device_name = f"cpu ({machine()}): no GPU, small shape"
         check = check_fast_path("cpu", torch.bfloat16, 256, "cpu-small")
-    print(f"check on {device}: {json.dumps(check)}", file=sys.stderr)
+        # the interpreter runs each program in Python: one projection, one token per slot
+        check_slots = check_fast_path("cpu", torch.bfloat16, 9, "cpu-small", 8, ("qkv",))
+    print(f"check on {device}: {json.dumps(check)}; grouped, 8 slots: {json.dumps(check_slots)}",
+          file=sys.stderr)  # fmt: skip
     rows = []
     for shape in shapes:
         rows += time_shape(args, shape, device, dtype, kernel, modes)
@@ -423,7 +470,7 @@ def main() -> None:
     rows += slot_rows
     for r in rows:
         if "case" in r:
-            print(f"{r['shape']:12s} {r['mode']:15s} {r['tokens']:5d} tokens  {r['case']:26s} "
+            print(f"{r['shape']:12s} {r['mode']:15s} {r['tokens']:5d} tokens  {r['case']:36s} "
                   f"over one checkpoint {r['over_one_checkpoint']:.3f}  over base "
                   f"{r['over_base']:.3f}", file=sys.stderr)  # fmt: skip
         elif "mode" in r:
@@ -436,8 +483,12 @@ def main() -> None:
     for r in slot_rows:  # at the decode-like token count
         if r["tokens"] == args.slot_tokens[0]:
             line[f"slots {r['case']} / one checkpoint"] = round(r["over_one_checkpoint"], 3)
-    results = {"summary": line, "check": check, "rows": rows, "revision": git_revision(),
-               "machine": machine(), "layers": args.layers, "pool": {"n": N, "k": K, "r": R}}  # fmt: skip
+    line["bf16_topk_disagreement_grouped_slots"] = max(
+        c["topk_disagreement"] for c in check_slots.values()
+    )
+    results = {"summary": line, "check": check, "check_grouped_slots": check_slots,
+               "rows": rows, "revision": git_revision(), "machine": machine(),
+               "layers": args.layers, "pool": {"n": N, "k": K, "r": R}}  # fmt: skip
     path = save_results("gpu", results, args.results)
     plot(rows, path.with_suffix(".png"))
     print(f"results: {path} (+ .png)", file=sys.stderr)

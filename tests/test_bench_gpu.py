@@ -30,10 +30,12 @@ def test_bench_gpu_cpu_smoke(tmp_path):
     for key in ("remix_over_base_decode", "remix_over_base_prefill", "remix_over_lora32"):
         assert math.isfinite(line[key]) and line[key] > 0, (key, line)
     assert line["bf16_topk_disagreement"] == 0.0
+    assert line["bf16_topk_disagreement_grouped_slots"] == 0.0  # the grouped 8-slot check ran
     results = json.loads(next(tmp_path.glob("*-gpu.json")).read_text())
     assert {r["tokens"] for r in results["rows"] if "case" not in r} == {1, 16}
     slot_rows = [r for r in results["rows"] if "case" in r]  # checkpoint slots, every case
     assert len(slot_rows) == 7 and all(r["tokens"] == 8 and r["ms"] > 0 for r in slot_rows)
     assert line["slots 8 checkpoints of 8 / one checkpoint"] > 0
     assert set(results["check"]) == {"qkv", "o", "gate_up", "down"}
+    assert set(results["check_grouped_slots"]) == {"qkv"}  # here: one, in the interpreter
     assert next(tmp_path.glob("*-gpu.png")).stat().st_size > 0

@@ -22,9 +22,10 @@ from remix_infer.ops import (
     StatsRow,
     set_padding_provider,
 )
-from remix_infer.ops.slots import TokenSlots, own_slot_products, slot_groups
+from remix_infer.ops.slots import TokenSlots, pick_slot, slot_groups
 from remix_infer.ops.stats import stats_width
-from remix_infer.ops.triton_route import route
+from remix_infer.ops.triton_grouped import shrink, shrink_route
+from remix_infer.ops.triton_route import route, semaphore_size
 from remix_infer.routing import topk_select
 
 KERNELS = ["torch", "numba", "triton"]
@@ -293,19 +294,26 @@ def test_stats_row_names_the_columns():
     assert stats_width(3) == 6
 
 
-def test_triton_kernel_survives_torch_compile():
-    """The kernel is a registered custom op: a compiled layer (one graph, dynamic shapes) runs
-    it, gives the eager layer's output and still updates the statistics."""
-    parts, adapted = MERGED["three parts"]
-    layer = build("triton", parts, adapted)[0]
-    x = torch.randn(37, D_IN, generator=torch.Generator().manual_seed(8))
+@pytest.mark.parametrize("grouped", [False, True])
+def test_triton_kernel_survives_torch_compile(grouped):
+    """The kernels are registered custom ops (the routing kernel; grouped slots: the shrink-
+    route and expand kernels): a compiled layer (one graph, dynamic shapes) runs them, gives
+    the eager layer's output and still updates the statistics."""
+    if grouped:
+        layer, _, _, slots = build_slots("triton grouped", *MERGED["two parts"], always=2)
+        slots.fill(torch.tensor(SLOT_OF_TOKEN))
+    else:
+        layer = build("triton", *MERGED["three parts"])[0]
+    x = torch.randn(len(SLOT_OF_TOKEN), D_IN, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         eager = layer(x)
         stats = layer.pool.stats.clone()
         compiled = torch.compile(layer, dynamic=True, fullgraph=True)
         torch.testing.assert_close(compiled(x), eager, atol=1e-6, rtol=1e-6)
         assert torch.equal(layer.pool.stats, 2 * stats)
-        assert compiled(x[:21]).shape == (21, sum(parts))
+        if grouped:  # the engine fills each step's slots before it runs
+            slots.fill(torch.tensor(SLOT_OF_TOKEN[:13]))
+        assert compiled(x[:13]).shape == (13, layer.pool.layout.out_features)
 
 
 def test_more_tokens_than_the_pool_was_sized_for_are_refused():
@@ -364,16 +372,27 @@ def test_shared_router_routes_every_pool_from_the_first_input(kernel):
 SLOT_OF_TOKEN = [0, 2, -1, 2, 0, 0, -1, 2, 1, 0, 2, 2, -1, 0, 2, 0, 2, 0, 0, 2, 1]
 
 
+# the kernels of pools of several slots: "triton grouped" is triton with grouped=True
+SLOT_KERNELS = [*KERNELS, "triton grouped"]
+
+
+def kind(kernel: str) -> dict:
+    """RemixPool's arguments for one of SLOT_KERNELS."""
+    if kernel == "triton grouped":
+        return {"kernel": "triton", "grouped": True}
+    return {"kernel": kernel}
+
+
 def build_slots(kernel, parts, adapted, always=0, slot_ranks=(R, R - 2), weighting="constant"):
     """A FusedRemixLinear of 3 slots: slot 0 and 2 hold random references (slot 2 with a lower
     rank, zero-padded), slot 1 is loaded then cleared; {slot: references}, the base weight,
-    and the token slots it reads."""
+    and the token slots it reads. kernel: one of SLOT_KERNELS."""
     gen = torch.Generator().manual_seed(11)
     cfg = config(weighting, always=always)
     weight = torch.randn(sum(parts), D_IN, generator=gen) * D_IN**-0.5
     layout = PoolLayout.from_config(cfg, D_IN, list(parts), list(adapted), num_slots=3)
     slots = TokenSlots(256, num_slots=3, device="cpu")
-    pool = RemixPool(layout, torch.float32, 256, True, kernel, device="cpu", slots=slots)
+    pool = RemixPool(layout, torch.float32, 256, True, device="cpu", slots=slots, **kind(kernel))
     references = {}
     for slot, rank in zip((0, 1, 2), (slot_ranks[0], R, slot_ranks[1]), strict=True):
         slot_cfg = cfg.model_copy(update={"rank": rank})
@@ -394,7 +413,7 @@ def slot_reference(references, weight, parts, x, slot_of_token):
     return want, selected
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", SLOT_KERNELS)
 @pytest.mark.parametrize("merged", ["one part", "middle part not adapted"])
 @pytest.mark.parametrize("always", [0, 2])
 def test_slots_route_each_token_through_its_own_checkpoint(kernel, merged, always):
@@ -415,7 +434,7 @@ def test_slots_route_each_token_through_its_own_checkpoint(kernel, merged, alway
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     mask = as_mask(selected.clamp(min=0)) * (slot_of_token >= 0)[:, None, None]
     assert torch.equal(layer.pool.step_selected[: len(x)], mask.to(torch.uint8))
-    if kernel != "triton":
+    if not kernel.startswith("triton"):
         assert torch.equal(layer.pool.captured[0], selected)
     s = len(adapted)
     stats = layer.pool.stats.view(3, s, -1)
@@ -461,12 +480,14 @@ def test_slot_groups_gather_each_slots_tokens():
     assert slots.index[3:].eq(-1).all()  # the rows past the step are the base model's
 
 
+@pytest.mark.parametrize("kernel", ["numba", "triton grouped"])
 @pytest.mark.parametrize("step", [[2] * 9, [-1] * 9])
-def test_grouped_step_of_one_slot_or_only_the_base_model(step):
-    """The numba kernel's grouped path (several slots) when a step is wholly one slot's or wholly
-    the base model's: each token still gets its own reference's output."""
+def test_grouped_step_of_one_slot_or_only_the_base_model(step, kernel):
+    """The grouped paths (several slots) when a step is wholly one slot's or wholly the base
+    model's: each token still gets its own reference's output, and only that slot's
+    statistics move."""
     parts, adapted = MERGED["middle part not adapted"]
-    layer, references, weight, slots = build_slots("numba", parts, adapted)
+    layer, references, weight, slots = build_slots(kernel, parts, adapted)
     assert layer.pool.grouped
     slot_of_token = torch.tensor(step)
     slots.fill(slot_of_token)
@@ -475,14 +496,17 @@ def test_grouped_step_of_one_slot_or_only_the_base_model(step):
         got = layer(x)
     want, _ = slot_reference(references, weight, parts, x, slot_of_token)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    counted = layer.pool.stats.view(3, len(adapted), -1)[:, :, N].sum(1)  # tokens, per slot
+    assert counted.tolist() == ([0, 0, 9 * len(adapted)] if step[0] == 2 else [0, 0, 0])
 
 
-def test_grouped_row_parallel_shards_sum_to_the_whole():
+@pytest.mark.parametrize("kernel", ["numba", "triton grouped"])
+def test_grouped_row_parallel_shards_sum_to_the_whole(kernel):
     """Several slots on the grouped path, split over two row-parallel ranks: each rank's
     partial products of each token's own slot, summed with the other's, route as the whole
-    layer does, and the two outputs sum to the whole layer's."""
+    layer does, and the two outputs sum to the whole layer's (with an always-on LoRA)."""
     parts, adapted = MERGED["one part"]
-    whole, _, weight, slots = build_slots("numba", parts, adapted)
+    whole, _, weight, slots = build_slots(kernel, parts, adapted, always=2)
     slot_of_token = torch.tensor(SLOT_OF_TOKEN)
     slot_of_token[slot_of_token == 1] = -1
     slots.fill(slot_of_token)
@@ -490,22 +514,26 @@ def test_grouped_row_parallel_shards_sum_to_the_whole():
     half, src = D_IN // 2, whole.pool
     shards = []
     for rank, cols in enumerate((slice(0, half), slice(half, D_IN))):
-        layout = PoolLayout.from_config(config(), half, list(parts), list(adapted), num_slots=3)
-        pool = RemixPool(
-            layout, torch.float32, 256, True, "numba", count_b=rank == 0, device="cpu", slots=slots
+        layout = PoolLayout.from_config(
+            config(always=2), half, list(parts), list(adapted), num_slots=3
         )
+        pool = RemixPool(
+            layout, torch.float32, 256, True, count_b=rank == 0, device="cpu", slots=slots,
+            **kind(kernel),
+        )  # fmt: skip
         with torch.no_grad():
             pool.lora_a.copy_(src.lora_a[:, cols])
             pool.router.copy_(src.router[:, cols])
             pool.router_bias.copy_(src.router_bias)
             pool.lora_b[0].copy_(src.lora_b[0])
+            pool.always_a.copy_(src.always_a[:, cols])
+            pool.always_b[0].copy_(src.always_b[0])
         shards.append((FusedRemixLinear(weight[:, cols], pool), x[:, cols]))
 
     def partial_products(layer, xs):  # what the other rank contributes to the all-reduce
-        pool, width = layer.pool, layer.pool.layout.slot_width
-        narrow = xs.new_empty(xs.shape[0], pool.slot_narrow.shape[1])
-        own_slot_products(xs, slots.order, slots.counts, pool.slot_narrow, narrow)
-        return [narrow[:, :width], narrow[:, width:]]
+        own = slots.current(xs.shape[0])  # each token's own slot's, zero for the base model
+        rows = (layer.pool.lora_a, layer.pool.router, layer.pool.always_a)
+        return [pick_slot(F.linear(xs, w), own, 3) * (own >= 0)[:, None] for w in rows]
 
     with torch.no_grad():
         outs = [
@@ -534,3 +562,92 @@ def test_one_slot_with_base_model_tokens(kernel):
     torch.testing.assert_close(got[slot_of_token < 0], F.linear(x, weight)[slot_of_token < 0])
     torch.testing.assert_close(got[slot_of_token >= 0], unslotted, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layer.pool.stats, plain.pool.stats, rtol=1e-6, atol=1e-9)
+
+
+def test_grouped_is_chosen_per_kernel_and_refused_where_it_cannot_run():
+    """None: numba groups several slots, triton stays dense (untimed on a GPU); grouped=True on
+    the torch kernel or with one slot is refused."""
+    layout = PoolLayout.from_config(config(), D_IN, [40], [0], num_slots=3)
+    slots = TokenSlots(16, num_slots=3, device="cpu")
+    for kernel, grouped in (("numba", True), ("triton", False)):
+        assert RemixPool(layout, torch.float32, 16, kernel=kernel, slots=slots).grouped == grouped
+    for kernel, slot_count in (("torch", 3), ("triton", 1)):
+        one = PoolLayout.from_config(config(), D_IN, [40], [0], num_slots=slot_count)
+        with pytest.raises(ValueError, match="grouped products need several slots"):
+            RemixPool(one, torch.float32, 16, kernel=kernel, slots=slots, grouped=True)
+
+
+def test_grouped_split_reduction_is_deterministic_and_resets_its_tickets():
+    """The grouped kernel's reduction over d_in split across programs (d_in 200: 4 blocks of
+    64, 2 per split): the same result twice, one program's up to rounding, tickets reset; and
+    its products alone (`shrink`) are each token's own slot's, zero for base-model tokens."""
+    gen = torch.Generator().manual_seed(19)
+    slots, parts, d_in, r0, tokens = 3, 2, 200, 2, len(SLOT_OF_TOKEN)
+    x = torch.randn(tokens, d_in, generator=gen)
+    lora_a = torch.randn(slots * parts * N * R, d_in, generator=gen) * d_in**-0.5
+    router = torch.randn(slots * parts * N, d_in, generator=gen) * d_in**-0.5
+    bias = torch.randn(slots * parts, N, generator=gen)
+    always_a = torch.randn(slots * parts * r0, d_in, generator=gen) * d_in**-0.5
+    groups = TokenSlots(256, num_slots=slots, device="cpu")
+    groups.fill(torch.tensor(SLOT_OF_TOKEN))
+    order, counts = groups.order, groups.counts
+    semaphore = torch.zeros(slots * semaphore_size(tokens, parts), dtype=torch.int32)
+    results = []
+    for split in (1, 3, 3):
+        hidden, always_h = x.new_empty(tokens, parts * N * R), x.new_empty(tokens, parts * r0)
+        stats = torch.zeros(slots * parts, N + 3, dtype=torch.float64)
+        selected = torch.zeros(tokens, parts, N, dtype=torch.uint8)
+        shrink_route(
+            x, order, counts, lora_a, router, bias, always_a, hidden, always_h, stats,
+            selected, semaphore, N, R, K, 0.7, True, split=split,
+        )  # fmt: skip
+        assert int(semaphore.abs().sum()) == 0
+        results.append((hidden, always_h, stats, selected))
+    for one, split in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-6)
+    for first, again in zip(results[1], results[2], strict=True):
+        assert torch.equal(first, again)
+    assert results[0][1][2].abs().sum() == 0 and results[0][1][0].abs().sum() > 0  # base, slot 0
+    # the products alone (a row-parallel shard's, before the all-reduce): each token's own slot's
+    own = torch.tensor(SLOT_OF_TOKEN)
+    for split in (1, 3):
+        products = [torch.empty(tokens, w) for w in (parts * N * R, parts * N, parts * r0)]
+        shrink(x, order, counts, lora_a, router, always_a, *products, semaphore, N, R, split)
+        for got, rows in zip(products, (lora_a, router, always_a), strict=True):
+            want = F.linear(x, rows).unflatten(1, (slots, -1))[
+                torch.arange(tokens), own.clamp(min=0)
+            ]
+            torch.testing.assert_close(got, want * (own >= 0)[:, None], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("weighting", "always"), [("constant", 0), ("softmax_topk", 2)])
+def test_grouped_triton_equals_the_torch_kernel(weighting, always):
+    """The grouped triton path (three adapted parts, three slots with router biases) against
+    the torch kernel's pool of the same tensors over three steps: mixed slots with base-model
+    and padding tokens, a step wholly one slot's, one wholly the base model's. Same outputs,
+    statistics per slot and selections after each; nothing of the pool's in the GEMM."""
+    parts, adapted = MERGED["three parts"]
+    built = [build_slots(k, parts, adapted, always, weighting=weighting) for k in ("torch", "triton grouped")]  # fmt: skip
+    (oracle, _, weight, oracle_slots), (layer, _, _, layer_slots) = built
+    assert torch.equal(layer.folded, weight)  # the base weight alone
+    mixed = torch.tensor(SLOT_OF_TOKEN)
+    mixed[mixed == 1] = -1
+    gen = torch.Generator().manual_seed(17)
+    padding = torch.zeros(len(mixed), dtype=torch.bool)
+    padding[-3:] = True  # the last rows pad the step: routed, not counted
+    for step, pad in ((mixed, padding), (torch.zeros(13, dtype=torch.long), None), (torch.full((13,), -1), None)):  # fmt: skip
+        x = torch.randn(len(step), D_IN, generator=gen)
+        outs = []
+        set_padding_provider(lambda pad=pad: pad)
+        try:
+            for pool_layer, slots in ((oracle, oracle_slots), (layer, layer_slots)):
+                slots.fill(step)
+                with torch.no_grad():
+                    outs.append(pool_layer(x))
+        finally:
+            set_padding_provider(lambda: None)
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.pool.stats, oracle.pool.stats, rtol=1e-6, atol=1e-9)
+        real = slice(len(step) - (3 if pad is not None else 0))  # padding rows' choices differ
+        assert torch.equal(layer.pool.step_selected[real], oracle.pool.step_selected[real])
+    assert layer.pool.stats.view(3, 3, -1)[2, :, N].tolist() == [7, 7, 7]  # 8 of slot 2, 1 pads

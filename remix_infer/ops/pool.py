@@ -30,7 +30,9 @@ side by side (slot-major: every tensor's rows, or B's columns, slot by slot). C 
 above plus, when the engine gives a slot buffer, zero gates for base-model tokens (slot -1). With
 C > 1 the "numba" kernel (CPU) is grouped: the GEMM is the base product alone, and each slot's A,
 router and B products run on that slot's tokens only (the adapter FLOPs of one checkpoint, none
-for base-model tokens). The "torch" and "triton" kernels are dense: the narrow product runs for
+for base-model tokens); the "triton" kernel has the same grouped path (triton_grouped.py), taken
+with grouped=True: its default stays dense until a GPU run of `make bench-gpu` shows it faster.
+The "torch" kernel and triton by default are dense: the narrow product runs for
 every slot (C times the adapter FLOPs); each token keeps its own slot's hidden states and logits
 (a gather), routes them as above, and its gated hidden states go back to its slot's columns
 (zeros elsewhere) for one product with every slot's B.
@@ -133,6 +135,11 @@ class PoolLayout:
         """Columns of the always-on LoRAs' hidden states, all slots and parts: C*S*r0."""
         return self.num_slots * self.num_parts * self.always_rank
 
+    def adapted_column_bounds(self) -> list[int]:
+        """The first and past-the-last output column of each adapted part, flattened."""
+        columns = self.part_columns()
+        return [i for part in self.adapted for i in (columns[part].start, columns[part].stop)]
+
     def part_columns(self) -> list[slice]:
         """The base output columns of each part (adapted or not), in order."""
         starts = [sum(self.part_widths[:i]) for i in range(len(self.part_widths))]
@@ -173,13 +180,15 @@ class RemixPool(nn.Module):
         shared: SharedRouter | None = None,
         routes_shared: bool = False,
         slots: TokenSlots | None = None,
+        grouped: bool | None = None,
     ) -> None:
         """count_b=False: leave B's term to another rank of a row-parallel group;
         part_names: what each adapted part is called in reports (e.g. its HF module path);
         shared: the model's one router (shared routing scope; its owner registers it), whose
         logits replace this pool's own router; routes_shared: this pool reads the first layer's
         input and runs the shared router for every pool; slots: the engine's per-token
-        checkpoint slots (None: every token is slot 0's)."""
+        checkpoint slots (None: every token is slot 0's); grouped: with several slots, each
+        slot's products on its own tokens only (None: the kernel's default, see `_grouped`)."""
         super().__init__()
         device = torch.device(device) if device is not None else torch.get_default_device()
         self.layout, self.name, self.count_b = layout, name, count_b
@@ -209,11 +218,10 @@ class RemixPool(nn.Module):
         self.always_b = nn.ParameterList(
             frozen(layout.part_widths[i], c * r0) for i in (layout.adapted if r0 else ())
         )
-        # Several slots on CPU: each slot's products on its own tokens, nothing in the GEMM.
-        self.grouped = self.kernel == "numba" and c > 1
+        self.grouped = self._grouped(grouped, c, shared is not None)
         # The stacked GEMM carries the router rows only when it runs in float32.
         self.fold_router = self.kernel != "triton" and dtype == torch.float32 and shared is None
-        if self.grouped:  # each slot's narrow rows [A ; A0 ; P], for one product per slot
+        if self.grouped and self.kernel == "numba":  # each slot's rows [A ; A0 ; P], one product
             rows = s * n * r + s * r0 + (s * n if self.fold_router else 0)
             self.register_buffer(
                 "slot_narrow", torch.zeros(c, rows, d_in, dtype=dtype, device=device), False
@@ -232,15 +240,27 @@ class RemixPool(nn.Module):
         if self.kernel == "triton":  # split-K tickets of the routing kernel; it resets them
             from remix_infer.ops.triton_route import semaphore_size
 
+            tickets = semaphore_size(max_step_tokens, s) * (c if self.grouped else 1)
             self.register_buffer(
                 "semaphore",
-                torch.zeros(semaphore_size(max_step_tokens, s), dtype=torch.int32, device=device),
+                torch.zeros(tickets, dtype=torch.int32, device=device),
                 persistent=False,
             )
         self.prepare()
         # Debug/test hook (torch kernel): keep every forward's selections [T, S, k] while on.
         self.capture_selections = False
         self.captured: list[torch.Tensor] = []
+
+    def _grouped(self, asked: bool | None, num_slots: int, shared: bool) -> bool:
+        """Whether several slots' products run grouped (each slot's on its own tokens, nothing
+        of the pool's in the GEMM): by default for numba; triton stays dense by default until a
+        GPU run of `make bench-gpu` shows its grouped path faster (untimed so far)."""
+        if asked is None:
+            return self.kernel == "numba" and num_slots > 1
+        if asked and (num_slots == 1 or self.kernel == "torch" or shared):
+            raise ValueError("grouped products need several slots, own routers and a numba or "
+                             "triton kernel")  # fmt: skip
+        return asked
 
     @torch.no_grad()
     def load_part(
@@ -337,9 +357,11 @@ class RemixPool(nn.Module):
     def refresh_fold(self, folded: torch.Tensor) -> None:
         """Rewrite the pool's part of a folded weight in place after its tensors changed (the
         base rows or columns stay as they are)."""
-        if self.grouped:  # nothing of the pool's in the GEMM: its rows are slot_narrow
-            c, d_in = self.layout.num_slots, self.layout.in_features
-            self.slot_narrow.copy_(torch.cat([t.view(c, -1, d_in) for t in self._narrow_rows()], 1))
+        if self.grouped:  # nothing of the pool's in the GEMM: numba's rows are slot_narrow
+            if self.kernel == "numba":  # (triton's kernels read the pool's tensors themselves)
+                c, d_in = self.layout.num_slots, self.layout.in_features
+                narrow = [t.view(c, -1, d_in) for t in self._narrow_rows()]
+                self.slot_narrow.copy_(torch.cat(narrow, 1))
             return
         if self.kernel != "triton":
             folded[self.layout.out_features :].copy_(self._adapter_fold(folded))
@@ -392,7 +414,9 @@ class RemixPool(nn.Module):
 
         gemm: x' -> x' @ fold_base_weight(W).T; reduce: sums a row-parallel shard's partial pool
         products over the ranks (None when the input is whole)."""
-        if self.kernel == "triton":
+        if self.kernel == "triton" and self.grouped:
+            out = self._forward_triton_grouped(x, gemm, reduce)
+        elif self.kernel == "triton":
             out = gemm(self._route_triton(x, reduce))
         else:
             out = self._forward_torch(x, gemm, reduce)
@@ -557,6 +581,64 @@ class RemixPool(nn.Module):
         for j, part in enumerate(layout.adapted):
             base[:, columns[part]].add_(self._product_b[j](hidden[j]))
         return base
+
+    def _forward_triton_grouped(
+        self, x: torch.Tensor, gemm: Gemm, reduce: Callable | None
+    ) -> torch.Tensor:
+        """Several slots, grouped (triton_grouped.py): the base GEMM alone, each slot's A,
+        router and always-on products and routing on its own tokens, then each slot's B
+        products added into its tokens' rows."""
+        from remix_infer.ops.triton_grouped import expand
+
+        order, counts = self._slots[0].order, self._slots[0].counts  # grouped once per step
+        hidden, always_h = self._grouped_hidden(x, order, counts, reduce)
+        out = gemm(x)
+        if self.count_b:
+            expand(
+                out, order, counts, hidden, list(self.lora_b), always_h,
+                list(self.always_b), self.layout.adapted_column_bounds(),
+            )  # fmt: skip
+        return out
+
+    def _grouped_hidden(
+        self,
+        x: torch.Tensor,
+        order: torch.Tensor,
+        counts: torch.Tensor,
+        reduce: Callable | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each token's own slot's gated hidden states [T, S*n*r] and always-on ones [T, S*r0]
+        (None without), routed. A row-parallel shard computes its partial products first,
+        `reduce` sums them over the ranks, and the kernel routes the sums."""
+        from remix_infer.ops.triton_grouped import shrink, shrink_route
+
+        layout = self.layout
+        tokens, s, n, r0 = x.shape[0], layout.num_parts, layout.num_loras, layout.always_rank
+        hidden = x.new_empty(tokens, layout.slot_width)
+        always_h = x.new_empty(tokens, s * r0) if r0 else None
+        route_args = (
+            self.stats, self.step_selected, self.semaphore, n, layout.rank, layout.top_k,
+            layout.omega, layout.weighting == "softmax_topk",
+        )  # fmt: skip
+        if reduce is None:
+            shrink_route(
+                x, order, counts, self.lora_a, self.router, self.router_bias, self.always_a,
+                hidden, always_h, *route_args,
+            )  # fmt: skip
+            return hidden, always_h
+        lora_h = x.new_empty(tokens, layout.slot_width, dtype=torch.float32)
+        logits = x.new_empty(tokens, s * n, dtype=torch.float32)
+        partial_always = torch.empty_like(always_h, dtype=torch.float32) if r0 else None
+        shrink(
+            x, order, counts, self.lora_a, self.router, self.always_a, lora_h, logits,
+            partial_always, self.semaphore, n, layout.rank,
+        )  # fmt: skip
+        lora_h, logits = reduce(lora_h), reduce(logits)
+        shrink_route(
+            x, order, counts, self.lora_a, self.router, self.router_bias, None, hidden, None,
+            *route_args, lora_h=lora_h, logits=logits,
+        )  # fmt: skip
+        return hidden, reduce(partial_always).to(x.dtype) if r0 else None
 
     def _route_triton(self, x: torch.Tensor, reduce: Callable | None) -> torch.Tensor:
         """[x | gated h] for the column-stacked GEMM, written by the routing kernel. With

@@ -132,6 +132,86 @@ def _route_block(
 
 
 @triton.jit
+def _pool_products(
+    x_ptr, a_ptr, router_ptr, a0_ptr, rows, row_ok, a_row0, p_row0, a0_row0,
+    d_start, d_span, D, stride_x, copy_ptr, stride_copy, copy_x,
+    N: tl.constexpr, R: tl.constexpr, R0: tl.constexpr,
+    N_PAD: tl.constexpr, NR_PAD: tl.constexpr, R0_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_A: tl.constexpr, COPY_X: tl.constexpr,
+):  # fmt: skip
+    """One block of tokens (rows: their rows of x) times one pool's rows, over d_in columns
+    [d_start, d_start + d_span): the n*r LoRA A rows from a_row0 (serving dtype, or float32
+    IEEE), the n router rows from p_row0 (float32, IEEE) and, with R0 > 0, the r0 always-on
+    rows from a0_row0, reading x once for all. COPY_X: also copy the x tile to copy_ptr where
+    copy_x. Returns the float32 products [BLOCK_T, NR_PAD], [BLOCK_T, N_PAD], [BLOCK_T, R0_PAD]."""
+    hcols = tl.arange(0, NR_PAD)
+    lcols = tl.arange(0, N_PAD)
+    ocols = tl.arange(0, R0_PAD)
+    acc_h = tl.zeros([BLOCK_T, NR_PAD], dtype=tl.float32)
+    acc_l = tl.zeros([BLOCK_T, N_PAD], dtype=tl.float32)
+    acc_0 = tl.zeros([BLOCK_T, R0_PAD], dtype=tl.float32)
+    for d0 in range(0, d_span, BLOCK_D):
+        dcols = d_start + d0 + tl.arange(0, BLOCK_D)
+        d_ok = dcols < D
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_x + dcols[None, :],
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        if COPY_X:
+            tl.store(
+                copy_ptr + rows[:, None] * stride_copy + dcols[None, :],
+                x,
+                mask=copy_x[:, None] & d_ok[None, :],
+            )
+        a = tl.load(
+            a_ptr + (a_row0 + hcols)[:, None] * D + dcols[None, :],
+            mask=(hcols < N * R)[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        acc_h += _dot(x, tl.trans(a), IEEE_A)
+        p = tl.load(
+            router_ptr + (p_row0 + lcols)[:, None] * D + dcols[None, :],
+            mask=(lcols < N)[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        acc_l += tl.dot(x.to(tl.float32), tl.trans(p), input_precision="ieee")
+        if R0 > 0:
+            a0 = tl.load(
+                a0_ptr + (a0_row0 + ocols)[:, None] * D + dcols[None, :],
+                mask=(ocols < R0)[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            acc_0 += _dot(x, tl.trans(a0), IEEE_A)
+    return acc_h, acc_l, acc_0
+
+
+@triton.jit
+def _product_slots(
+    rows, row_ok, part, N: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
+    N_PAD: tl.constexpr, NR_PAD: tl.constexpr,
+):  # fmt: skip
+    """Where one block's products of one part lie in the products [T, S*n*r] and logits
+    [T, S*n] that a caller gives (summed over a row-parallel group): offsets and masks."""
+    hcols = tl.arange(0, NR_PAD)
+    lcols = tl.arange(0, N_PAD)
+    h_at = rows[:, None] * (S * N * R) + part * N * R + hcols[None, :]
+    l_at = rows[:, None] * (S * N) + part * N + lcols[None, :]
+    h_ok = row_ok[:, None] & (hcols < N * R)[None, :]
+    return h_at, h_ok, l_at, row_ok[:, None] & (lcols < N)[None, :]
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b accumulated in float32; IEEE: in float32 (float32 serving, and the interpreter)."""
+    if IEEE:
+        product = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        product = tl.dot(a, b)
+    return product
+
+
+@triton.jit
 def _remix_route_kernel(
     x_ptr, a_ptr, router_ptr, bias_ptr, h_ptr, logits_ptr,
     out_ptr, ws_ptr, sem_ptr, stats_ptr, step_ptr, pad_ptr, slots_ptr,
@@ -146,60 +226,22 @@ def _remix_route_kernel(
     block, part, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
-    hcols = tl.arange(0, NR_PAD)
-    lcols = tl.arange(0, N_PAD)
-    acc_h = tl.zeros([BLOCK_T, NR_PAD], dtype=tl.float32)
-    acc_l = tl.zeros([BLOCK_T, N_PAD], dtype=tl.float32)
     copy_x = rows < tl.where(part == 0, T, 0)  # part 0 copies x into the GEMM's input
     if FUSED:
-        a_rows = part * N * R + hcols
-        p_rows = part * N + lcols
-        for d0 in range(0, D_PER_SPLIT, BLOCK_D):
-            dcols = split * D_PER_SPLIT + d0 + tl.arange(0, BLOCK_D)
-            d_ok = dcols < D
-            x = tl.load(
-                x_ptr + rows[:, None] * stride_x + dcols[None, :],
-                mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            tl.store(
-                out_ptr + rows[:, None] * stride_out + dcols[None, :],
-                x,
-                mask=copy_x[:, None] & d_ok[None, :],
-            )
-            a = tl.load(
-                a_ptr + a_rows[:, None] * D + dcols[None, :],
-                mask=(hcols < N * R)[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            if IEEE_A:
-                acc_h += tl.dot(
-                    x.to(tl.float32), tl.trans(a).to(tl.float32), input_precision="ieee"
-                )
-            else:
-                acc_h += tl.dot(x, tl.trans(a))
-            p = tl.load(
-                router_ptr + p_rows[:, None] * D + dcols[None, :],
-                mask=(lcols < N)[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            acc_l += tl.dot(x.to(tl.float32), tl.trans(p), input_precision="ieee")
+        acc_h, acc_l, _ = _pool_products(
+            x_ptr, a_ptr, router_ptr, a_ptr, rows, row_ok, part * N * R, part * N, 0,
+            split * D_PER_SPLIT, D_PER_SPLIT, D, stride_x, out_ptr, stride_out, copy_x,
+            N, R, 0, N_PAD, NR_PAD, 16, BLOCK_T, BLOCK_D, IEEE_A, True,
+        )  # fmt: skip
     else:  # products given (summed over a row-parallel group): copy x, load them
         for d0 in range(0, D, BLOCK_D):
             dcols = d0 + tl.arange(0, BLOCK_D)
             mask = copy_x[:, None] & (dcols < D)[None, :]
             x = tl.load(x_ptr + rows[:, None] * stride_x + dcols[None, :], mask=mask)
             tl.store(out_ptr + rows[:, None] * stride_out + dcols[None, :], x, mask=mask)
-        acc_h = tl.load(
-            h_ptr + rows[:, None] * (S * N * R) + part * N * R + hcols[None, :],
-            mask=row_ok[:, None] & (hcols < N * R)[None, :],
-            other=0.0,
-        )
-        acc_l = tl.load(
-            logits_ptr + rows[:, None] * (S * N) + part * N + lcols[None, :],
-            mask=row_ok[:, None] & (lcols < N)[None, :],
-            other=0.0,
-        )
+        h_at, h_ok, l_at, l_ok = _product_slots(rows, row_ok, part, N, R, S, N_PAD, NR_PAD)
+        acc_h = tl.load(h_ptr + h_at, mask=h_ok, other=0.0)
+        acc_l = tl.load(logits_ptr + l_at, mask=l_ok, other=0.0)
 
     if SPLIT == 1:
         _route_block(
@@ -207,29 +249,60 @@ def _remix_route_kernel(
             slots_ptr, stride_out, D, omega, max_step_rows, N, R, K, S, N_PAD, NR_PAD,
             SOFTMAX_GATES, HAS_BIAS, HAS_PADDING, HAS_SLOTS, MULTI_SLOT,
         )  # fmt: skip
-    else:
-        # Workspace [SPLIT, S, blocks * BLOCK_T, NR_PAD + N_PAD]: this split's partials.
+    else:  # the workspace [SPLIT, S, blocks * BLOCK_T, NR_PAD + N_PAD]: the partials
         blocks = tl.num_programs(0)
-        slot = ((split * S + part) * blocks * BLOCK_T + rows) * (NR_PAD + N_PAD)
-        tl.store(ws_ptr + slot[:, None] + hcols[None, :], acc_h)
-        tl.store(ws_ptr + slot[:, None] + NR_PAD + lcols[None, :], acc_l)
-        tl.debug_barrier()
-        ticket = tl.atomic_add(sem_ptr + block * S + part, 1, sem="acq_rel")
-        if ticket == SPLIT - 1:  # the last split of this block: sum all, in split order
-            acc_h = tl.zeros([BLOCK_T, NR_PAD], dtype=tl.float32)
-            acc_l = tl.zeros([BLOCK_T, N_PAD], dtype=tl.float32)
-            for j in tl.static_range(SPLIT):
-                slot_j = ((j * S + part) * blocks * BLOCK_T + rows) * (NR_PAD + N_PAD)
-                acc_h += tl.load(ws_ptr + slot_j[:, None] + hcols[None, :], cache_modifier=".cg")
-                acc_l += tl.load(
-                    ws_ptr + slot_j[:, None] + NR_PAD + lcols[None, :], cache_modifier=".cg"
-                )
-            tl.atomic_xchg(sem_ptr + block * S + part, 0)
+        last, acc_h, acc_l, _ = _sum_splits(
+            acc_h, acc_l, acc_h, ws_ptr, sem_ptr, block * S + part,
+            part * blocks * BLOCK_T + rows, row_ok, split, S * blocks * BLOCK_T,
+            NR_PAD, N_PAD, 16, 0, NR_PAD + N_PAD, SPLIT,
+        )  # fmt: skip
+        if last:
             _route_block(
                 acc_h, acc_l, rows, row_ok, part, bias_ptr, out_ptr, stats_ptr, step_ptr,
                 pad_ptr, slots_ptr, stride_out, D, omega, max_step_rows, N, R, K, S, N_PAD,
                 NR_PAD, SOFTMAX_GATES, HAS_BIAS, HAS_PADDING, HAS_SLOTS, MULTI_SLOT,
             )  # fmt: skip
+
+
+@triton.jit
+def _sum_splits(
+    acc_h, acc_l, acc_0, ws_ptr, sem_ptr, ticket, ws_rows, ws_ok, split, split_rows,
+    NR_PAD: tl.constexpr, N_PAD: tl.constexpr, R0_PAD: tl.constexpr, R0: tl.constexpr,
+    WIDTH: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    """The reduction over d_in split across SPLIT programs: store this split's partial products
+    (and, with R0 > 0, the always-on ones) in rows ws_rows of its part of the workspace
+    [SPLIT, split_rows, WIDTH] and take a ticket; the program that takes the last one gets the
+    sums in split order (deterministic) and resets the ticket for the next launch, so no memset
+    is needed and CUDA graphs can capture it. Returns (whether last, the three sums)."""
+    hcols = tl.arange(0, NR_PAD)
+    lcols = tl.arange(0, N_PAD)
+    ocols = tl.arange(0, R0_PAD)
+    at = ws_ptr + ((split * split_rows + ws_rows) * WIDTH)[:, None]
+    tl.store(at + hcols[None, :], acc_h, mask=ws_ok[:, None])
+    tl.store(at + NR_PAD + lcols[None, :], acc_l, mask=ws_ok[:, None])
+    if R0 > 0:
+        tl.store(at + NR_PAD + N_PAD + ocols[None, :], acc_0, mask=ws_ok[:, None])
+    tl.debug_barrier()
+    last = tl.atomic_add(sem_ptr + ticket, 1, sem="acq_rel") == SPLIT - 1
+    if last:  # the last split of this block: sum all, in split order
+        acc_h = tl.zeros_like(acc_h)
+        acc_l = tl.zeros_like(acc_l)
+        acc_0 = tl.zeros_like(acc_0)
+        for j in tl.static_range(SPLIT):
+            at = ws_ptr + ((j * split_rows + ws_rows) * WIDTH)[:, None]
+            mask = ws_ok[:, None]
+            acc_h += tl.load(at + hcols[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+            acc_l += tl.load(
+                at + NR_PAD + lcols[None, :], mask=mask, other=0.0, cache_modifier=".cg"
+            )
+            if R0 > 0:
+                acc_0 += tl.load(
+                    at + NR_PAD + N_PAD + ocols[None, :], mask=mask, other=0.0,
+                    cache_modifier=".cg",
+                )  # fmt: skip
+        tl.atomic_xchg(sem_ptr + ticket, 0)
+    return last, acc_h, acc_l, acc_0
 
 
 def _block_t(tokens: int) -> int:
