@@ -153,6 +153,7 @@ MULTI_CASES = {
     "single_all_base": ("one", [-1]),
     "multi_all_base": ("eight", [-1]),
     "multi_1": ("eight", [0]),
+    "multi_1_half_base": ("eight", [0, -1]),
     "multi_2": ("eight", [0, 1]),
     "multi_4": ("eight", [0, 1, 2, 3]),
     "multi_8": ("eight", list(range(8))),
@@ -199,12 +200,11 @@ def multi_checkpoint_benchmark(args: argparse.Namespace) -> dict:
     )
     for engine in engines.values():
         engine.llm_engine.engine_core.shutdown()
-    single = statistics.median(rates["single"])
     summary = {}
     for case, runs_of_case in rates.items():
-        rate = statistics.median(runs_of_case)
-        summary[case] = {"tok_s": rate, "over_single": rate / single, "runs": runs_of_case}
-        print(f"{case:18s} {rate:8.1f} tok/s  over single {rate / single:.3f}", flush=True)
+        rate, over = statistics.median(runs_of_case), paired_ratio(runs_of_case, rates["single"])
+        summary[case] = {"tok_s": rate, "over_single": over, "runs": runs_of_case}
+        print(f"{case:18s} {rate:8.1f} tok/s  over single {over:.3f}", flush=True)
     if not reload_s:
         return summary
     # the engine runs no step while it loads: the pause other requests see, in decode steps
@@ -244,6 +244,12 @@ def reload_timings(llm, checkpoint: Path, repeats: int) -> dict[str, float]:  # 
     return {what: statistics.median(runs) for what, runs in times.items()}
 
 
+def paired_ratio(runs: list[float], reference_runs: list[float]) -> float:
+    """The median of each repeat's own ratio: the cases of one repeat run back to back, so the
+    machine's drift between repeats (up to 20% on a shared machine) cancels out."""
+    return statistics.median(a / b for a, b in zip(runs, reference_runs, strict=True))
+
+
 def multi_summary(multi: dict) -> dict[str, float]:
     """The summary line's figures of the cases that ran."""
     line = {}
@@ -252,9 +258,12 @@ def multi_summary(multi: dict) -> dict[str, float]:
             line[f"multi_over_single_{n}"] = round(multi[f"multi_{n}"]["over_single"], 3)
     if "single_half_base" in multi:
         line["half_base_over_single"] = round(multi["single_half_base"]["over_single"], 3)
+    if "multi_1_half_base" in multi and "multi_1" in multi:
+        over = paired_ratio(multi["multi_1_half_base"]["runs"], multi["multi_1"]["runs"])
+        line["multi_half_base_over_multi_1"] = round(over, 3)
     for engine in ("single", "multi"):
         if f"{engine}_all_base" in multi and "plain" in multi:
-            over_plain = multi[f"{engine}_all_base"]["tok_s"] / multi["plain"]["tok_s"]
+            over_plain = paired_ratio(multi[f"{engine}_all_base"]["runs"], multi["plain"]["runs"])
             line[f"{engine}_all_base_over_plain"] = round(over_plain, 3)
     if "reload" in multi:
         reload = multi["reload"]

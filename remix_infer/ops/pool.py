@@ -354,14 +354,15 @@ class RemixPool(nn.Module):
         )
 
     @torch.no_grad()
-    def refresh_fold(self, folded: torch.Tensor) -> None:
+    def refresh_fold(self, folded: torch.Tensor, slot: int | None = None) -> None:
         """Rewrite the pool's part of a folded weight in place after its tensors changed (the
-        base rows or columns stay as they are)."""
+        base rows or columns stay as they are); slot: only that slot's changed (None: any)."""
         if self.grouped:  # nothing of the pool's in the GEMM: numba's rows are slot_narrow
             if self.kernel == "numba":  # (triton's kernels read the pool's tensors themselves)
                 c, d_in = self.layout.num_slots, self.layout.in_features
-                narrow = [t.view(c, -1, d_in) for t in self._narrow_rows()]
-                self.slot_narrow.copy_(torch.cat(narrow, 1))
+                slots = slice(None) if slot is None else slice(slot, slot + 1)
+                narrow = [t.view(c, -1, d_in)[slots] for t in self._narrow_rows()]
+                self.slot_narrow[slots] = torch.cat(narrow, 1)
             return
         if self.kernel != "triton":
             folded[self.layout.out_features :].copy_(self._adapter_fold(folded))
@@ -496,12 +497,10 @@ class RemixPool(nn.Module):
         always = None
         if layout.always_rank:
             always = always_h.view(-1, layout.num_parts, layout.always_rank).transpose(0, 1)
-        columns = layout.part_columns()
-        bounds = [i for part in layout.adapted for i in (columns[part].start, columns[part].stop)]
         groups = self._slots[0]
         add_slot_b_products(
             base, groups.order, groups.counts, hidden, list(self.lora_b), always,
-            list(self.always_b), bounds,
+            list(self.always_b), layout.adapted_column_bounds(),
         )  # fmt: skip
         return base
 
@@ -698,10 +697,10 @@ class FusedRemixLinear(nn.Module):
         self.folded = self.pool.fold_base_weight(weight)
         self.pool.prepare()
 
-    def refresh(self) -> None:
-        """After the pool's tensors changed in place (a slot loaded or cleared): rewrite the pool's
-        part of the one GEMM's weight in place, so compiled graphs see it."""
-        self.pool.refresh_fold(self.folded)
+    def refresh(self, slot: int | None = None) -> None:
+        """After the pool's tensors changed in place (a slot loaded or cleared; None: any): rewrite
+        the pool's part of the one GEMM's weight in place, so compiled graphs see it."""
+        self.pool.refresh_fold(self.folded, slot)
         self.pool.refresh_products()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

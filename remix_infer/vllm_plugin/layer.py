@@ -108,15 +108,15 @@ class RemixLinearMethod(LinearMethodBase):
         self.base_method.process_weights_after_loading(layer)  # CPU: prepacks the folded weight
         self.pool.prepare(linear_kernel)
 
-    def refresh(self, layer: torch.nn.Module) -> None:
-        """After the pool's tensors changed in place (a slot loaded or emptied)."""
+    def refresh(self, layer: torch.nn.Module, slot: int | None = None) -> None:
+        """After the pool's tensors changed in place (a slot loaded or emptied; None: any)."""
         if not self.reloadable:
             raise ValueError(NOT_RELOADABLE)
         if self.cpu_gemm is not None:
-            self.pool.refresh_fold(self.cpu_gemm.weight)
+            self.pool.refresh_fold(self.cpu_gemm.weight, slot)
             self.cpu_gemm.refresh()
         else:
-            self.pool.refresh_fold(layer.weight.data)
+            self.pool.refresh_fold(layer.weight.data, slot)
         self.pool.refresh_products()
 
     def apply(

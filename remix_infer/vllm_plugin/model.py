@@ -244,7 +244,7 @@ class RemixForCausalLMMixin:
             pool.clear_slot(slot)
         self._load_slot_tensors(slot, ckpt)
         for linear in self._remix_linears:
-            linear.quant_method.refresh(linear)
+            linear.quant_method.refresh(linear, slot)
         self.remix_slot_paths[slot] = str(Path(path).resolve())
 
     def remix_unload_slot(self, slot: int) -> None:
