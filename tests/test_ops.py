@@ -565,16 +565,25 @@ def test_one_slot_with_base_model_tokens(kernel):
 
 
 def test_grouped_is_chosen_per_kernel_and_refused_where_it_cannot_run():
-    """None: numba groups several slots, triton stays dense (untimed on a GPU); grouped=True on
-    the torch kernel or with one slot is refused."""
-    layout = PoolLayout.from_config(config(), D_IN, [40], [0], num_slots=3)
+    """None: numba groups an engine's slots (one or several: the pool has the token slots),
+    triton stays dense (untimed on a GPU), numba without the token slots is stacked;
+    grouped=True on the torch kernel, on triton with one slot or without slots is refused."""
     slots = TokenSlots(16, num_slots=3, device="cpu")
-    for kernel, grouped in (("numba", True), ("triton", False)):
-        assert RemixPool(layout, torch.float32, 16, kernel=kernel, slots=slots).grouped == grouped
-    for kernel, slot_count in (("torch", 3), ("triton", 1)):
-        one = PoolLayout.from_config(config(), D_IN, [40], [0], num_slots=slot_count)
-        with pytest.raises(ValueError, match="grouped products need several slots"):
-            RemixPool(one, torch.float32, 16, kernel=kernel, slots=slots, grouped=True)
+    for count in (1, 3):
+        layout = PoolLayout.from_config(config(), D_IN, [40], [0], num_slots=count)
+        for kernel, grouped in (("numba", True), ("triton", False)):
+            pool = RemixPool(layout, torch.float32, 16, kernel=kernel, slots=slots)
+            assert pool.grouped == grouped
+    one = PoolLayout.from_config(config(), D_IN, [40], [0])
+    assert not RemixPool(one, torch.float32, 16, kernel="numba").grouped
+    for kernel, slot_count, given in (
+        ("torch", 3, slots),
+        ("triton", 1, slots),
+        ("numba", 1, None),
+    ):
+        layout = PoolLayout.from_config(config(), D_IN, [40], [0], num_slots=slot_count)
+        with pytest.raises(ValueError, match="grouped products need the token slots"):
+            RemixPool(layout, torch.float32, 16, kernel=kernel, slots=given, grouped=True)
 
 
 def test_grouped_split_reduction_is_deterministic_and_resets_its_tickets():

@@ -26,11 +26,13 @@ The base product is never run alone: it shares one GEMM with the pool, in one of
         accumulates the routing statistics (triton_route.py).
 
 Checkpoint slots (ops/slots.py): a pool sized for C slots holds C checkpoints' pools and routers
-side by side (slot-major: every tensor's rows, or B's columns, slot by slot). C = 1 is the path
-above plus, when the engine gives a slot buffer, zero gates for base-model tokens (slot -1). With
-C > 1 the "numba" kernel (CPU) is grouped: the GEMM is the base product alone, and each slot's A,
+side by side (slot-major: every tensor's rows, or B's columns, slot by slot); the engine's slot
+buffer gives each token's slot, -1 for base-model tokens. The "numba" kernel (CPU) with a slot
+buffer is grouped, one slot or several: the GEMM is the base product alone, and each slot's A,
 router and B products run on that slot's tokens only (the adapter FLOPs of one checkpoint, none
-for base-model tokens); the "triton" kernel has the same grouped path (triton_grouped.py), taken
+for base-model tokens). Without a slot buffer (or in the shared routing scope) it is the stacked
+path above, and so is the "torch" kernel with one slot (zero gates for base-model tokens). The
+"triton" kernel has the same grouped path (triton_grouped.py), taken
 with grouped=True: its default stays dense until a GPU run of `make bench-gpu` shows it faster.
 The "torch" kernel and triton by default are dense: the narrow product runs for
 every slot (C times the adapter FLOPs); each token keeps its own slot's hidden states and logits
@@ -218,7 +220,7 @@ class RemixPool(nn.Module):
         self.always_b = nn.ParameterList(
             frozen(layout.part_widths[i], c * r0) for i in (layout.adapted if r0 else ())
         )
-        self.grouped = self._grouped(grouped, c, shared is not None)
+        self.grouped = self._grouped(grouped, c, slots is not None, shared is not None)
         # The stacked GEMM carries the router rows only when it runs in float32.
         self.fold_router = self.kernel != "triton" and dtype == torch.float32 and shared is None
         if self.grouped and self.kernel == "numba":  # each slot's rows [A ; A0 ; P], one product
@@ -251,15 +253,19 @@ class RemixPool(nn.Module):
         self.capture_selections = False
         self.captured: list[torch.Tensor] = []
 
-    def _grouped(self, asked: bool | None, num_slots: int, shared: bool) -> bool:
-        """Whether several slots' products run grouped (each slot's on its own tokens, nothing
-        of the pool's in the GEMM): by default for numba; triton stays dense by default until a
-        GPU run of `make bench-gpu` shows its grouped path faster (untimed so far)."""
+    def _grouped(self, asked: bool | None, num_slots: int, has_slots: bool, shared: bool) -> bool:
+        """Whether the slots' products run grouped (each slot's on its own tokens, nothing of
+        the pool's in the GEMM): by default for numba in an engine (whose pools have the token
+        slots), one slot or several, so that base-model tokens pay nothing; triton stays dense
+        by default until a GPU run of `make bench-gpu` shows its grouped path faster."""
         if asked is None:
-            return self.kernel == "numba" and num_slots > 1
-        if asked and (num_slots == 1 or self.kernel == "torch" or shared):
-            raise ValueError("grouped products need several slots, own routers and a numba or "
-                             "triton kernel")  # fmt: skip
+            return self.kernel == "numba" and has_slots and not shared
+        one_slot_triton = self.kernel == "triton" and num_slots == 1
+        if asked and (not has_slots or self.kernel == "torch" or shared or one_slot_triton):
+            raise ValueError(
+                "grouped products need the token slots, own routers, and the numba kernel or "
+                "the triton kernel with several slots"
+            )
         return asked
 
     @torch.no_grad()

@@ -9,10 +9,10 @@ all-reduce, and only rank 0 adds B's term (vLLM's all-reduce of the output then 
 
 Loading a checkpoint slot while serving rewrites the pool's part of the folded weight in place
 (`refresh`), so compiled graphs and CUDA graphs keep their tensors. On CPU vLLM prepacks the
-folded weight for oneDNN and drops it. With several slots in float32 the pool is grouped (its
-GEMM weight is the base weight alone, which a load leaves as it is); otherwise an engine with
-several slots keeps the folded weight and prepacks it itself (PrepackedCpuGemm), so that it can
-prepack it again after a load.
+folded weight for oneDNN and drops it. In float32 (the numba kernel) the pool is grouped, with
+one slot or several (its GEMM weight is the base weight alone, which a load leaves as it is);
+otherwise an engine with several slots keeps the folded weight and prepacks it itself
+(PrepackedCpuGemm), so that it can prepack it again after a load.
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def linear_kernel(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor
 
 
 NOT_RELOADABLE = (
-    "this engine cannot load checkpoints while serving: on CPU, its one checkpoint slot is "
-    "prepacked with the base weights; start it with max_checkpoints of 2 or more"
+    "this engine cannot load checkpoints while serving: on CPU, outside float32 or in the shared "
+    "routing scope, its one checkpoint slot is prepacked with the base weights; start it with "
+    "max_checkpoints of 2 or more"
 )
 
 

@@ -114,7 +114,7 @@ class RemixForCausalLMMixin:
         shared = self._attach_shared_router(config, max_step_tokens)
         device = next(self.parameters()).device
         self.remix_token_slots = TokenSlots(max_step_tokens, num_slots, device=device)
-        reloadable = num_slots > 1 or device.type != "cpu"  # see layer.py
+        reloadable = num_slots > 1 or device.type != "cpu"  # or grouped: see layer.py
         for index, layer in enumerate(self.model.layers):
             if isinstance(layer, PPMissingLayer):
                 continue
@@ -144,7 +144,7 @@ class RemixForCausalLMMixin:
                 )
                 linear.remix = pool
                 linear.quant_method = RemixLinearMethod(
-                    linear.quant_method, pool, reduce_input, reloadable
+                    linear.quant_method, pool, reduce_input, reloadable or pool.grouped
                 )
                 self.remix_adapters[name] = pool
                 self._remix_shards[name] = [shards[i] for i in adapted]
