@@ -329,6 +329,26 @@ def test_dashboard_selects_and_separates_checkpoints():
             assert "checkpoint" in labels, expr
 
 
+SERVING_BY_MODEL = {
+    "remix_requests_total",
+    "remix_request_duration_seconds_bucket",
+    "remix_prompt_tokens_total",
+    "remix_generation_tokens_total",
+}
+
+
+def test_dashboard_selects_and_separates_models():
+    """The request-level serving series carry a `model` label: the request rate, latency and
+    tokens panels filter on the dashboard's model selector and show each model apart."""
+    assert "model" in [v["name"] for v in template_variables()]
+    serving = [e for e in dashboard_expressions() if metric_names(e) & SERVING_BY_MODEL]
+    assert len(serving) >= 6
+    for expr in serving:
+        for selector in re.findall(r"\{[^}]*\}", expr):
+            assert 'model=~"$model"' in selector, expr
+        assert all("model" in labels for labels in re.findall(r"\bby\s*\(([^)]*)\)", expr)), expr
+
+
 def test_dashboard_expressions_are_promql(tmp_path):
     """promtool parses each expression (as a recording rule)."""
     rules = [{"record": f"check:expr{i}", "expr": e} for i, e in enumerate(expressions())]
