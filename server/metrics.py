@@ -2,8 +2,8 @@
 
 Serving metrics are observed by the HTTP layer (requests, latencies, tokens: labelled with the
 request's `model`) and by a vLLM stat logger (time to first token, inter-token latency, running /
-waiting requests, KV-cache usage: for all models together, see `stat_logger_factory`). Routing metrics are computed at scrape time
-from the engine's device counters (see remix_infer/ops/stats.py), accumulated since the
+waiting requests, KV-cache usage: all models together, see `stat_logger_factory`). Routing
+metrics are computed at scrape time from the engine's device counters (see remix_infer/ops/stats.py), accumulated since the
 engine finished starting up.
 """
 
@@ -117,7 +117,7 @@ class ServingMetrics:
         self.requests.labels(record.endpoint, record.model, str(record.status)).inc()
         if record.e2e_s is not None:
             self.request_duration.labels(record.endpoint, record.model).observe(record.e2e_s)
-        if record.prompt_tokens:  # refused requests have none: they make no token series
+        if record.prompt_tokens:  # none before tokenizing: refusals make no token series
             self.prompt_tokens.labels(record.model).inc(record.prompt_tokens)
         if record.completion_tokens:
             self.generation_tokens.labels(record.model).inc(record.completion_tokens)
