@@ -3,8 +3,8 @@
 Serving metrics are observed by the HTTP layer (requests, latencies, tokens: labelled with the
 request's `model`) and by a vLLM stat logger (time to first token, inter-token latency, running /
 waiting requests, KV-cache usage: all models together, see `stat_logger_factory`). Routing
-metrics are computed at scrape time from the engine's device counters (see remix_infer/ops/stats.py), accumulated since the
-engine finished starting up.
+metrics are computed at scrape time from the engine's device counters (see
+remix_infer/ops/stats.py), accumulated since the engine finished starting up.
 """
 
 from __future__ import annotations
