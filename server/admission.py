@@ -117,11 +117,22 @@ class Admission:
             except Exception:
                 log.exception("observer failed")
 
+    @staticmethod
+    def record(request: Request, endpoint: str) -> RequestRecord:
+        """The request's record, made on first use and kept on `request.state.record`: the
+        serving code fills in what it learns (its model, its tokens) and whoever finishes the
+        request observes it, so a request refused after its model was known keeps the model."""
+        record: RequestRecord | None = getattr(request.state, "record", None)
+        if record is None:
+            record = RequestRecord(endpoint=endpoint, status=200)
+            request.state.record = record
+        return record
+
     def admit(self, request: Request, endpoint: str) -> Ticket:
         """The request's ticket, kept on `request.state.ticket`; raises 429 (observed) when
         the server is at capacity."""
         full = self.in_flight >= self.max_in_flight
-        ticket = Ticket(self, RequestRecord(endpoint=endpoint, status=200), holds_slot=not full)
+        ticket = Ticket(self, self.record(request, endpoint), holds_slot=not full)
         request.state.ticket = ticket
         if full:
             ticket.finish(429)
@@ -140,6 +151,6 @@ class Admission:
         before it took one (a body that failed validation)."""
         ticket: Ticket | None = getattr(request.state, "ticket", None)
         if ticket is None:
-            ticket = Ticket(self, RequestRecord(endpoint=endpoint, status=status), False)
+            ticket = Ticket(self, self.record(request, endpoint), False)
             request.state.ticket = ticket
         ticket.finish(status)

@@ -1,9 +1,10 @@
 """Prometheus metrics of remix-serve: serving figures and routing diversity.
 
-Serving metrics are observed by the HTTP layer (requests, latencies, tokens) and by a vLLM stat
-logger (running / waiting requests, KV-cache usage). Routing metrics are computed at scrape time
-from the engine's device counters (see remix_infer/ops/stats.py), accumulated since the
-engine finished starting up.
+Serving metrics are observed by the HTTP layer (requests, latencies, tokens: labelled with the
+request's `model`) and by a vLLM stat logger (time to first token, inter-token latency, running /
+waiting requests, KV-cache usage: all models together, see `stat_logger_factory`). Routing
+metrics are computed at scrape time from the engine's device counters (see
+remix_infer/ops/stats.py), accumulated since the engine finished starting up.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class RequestRecord:
 
     endpoint: str
     status: int
+    # The served model name the request resolved to: only names this server serves get here, so
+    # the metrics' `model` label stays bounded; "" until then (an unknown model, a bad body).
+    model: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -47,40 +51,50 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
+# The `model` label's meaning, said in each labelled metric's help text.
+BY_MODEL = (
+    "; model: the served model name the request asked for "
+    '("" when it named none this server serves, or its body was refused)'
+)
+
+
 class ServingMetrics:
     """The usual serving figures, each defined once here."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
             "remix_requests",
-            "HTTP requests by endpoint and status code",
-            ["endpoint", "status"],
+            "HTTP requests by endpoint, model and status code" + BY_MODEL,
+            ["endpoint", "model", "status"],
             registry=registry,
         )
         self.request_duration = Histogram(
             "remix_request_duration_seconds",
-            "End-to-end request latency, from arrival to the last byte",
-            ["endpoint"],
+            "End-to-end request latency, from arrival to the last byte" + BY_MODEL,
+            ["endpoint", "model"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.time_to_first_token = Histogram(
             "remix_time_to_first_token_seconds",
-            "Time from the engine receiving a request to its first generated token",
+            "Time from the engine receiving a request to its first generated token (all models)",
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.inter_token_latency = Histogram(
             "remix_inter_token_latency_seconds",
-            "Time between consecutive generated tokens of a sequence",
+            "Time between consecutive generated tokens of a sequence (all models)",
             buckets=TOKEN_LATENCY_BUCKETS,
             registry=registry,
         )
         self.prompt_tokens = Counter(
-            "remix_prompt_tokens", "Prompt tokens processed", registry=registry
+            "remix_prompt_tokens",
+            "Prompt tokens processed" + BY_MODEL,
+            ["model"],
+            registry=registry,
         )
         self.generation_tokens = Counter(
-            "remix_generation_tokens", "Tokens generated", registry=registry
+            "remix_generation_tokens", "Tokens generated" + BY_MODEL, ["model"], registry=registry
         )
         self.requests_running = Gauge(
             "remix_requests_running",
@@ -100,16 +114,22 @@ class ServingMetrics:
 
     def observe(self, record: RequestRecord) -> None:
         """Count one finished request (an observer of the HTTP layer)."""
-        self.requests.labels(record.endpoint, str(record.status)).inc()
+        self.requests.labels(record.endpoint, record.model, str(record.status)).inc()
         if record.e2e_s is not None:
-            self.request_duration.labels(record.endpoint).observe(record.e2e_s)
-        self.prompt_tokens.inc(record.prompt_tokens)
-        self.generation_tokens.inc(record.completion_tokens)
+            self.request_duration.labels(record.endpoint, record.model).observe(record.e2e_s)
+        if record.prompt_tokens:  # none before tokenizing: refusals make no token series
+            self.prompt_tokens.labels(record.model).inc(record.prompt_tokens)
+        if record.completion_tokens:
+            self.generation_tokens.labels(record.model).inc(record.completion_tokens)
 
 
 def stat_logger_factory(metrics: ServingMetrics) -> type:
     """A vLLM stat logger class (a StatLoggerFactory) that feeds `metrics` with the engine's
-    per-step figures: time to first token, inter-token latency, running / waiting, KV cache."""
+    per-step figures: time to first token, inter-token latency, running / waiting, KV cache.
+
+    These carry no `model` label: vLLM's IterationStats keeps a step's first-token and
+    inter-token times as bare lists of floats, with no request id or adapter beside them
+    (vllm/v1/metrics/stats.py), so they cannot be told apart by model here."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class SchedulerGauges(StatLoggerBase):

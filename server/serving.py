@@ -131,7 +131,9 @@ class ServingBase(Generic[RequestT]):
     async def handle(self, request: Request, req: RequestT) -> Response:
         # What needs no admission is refused before it; from `resolve` to `hold` nothing awaits,
         # so an unload cannot start in between.
+        record = self.admission.record(request, self.endpoint)
         model = self.engine.models.resolve(req.model)
+        record.model = model.name  # the metrics' `model` label: a name this server serves
         self.require_ready()
         self.check_limits(req, model)
         ticket = self.admission.admit(request, self.endpoint)

@@ -315,18 +315,38 @@ ROUTING_METRICS = {
 }
 
 
+def assert_selected_and_separated(label: str, metrics: set[str], at_least: int) -> None:
+    """Every dashboard expression over `metrics` filters on the selector variable named `label`
+    and keeps `label` in each aggregation (one series per value, never a sum over values)."""
+    assert label in [v["name"] for v in template_variables()]
+    selected = [e for e in dashboard_expressions() if metric_names(e) & metrics]
+    assert len(selected) >= at_least
+    for expr in selected:
+        for selector in re.findall(r"\{[^}]*\}", expr):
+            assert f'{label}=~"${label}"' in selector, expr
+        for labels in re.findall(r"\b(?:by|on)\s*\(([^)]*)\)", expr):
+            assert label in labels, expr
+
+
 def test_dashboard_selects_and_separates_checkpoints():
     """Routing series carry a `checkpoint` label (one server serves several): every routing
     expression filters on the dashboard's checkpoint selector and never adds up two checkpoints'
     pools (LoRA #i of one is not LoRA #i of another)."""
-    assert "checkpoint" in [v["name"] for v in template_variables()]
-    routing = [e for e in dashboard_expressions() if metric_names(e) & ROUTING_METRICS]
-    assert len(routing) >= 6
-    for expr in routing:
-        for selector in re.findall(r"\{[^}]*\}", expr):
-            assert 'checkpoint=~"$checkpoint"' in selector, expr
-        for labels in re.findall(r"\b(?:by|on)\s*\(([^)]*)\)", expr):
-            assert "checkpoint" in labels, expr
+    assert_selected_and_separated("checkpoint", ROUTING_METRICS, at_least=6)
+
+
+SERVING_BY_MODEL = {
+    "remix_requests_total",
+    "remix_request_duration_seconds_bucket",
+    "remix_prompt_tokens_total",
+    "remix_generation_tokens_total",
+}
+
+
+def test_dashboard_selects_and_separates_models():
+    """The request-level serving series carry a `model` label: the request rate, latency and
+    tokens panels filter on the dashboard's model selector and show each model apart."""
+    assert_selected_and_separated("model", SERVING_BY_MODEL, at_least=6)
 
 
 def test_dashboard_expressions_are_promql(tmp_path):

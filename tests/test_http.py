@@ -140,7 +140,7 @@ async def check_models_health_ready_metrics(server: Server) -> None:
     assert ready["status"] == "ready" and ready["requests_in_flight"] == 0
     await server.post("/v1/completions", completion())
     text = (await server.get("/metrics")).body.decode()
-    assert 'remix_requests_total{endpoint="/v1/completions",status="200"} 1.0' in text
+    assert 'remix_requests_total{endpoint="/v1/completions",model="fake",status="200"} 1.0' in text
 
 
 def test_models_health_ready_metrics():

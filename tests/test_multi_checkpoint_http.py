@@ -14,6 +14,7 @@ import pytest
 from helpers.asgi import Reply, call, lifespan
 from helpers.fake_engine import FakeEngine
 from helpers.models import make_checkpoint
+from helpers.servers import metric_samples
 
 from remix_infer.checkpoint import load_checkpoint
 from server.app import create_app
@@ -192,6 +193,54 @@ async def check_model_picks_slot_and_salt(server: Server) -> None:
 
 def test_model_picks_slot_and_salt():
     asyncio.run(check_model_picks_slot_and_salt())
+
+
+@serve
+async def check_serving_metrics_per_model(server: Server) -> None:
+    """The serving metrics' `model` label: the served name a request resolved to (kept when it
+    is refused afterwards); "" for a name this server does not serve and for a body refused
+    before its model was read, so a client cannot make up label values."""
+    assert (await server.complete("a")).status == 200  # 2 prompt tokens, 5 generated
+    assert (await server.complete("b", max_tokens=3)).status == 200
+    assert (await server.complete("b", stream=True)).status == 200  # 5 more, streamed
+    chat = {"model": "a", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    assert (await server.post("/v1/chat/completions", chat)).status == 200
+    assert (await server.complete("gpt-4")).status == 404  # unknown: model=""
+    assert (await server.complete("a", bogus=1)).status == 400  # bad body: model=""
+    assert (await server.complete("base", remix={"return_routing": True})).status == 400
+    text = (await server.get("/metrics")).body.decode()
+    samples = metric_samples(text)
+    completions, chat_endpoint = "/v1/completions", "/v1/chat/completions"
+    requests = {
+        (labels["endpoint"], labels["model"], labels["status"]): value
+        for (name, items), value in samples.items()
+        if name == "remix_requests_total"
+        for labels in [dict(items)]
+    }
+    assert requests == {
+        (completions, "a", "200"): 1,
+        (completions, "b", "200"): 2,
+        (chat_endpoint, "a", "200"): 1,
+        (completions, "", "404"): 1,
+        (completions, "", "400"): 1,
+        (completions, "base", "400"): 1,
+    }
+    duration = samples[
+        ("remix_request_duration_seconds_count", (("endpoint", completions), ("model", "b")))
+    ]
+    assert duration == 2
+    chat_prompt = len("<user>x<a>")
+
+    def tokens(name: str) -> dict[str, float]:
+        return {dict(items)["model"]: v for (n, items), v in samples.items() if n == name}
+
+    assert tokens("remix_prompt_tokens_total") == {"a": 2 + chat_prompt, "b": 4}
+    assert tokens("remix_generation_tokens_total") == {"a": 5 + 2, "b": 3 + 5}
+    assert "gpt-4" not in text
+
+
+def test_serving_metrics_per_model():
+    asyncio.run(check_serving_metrics_per_model())
 
 
 @serve(api_key=None)

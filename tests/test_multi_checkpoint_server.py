@@ -176,6 +176,15 @@ def test_each_model_answers_with_its_own_checkpoint(server, refs, prompts):
         assert routed_tokens(after, model) - routed_tokens(before, model) == routed[model]
     labels = {dict(items).get("checkpoint") for (name, items) in after if "rout" in name}
     assert labels == {"demo", "flip"}  # the base model has no routing series
+    for model in ("demo", "flip", "base"):  # serving metrics: each model's own requests, tokens
+        served = [r.json()["usage"] for (m, _), r in zip(jobs, answers, strict=True) if m == model]
+        for name, labels, expected in [
+            ("remix_requests_total", {"endpoint": "/v1/completions", "status": "200"}, len(served)),
+            ("remix_prompt_tokens_total", {}, sum(u["prompt_tokens"] for u in served)),
+            ("remix_generation_tokens_total", {}, sum(u["completion_tokens"] for u in served)),
+        ]:
+            key = (name, tuple(sorted({**labels, "model": model}.items())))
+            assert after[key] - before.get(key, 0) == expected, (model, name)
     base_refused = complete(server, "base", prompts[0], routing=True)
     assert base_refused.status_code == 400
     assert base_refused.json()["error"]["param"] == "remix.return_routing"

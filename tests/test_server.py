@@ -423,7 +423,9 @@ def test_base_model_server(demo_checkpoint, tmp_path):
     out = model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1] :]
     assert r.choices[0].text == tokenizer.decode(out, skip_special_tokens=True)
     assert_openai_error(refused, 400, "remix.return_routing")
-    assert sample(samples, "remix_requests_total", endpoint="/v1/completions", status="200") == 1
+    requests = {"endpoint": "/v1/completions", "model": "base"}
+    assert sample(samples, "remix_requests_total", **requests, status="200") == 1
+    assert sample(samples, "remix_requests_total", **requests, status="400") == 1
     assert not any(name.startswith(("remix_lora", "remix_rout")) for name, _ in samples)
 
 
@@ -440,12 +442,17 @@ def test_metrics_follow_requests_tokens_and_routing(server, client, prompts):
     def delta(name, **labels):
         return sample(after, name, **labels) - sample(before, name, **labels)
 
-    endpoint = "/v1/completions"
-    assert delta("remix_requests_total", endpoint=endpoint, status="200") == 4
-    assert delta("remix_requests_total", endpoint=endpoint, status=str(bad.status_code)) == 1
-    assert delta("remix_prompt_tokens_total") == sum(o.usage.prompt_tokens for o in outs)
-    assert delta("remix_generation_tokens_total") == sum(o.usage.completion_tokens for o in outs)
-    assert delta("remix_request_duration_seconds_count", endpoint=endpoint) == 5
+    # `model`: the served name each request resolved to (kept for the one refused afterwards)
+    endpoint = {"endpoint": "/v1/completions", "model": MODEL}
+    assert delta("remix_requests_total", **endpoint, status="200") == 4
+    assert delta("remix_requests_total", **endpoint, status=str(bad.status_code)) == 1
+    assert delta("remix_prompt_tokens_total", model=MODEL) == sum(
+        o.usage.prompt_tokens for o in outs
+    )
+    assert delta("remix_generation_tokens_total", model=MODEL) == sum(
+        o.usage.completion_tokens for o in outs
+    )
+    assert delta("remix_request_duration_seconds_count", **endpoint) == 5
     assert delta("remix_time_to_first_token_seconds_count") == 4
     assert 0 <= sample(after, "remix_kv_cache_usage_ratio") <= 1
     # Routing: each module saw the tokens the model computed (prefix caching may skip some

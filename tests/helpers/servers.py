@@ -103,12 +103,17 @@ def running_server(
 def scrape(server: dict) -> dict:
     """All samples of the server's GET /metrics, parsed with prometheus_client's own parser:
     {(sample name, sorted label items): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     resp = httpx.get(server["base"] + "/metrics", timeout=30)
     assert resp.status_code == 200
+    return metric_samples(resp.text)
+
+
+def metric_samples(text: str) -> dict:
+    """A /metrics body, parsed: {(sample name, sorted label items): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(resp.text)
+        for family in text_string_to_metric_families(text)
         for s in family.samples
     }
