@@ -189,8 +189,8 @@ class RemixPool(nn.Module):
         shared: the model's one router (shared routing scope; its owner registers it), whose
         logits replace this pool's own router; routes_shared: this pool reads the first layer's
         input and runs the shared router for every pool; slots: the engine's per-token
-        checkpoint slots (None: every token is slot 0's); grouped: with several slots, each
-        slot's products on its own tokens only (None: the kernel's default, see `_grouped`)."""
+        checkpoint slots (None: every token is slot 0's); grouped: each slot's products on its
+        own tokens only (None: the kernel's default, see `_grouped`)."""
         super().__init__()
         device = torch.device(device) if device is not None else torch.get_default_device()
         self.layout, self.name, self.count_b = layout, name, count_b
@@ -221,6 +221,7 @@ class RemixPool(nn.Module):
             frozen(layout.part_widths[i], c * r0) for i in (layout.adapted if r0 else ())
         )
         self.grouped = self._grouped(grouped, c, slots is not None, shared is not None)
+        self._b_bounds = layout.adapted_column_bounds()  # where the grouped B products add
         # The stacked GEMM carries the router rows only when it runs in float32.
         self.fold_router = self.kernel != "triton" and dtype == torch.float32 and shared is None
         if self.grouped and self.kernel == "numba":  # each slot's rows [A ; A0 ; P], one product
@@ -506,7 +507,7 @@ class RemixPool(nn.Module):
         groups = self._slots[0]
         add_slot_b_products(
             base, groups.order, groups.counts, hidden, list(self.lora_b), always,
-            list(self.always_b), layout.adapted_column_bounds(),
+            list(self.always_b), self._b_bounds,
         )  # fmt: skip
         return base
 
@@ -601,7 +602,7 @@ class RemixPool(nn.Module):
         if self.count_b:
             expand(
                 out, order, counts, hidden, list(self.lora_b), always_h,
-                list(self.always_b), self.layout.adapted_column_bounds(),
+                list(self.always_b), self._b_bounds,
             )  # fmt: skip
         return out
 

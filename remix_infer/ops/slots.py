@@ -119,8 +119,10 @@ def own_slot_products(
     """x [T, d_in] -> out [T, w]: each token's product with its own slot's narrow rows
     slot_narrow [C, w, d_in] ([A ; A0 ; P] of that slot); zero for base-model tokens. order,
     counts: the step's tokens grouped by slot (TokenSlots)."""
-    out.zero_()
-    for slot, rows in slot_groups(order, counts):
+    groups = slot_groups(order, counts)
+    if not (len(groups) == 1 and groups[0][1] is None):  # not every row written below
+        out.zero_()
+    for slot, rows in groups:
         _product(x, slot_narrow[slot], rows, out)
 
 
