@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.tolerances import float32_sum_rtol, routing_stats_rtol
 from torch import nn
 
 from remix_infer.config import RemixConfig
@@ -158,7 +159,9 @@ def test_kernel_equals_torch_kernel(kernel, weighting):
     with torch.no_grad():
         outs = [layer(x) for layer in layers]
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(layers[1].pool.stats, layers[0].pool.stats, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(
+        layers[1].pool.stats, layers[0].pool.stats, rtol=routing_stats_rtol(D_IN, 70), atol=1e-9
+    )
     assert torch.equal(layers[1].pool.step_selected, layers[0].pool.step_selected)
 
 
@@ -203,7 +206,9 @@ def test_padding_rows_are_not_counted(kernel):
     unpadded = build(kernel, parts, adapted)[0]
     with torch.no_grad():
         unpadded(x[:13])
-    torch.testing.assert_close(layer.pool.stats, unpadded.pool.stats, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(
+        layer.pool.stats, unpadded.pool.stats, rtol=routing_stats_rtol(D_IN, 20), atol=1e-9
+    )
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -309,7 +314,8 @@ def test_triton_kernel_survives_torch_compile(grouped):
         eager = layer(x)
         stats = layer.pool.stats.clone()
         compiled = torch.compile(layer, dynamic=True, fullgraph=True)
-        torch.testing.assert_close(compiled(x), eager, atol=1e-6, rtol=1e-6)
+        # inductor may sum in another order: the tolerance of the other kernels' outputs
+        torch.testing.assert_close(compiled(x), eager, atol=1e-5, rtol=1e-5)
         assert torch.equal(layer.pool.stats, 2 * stats)
         if grouped:  # the engine fills each step's slots before it runs
             slots.fill(torch.tensor(SLOT_OF_TOKEN[:13]))
@@ -561,7 +567,9 @@ def test_one_slot_with_base_model_tokens(kernel):
         got, unslotted = layer(x), plain(x[slot_of_token >= 0])
     torch.testing.assert_close(got[slot_of_token < 0], F.linear(x, weight)[slot_of_token < 0])
     torch.testing.assert_close(got[slot_of_token >= 0], unslotted, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(layer.pool.stats, plain.pool.stats, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(
+        layer.pool.stats, plain.pool.stats, rtol=routing_stats_rtol(D_IN, 20), atol=1e-9
+    )
 
 
 def test_grouped_is_chosen_per_kernel_and_refused_where_it_cannot_run():
@@ -601,6 +609,7 @@ def test_grouped_split_reduction_is_deterministic_and_resets_its_tickets():
     groups.fill(torch.tensor(SLOT_OF_TOKEN))
     order, counts = groups.order, groups.counts
     semaphore = torch.zeros(slots * semaphore_size(tokens, parts), dtype=torch.int32)
+    tol = float32_sum_rtol(d_in)  # products of unit scale, d_in terms summed per split
     results = []
     for split in (1, 3, 3):
         hidden, always_h = x.new_empty(tokens, parts * N * R), x.new_empty(tokens, parts * r0)
@@ -613,7 +622,7 @@ def test_grouped_split_reduction_is_deterministic_and_resets_its_tickets():
         assert int(semaphore.abs().sum()) == 0
         results.append((hidden, always_h, stats, selected))
     for one, split in zip(results[0], results[1], strict=True):
-        torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(split, one, rtol=routing_stats_rtol(d_in, tokens), atol=tol)
     for first, again in zip(results[1], results[2], strict=True):
         assert torch.equal(first, again)
     assert results[0][1][2].abs().sum() == 0 and results[0][1][0].abs().sum() > 0  # base, slot 0
@@ -626,7 +635,7 @@ def test_grouped_split_reduction_is_deterministic_and_resets_its_tickets():
             want = F.linear(x, rows).unflatten(1, (slots, -1))[
                 torch.arange(tokens), own.clamp(min=0)
             ]
-            torch.testing.assert_close(got, want * (own >= 0)[:, None], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got, want * (own >= 0)[:, None], rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize(("weighting", "always"), [("constant", 0), ("softmax_topk", 2)])
@@ -656,7 +665,8 @@ def test_grouped_triton_equals_the_torch_kernel(weighting, always):
         finally:
             set_padding_provider(lambda: None)
         torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(layer.pool.stats, oracle.pool.stats, rtol=1e-6, atol=1e-9)
+        stats_rtol = routing_stats_rtol(D_IN, len(step))
+        torch.testing.assert_close(layer.pool.stats, oracle.pool.stats, rtol=stats_rtol, atol=1e-9)
         real = slice(len(step) - (3 if pad is not None else 0))  # padding rows' choices differ
         assert torch.equal(layer.pool.step_selected[real], oracle.pool.step_selected[real])
     assert layer.pool.stats.view(3, 3, -1)[2, :, N].tolist() == [7, 7, 7]  # 8 of slot 2, 1 pads
