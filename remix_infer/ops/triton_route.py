@@ -10,10 +10,16 @@ and fp16 serving choose what the float32 reference chooses), then
     adds selections, tokens, entropy and ESS of its real (non-padding) rows to `stats`
     writes the per-token selections into `step_selected`
 
-Few tokens leave most of the GPU idle, so the reduction over d_in may be split across SPLIT
-programs per block; each writes its partial products to a workspace and takes a ticket, and the
-last of them sums the partials in split order (deterministic) and routes. The tickets reset
-themselves, so the kernel needs no memset and runs under CUDA-graph capture.
+Few tokens leave most of the GPU idle, so the reduction over d_in may be split across
+num_splits programs per block; each writes its partial products to a workspace and takes a
+ticket, and the last of them sums the partials in split order (deterministic) and routes. Each
+launch takes fresh zeroed tickets from the caching allocator (one small memset), so a launch that
+died midway, or launches on two streams over one pool, cannot leave another's tickets wrong;
+allocation and memset are stream-ordered, so CUDA-graph capture keeps them.
+
+The split count, the token count and the step's row count are runtime arguments that Triton
+does not specialise on (NOT_SPECIALIZED): one compiled kernel serves every token count of a
+block size, so few specialisations reach the GPU (tests/test_aot_compile.py compiles them all).
 
 Registered as the custom op `torch.ops.remix.route` so torch.compile and graph capture keep it.
 Runs on CPU under the Triton interpreter (TRITON_INTERPRET=1), which the tests use.
@@ -32,6 +38,8 @@ from remix_infer.ops.custom_op import remix_op
 from remix_infer.ops.stats import padding_mask
 
 MIN_BLOCK_T = 16  # tl.dot needs at least 16 rows
+# values that change from step to step: not specialised (no recompile per token count)
+NOT_SPECIALIZED = ["T", "max_step_rows", "num_splits"]
 # The interpreter's tl.dot misreads bf16 operands: there the A product runs in float32.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -211,14 +219,14 @@ def _dot(a, b, IEEE: tl.constexpr):
     return product
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _remix_route_kernel(
     x_ptr, a_ptr, router_ptr, bias_ptr, h_ptr, logits_ptr,
     out_ptr, ws_ptr, sem_ptr, stats_ptr, step_ptr, pad_ptr, slots_ptr,
-    T, D, D_PER_SPLIT, stride_x, stride_out, omega, max_step_rows,
+    T, D, D_PER_SPLIT, stride_x, stride_out, omega, max_step_rows, num_splits,
     N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S: tl.constexpr,
     N_PAD: tl.constexpr, NR_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_K: tl.constexpr,
     FUSED: tl.constexpr, IEEE_A: tl.constexpr,
     SOFTMAX_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PADDING: tl.constexpr,
     HAS_SLOTS: tl.constexpr, MULTI_SLOT: tl.constexpr,
@@ -233,28 +241,28 @@ def _remix_route_kernel(
             split * D_PER_SPLIT, D_PER_SPLIT, D, stride_x, out_ptr, stride_out, copy_x,
             N, R, 0, N_PAD, NR_PAD, 16, BLOCK_T, BLOCK_D, IEEE_A, True,
         )  # fmt: skip
-    else:  # products given (summed over a row-parallel group): copy x, load them
-        for d0 in range(0, D, BLOCK_D):
-            dcols = d0 + tl.arange(0, BLOCK_D)
+    else:  # products given (summed over a row-parallel group): copy this split's columns of
+        for d0 in range(0, D_PER_SPLIT, BLOCK_D):  # x; split 0 alone holds the products
+            dcols = split * D_PER_SPLIT + d0 + tl.arange(0, BLOCK_D)
             mask = copy_x[:, None] & (dcols < D)[None, :]
             x = tl.load(x_ptr + rows[:, None] * stride_x + dcols[None, :], mask=mask)
             tl.store(out_ptr + rows[:, None] * stride_out + dcols[None, :], x, mask=mask)
         h_at, h_ok, l_at, l_ok = _product_slots(rows, row_ok, part, N, R, S, N_PAD, NR_PAD)
-        acc_h = tl.load(h_ptr + h_at, mask=h_ok, other=0.0)
-        acc_l = tl.load(logits_ptr + l_at, mask=l_ok, other=0.0)
+        acc_h = tl.where(split == 0, tl.load(h_ptr + h_at, mask=h_ok, other=0.0), 0.0)
+        acc_l = tl.where(split == 0, tl.load(logits_ptr + l_at, mask=l_ok, other=0.0), 0.0)
 
-    if SPLIT == 1:
+    if not SPLIT_K:
         _route_block(
             acc_h, acc_l, rows, row_ok, part, bias_ptr, out_ptr, stats_ptr, step_ptr, pad_ptr,
             slots_ptr, stride_out, D, omega, max_step_rows, N, R, K, S, N_PAD, NR_PAD,
             SOFTMAX_GATES, HAS_BIAS, HAS_PADDING, HAS_SLOTS, MULTI_SLOT,
         )  # fmt: skip
-    else:  # the workspace [SPLIT, S, blocks * BLOCK_T, NR_PAD + N_PAD]: the partials
+    else:  # the workspace [num_splits, S, blocks * BLOCK_T, NR_PAD + N_PAD]: the partials
         blocks = tl.num_programs(0)
         last, acc_h, acc_l, _ = _sum_splits(
             acc_h, acc_l, acc_h, ws_ptr, sem_ptr, block * S + part,
-            part * blocks * BLOCK_T + rows, row_ok, split, S * blocks * BLOCK_T,
-            NR_PAD, N_PAD, 16, 0, NR_PAD + N_PAD, SPLIT,
+            part * blocks * BLOCK_T + rows, row_ok, split, num_splits, S * blocks * BLOCK_T,
+            NR_PAD, N_PAD, 16, 0, NR_PAD + N_PAD,
         )  # fmt: skip
         if last:
             _route_block(
@@ -266,15 +274,15 @@ def _remix_route_kernel(
 
 @triton.jit
 def _sum_splits(
-    acc_h, acc_l, acc_0, ws_ptr, sem_ptr, ticket, ws_rows, ws_ok, split, split_rows,
+    acc_h, acc_l, acc_0, ws_ptr, sem_ptr, ticket, ws_rows, ws_ok, split, num_splits, split_rows,
     NR_PAD: tl.constexpr, N_PAD: tl.constexpr, R0_PAD: tl.constexpr, R0: tl.constexpr,
-    WIDTH: tl.constexpr, SPLIT: tl.constexpr,
+    WIDTH: tl.constexpr,
 ):  # fmt: skip
-    """The reduction over d_in split across SPLIT programs: store this split's partial products
-    (and, with R0 > 0, the always-on ones) in rows ws_rows of its part of the workspace
-    [SPLIT, split_rows, WIDTH] and take a ticket; the program that takes the last one gets the
-    sums in split order (deterministic) and resets the ticket for the next launch, so no memset
-    is needed and CUDA graphs can capture it. Returns (whether last, the three sums)."""
+    """The reduction over d_in split across num_splits programs: store this split's partial
+    products (and, with R0 > 0, the always-on ones) in rows ws_rows of its part of the workspace
+    [num_splits, split_rows, WIDTH] and take a ticket (the launch's own, zeroed: `_workspace`);
+    the program that takes the last one gets the sums in split order (deterministic). Returns
+    (whether last, the three sums)."""
     hcols = tl.arange(0, NR_PAD)
     lcols = tl.arange(0, N_PAD)
     ocols = tl.arange(0, R0_PAD)
@@ -284,12 +292,12 @@ def _sum_splits(
     if R0 > 0:
         tl.store(at + NR_PAD + N_PAD + ocols[None, :], acc_0, mask=ws_ok[:, None])
     tl.debug_barrier()
-    last = tl.atomic_add(sem_ptr + ticket, 1, sem="acq_rel") == SPLIT - 1
+    last = tl.atomic_add(sem_ptr + ticket, 1, sem="acq_rel") == num_splits - 1
     if last:  # the last split of this block: sum all, in split order
         acc_h = tl.zeros_like(acc_h)
         acc_l = tl.zeros_like(acc_l)
         acc_0 = tl.zeros_like(acc_0)
-        for j in tl.static_range(SPLIT):
+        for j in range(num_splits):
             at = ws_ptr + ((j * split_rows + ws_rows) * WIDTH)[:, None]
             mask = ws_ok[:, None]
             acc_h += tl.load(at + hcols[None, :], mask=mask, other=0.0, cache_modifier=".cg")
@@ -301,7 +309,6 @@ def _sum_splits(
                     at + NR_PAD + N_PAD + ocols[None, :], mask=mask, other=0.0,
                     cache_modifier=".cg",
                 )  # fmt: skip
-        tl.atomic_xchg(sem_ptr + ticket, 0)
     return last, acc_h, acc_l, acc_0
 
 
@@ -310,8 +317,20 @@ def _block_t(tokens: int) -> int:
 
 
 def semaphore_size(max_tokens: int, num_parts: int) -> int:
-    """Tickets for the largest grid: one per (block of MIN_BLOCK_T tokens, part)."""
+    """Tickets for the largest grid: one per (block of MIN_BLOCK_T tokens, part). A caller's
+    semaphore of this size bounds the tokens a launch takes (its tickets are the launch's own)."""
     return triton.cdiv(max(max_tokens, 1), MIN_BLOCK_T) * num_parts
+
+
+def split_workspace(
+    x: torch.Tensor, split: int, rows_width: tuple[int, int], num_tickets: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split reduction's partials [split, rows, width] (float32) and this launch's own
+    tickets, zeroed; with no split, placeholders (x: never read)."""
+    if split == 1:
+        return x, x
+    tickets = torch.zeros(num_tickets, dtype=torch.int32, device=x.device)
+    return x.new_empty(split, *rows_width, dtype=torch.float32), tickets
 
 
 @functools.cache
@@ -351,7 +370,8 @@ def route(
 ) -> None:
     """Launch the kernel (see the module docstring). lora_h [T, S*n*r] and logits [T, S*n],
     float32, when the products are given (each token's own slot's; always given with several
-    slots); slots [T] int64 or None (all slot 0); split 0 = choose it here."""
+    slots); slots [T] int64 or None (all slot 0); split 0 = choose it here (products given:
+    1); semaphore: sized by `semaphore_size`, it bounds the tokens (not written)."""
     tokens, d_in = x.shape
     num_parts = stats.shape[0] // num_slots
     if tokens == 0:
@@ -365,22 +385,20 @@ def route(
     fused = lora_h is None
     split = split or (choose_split(blocks, num_parts, d_in, block_d) if fused else 1)
     d_per_split = triton.cdiv(triton.cdiv(d_in, block_d), split) * block_d
-    workspace = (
-        x.new_empty(split, num_parts, blocks * block_t, nr_pad + n_pad, dtype=torch.float32)
-        if split > 1
-        else stats  # unused
+    workspace, tickets = split_workspace(
+        x, split, (num_parts * blocks * block_t, nr_pad + n_pad), blocks * num_parts
     )
     padding = padding_mask(tokens)
     _remix_route_kernel[(blocks, num_parts, split)](
         x, lora_a, router, router_bias if router_bias is not None else router,
         lora_h if lora_h is not None else x, logits if logits is not None else x,
-        out, workspace, semaphore, stats, step_selected,
+        out, workspace, tickets, stats, step_selected,
         padding.view(torch.uint8) if padding is not None else x,
         slots if slots is not None else x,
         tokens, d_in, d_per_split, x.stride(0), out.stride(0), float(omega),
-        step_selected.shape[0],
+        step_selected.shape[0], split,
         N=num_loras, R=rank, K=top_k, S=num_parts, N_PAD=n_pad, NR_PAD=nr_pad,
-        BLOCK_T=block_t, BLOCK_D=block_d, SPLIT=split, FUSED=fused,
+        BLOCK_T=block_t, BLOCK_D=block_d, SPLIT_K=split > 1, FUSED=fused,
         IEEE_A=x.dtype == torch.float32 or INTERPRETED, SOFTMAX_GATES=softmax_gates,
         HAS_BIAS=router_bias is not None, HAS_PADDING=padding is not None,
         HAS_SLOTS=slots is not None, MULTI_SLOT=num_slots > 1,
