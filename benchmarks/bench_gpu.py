@@ -39,20 +39,22 @@ if not torch.cuda.is_available():  # the Triton kernel can only run in its inter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch.nn.functional as F  # noqa: E402
-from common import RESULTS, git_revision, machine, save_results  # noqa: E402
+from common import RESULTS, git_revision, machine, save_results  # noqa: E402 - and sys.path
 from torch import nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
-from remix_infer.config import RemixConfig  # noqa: E402
-from remix_infer.ops import FusedRemixLinear, PoolLayout, RemixPool, TokenSlots  # noqa: E402
+from remix_infer.ops import FusedRemixLinear, PoolLayout, RemixPool, TokenSlots, shapes  # noqa: E402
 from remix_infer.ops.slots import pick_slot  # noqa: E402
 
-SHAPES = {  # hidden, q width, kv width, intermediate
-    "llama3-8b": (4096, 4096, 1024, 14336),
-    "llama3.2-1b": (2048, 2048, 512, 8192),
-    "cpu-small": (512, 512, 128, 1408),
-}
-N, K, R = 8, 4, 8
+try:
+    from tqdm import tqdm
+except ImportError:  # optional: no progress bars
+
+    def tqdm(items, **_):
+        return items
+
+
+SHAPES = {**shapes.LLAMA_SHAPES, "cpu-small": (512, 512, 128, 1408)}  # hidden, q, kv, inter
+N, K, R = (shapes.BENCH_POOL[key] for key in ("num_loras", "top_k", "rank"))
 LORA_RANK = 32
 VARIANTS = ("base", "remix", "lora32")
 MAX_TOKENS = 8192
@@ -68,22 +70,17 @@ SLOT_CASES = {
 }
 
 
-def pool_config() -> RemixConfig:
-    return RemixConfig(
-        base_model="bench", architecture="llama", num_layers=1, target_modules=["q_proj"],
-        num_loras=N, top_k=K, rank=R, omega=2.0 / (K * R),
-    )  # fmt: skip
+def pool_layout(d_in: int, widths: list[int], num_slots: int) -> PoolLayout:
+    """Every part adapted, constant gates omega = 2 / (k r), no always-on LoRA."""
+    adapted = tuple(range(len(widths)))
+    return PoolLayout(
+        d_in, tuple(widths), adapted, N, R, K, 2.0 / (K * R), "constant", 0, num_slots
+    )
 
 
 def projection_shapes(shape: str) -> dict[str, tuple[int, list[int]]]:
     """Each projection of a decoder layer: input width and the output widths of its parts."""
-    hidden, q, kv, inter = SHAPES[shape]
-    return {
-        "qkv": (hidden, [q, kv, kv]),
-        "o": (q, [hidden]),
-        "gate_up": (hidden, [inter, inter]),
-        "down": (inter, [hidden]),
-    }
+    return shapes.projection_shapes(*SHAPES[shape])
 
 
 def random_pool(
@@ -99,9 +96,7 @@ def random_pool(
 ) -> RemixPool:
     """A pool of random LoRAs and routers (in every one of its num_slots checkpoint slots)."""
     gen = torch.Generator().manual_seed(seed)
-    layout = PoolLayout.from_config(
-        pool_config(), d_in, widths, list(range(len(widths))), num_slots=num_slots
-    )
+    layout = pool_layout(d_in, widths, num_slots)
     pool = RemixPool(
         layout, dtype, MAX_TOKENS, kernel=kernel, device=device, slots=slots, grouped=grouped
     )

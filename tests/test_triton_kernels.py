@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from remix_infer.ops import triton_route
 from remix_infer.ops.slots import TokenSlots
 from remix_infer.ops.triton_grouped import shrink_route
-from remix_infer.ops.triton_route import route, semaphore_size
+from remix_infer.ops.triton_route import CONFIGURATIONS, route, semaphore_size
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOKENS, D_IN, PARTS = 20, 200, 2  # d_in 200: four blocks of 64 (float32), so up to 4 splits
@@ -96,3 +97,33 @@ def test_grouped_tickets_left_by_a_dead_launch_do_not_matter():
     stale = torch.full((size,), 1, dtype=torch.int32, device=DEVICE)
     assert_equal_results(launch(stale), clean)
     assert bool((stale == 1).all())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [*CONFIGURATIONS.values(), {"block_d": 16, "max_split": 64}],
+    ids=[*CONFIGURATIONS, "block_d 16, max_split 64"],
+)
+def test_each_configuration_routes_as_the_default(config, monkeypatch):
+    """`route`'s configurations (bench-gpu sweeps them) against the default, the split chosen
+    for an H100's 264 programs (4 splits by default; 13 with blocks of 16 columns): the same
+    selections and counts, and outputs within float32's reassociation bound: the d_in terms of
+    each product summed in another order differ by at most d_in * eps * sum |terms|."""
+    monkeypatch.setattr(triton_route, "_target_programs", lambda: 264)
+    t = tensors(3)
+    want = run_route(t, 0, given=False)
+    got = run_route(t, 0, given=False, **config)
+    assert torch.equal(got[2], want[2])  # selections
+    assert torch.equal(got[1][:, : N + 1], want[1][:, : N + 1])  # counts and tokens
+    terms = F.linear(t["x"].abs(), t["lora_a"].abs())  # sum |x_i a_i| of each hidden column
+    bound = D_IN * torch.finfo(torch.float32).eps * terms * OMEGA
+    assert bool(((got[0] - want[0])[:, D_IN:].abs() <= bound).all())
+    assert torch.equal(got[0][:, :D_IN], t["x"])
+
+
+def test_a_configuration_is_checked():
+    t = tensors()
+    with pytest.raises(ValueError, match="block_d 48"):
+        run_route(t, 0, given=False, block_d=48)
+    with pytest.raises(ValueError, match="router_precision"):
+        run_route(t, 0, given=False, router_precision="tf32")

@@ -43,6 +43,7 @@ from remix_infer.ops.triton_route import (
     _product_slots,
     _route_block,
     _sum_splits,
+    block_width,
     choose_split,
     semaphore_size,
     split_workspace,
@@ -74,11 +75,11 @@ def _grouped_shrink_route_kernel(
     x_ptr, order_ptr, counts_ptr, a_ptr, router_ptr, bias_ptr, a0_ptr,
     hidden_ptr, always_ptr, h_ptr, logits_ptr, ws_ptr, sem_ptr, stats_ptr, step_ptr, pad_ptr,
     T, D, D_PER_SPLIT, stride_x, omega, max_step_rows, num_splits,
-    N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S: tl.constexpr, R0: tl.constexpr,
+    N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S, R0: tl.constexpr,
     N_PAD: tl.constexpr, NR_PAD: tl.constexpr, R0_PAD: tl.constexpr, WIDTH: tl.constexpr,
     C_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_K: tl.constexpr,
     IEEE_A: tl.constexpr,
-    SOFTMAX_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PADDING: tl.constexpr,
+    SOFTMAX_GATES, HAS_BIAS, has_padding,
     GIVEN: tl.constexpr, PRODUCTS_ONLY: tl.constexpr,
 ):  # fmt: skip
     """GIVEN: route the products in h_ptr, logits_ptr (summed over a row-parallel group)
@@ -97,20 +98,20 @@ def _grouped_shrink_route_kernel(
         _finish_block(
             acc_h, acc_l, acc_h, rows, row_ok, part, slot, bias_ptr, hidden_ptr, always_ptr,
             h_ptr, logits_ptr, stats_ptr, step_ptr, pad_ptr, omega, max_step_rows, N, R, K, S,
-            R0, N_PAD, NR_PAD, R0_PAD, SOFTMAX_GATES, HAS_BIAS, HAS_PADDING, PRODUCTS_ONLY,
+            R0, N_PAD, NR_PAD, R0_PAD, SOFTMAX_GATES, HAS_BIAS, has_padding, PRODUCTS_ONLY,
         )  # fmt: skip
         return
     group = slot * S + part  # this slot's pool of this part, in the slot-major tensors
     acc_h, acc_l, acc_0 = _pool_products(
         x_ptr, a_ptr, router_ptr, a0_ptr, rows, row_ok, group * N * R, group * N, group * R0,
         split * D_PER_SPLIT, D_PER_SPLIT, D, stride_x, x_ptr, 0, row_ok,
-        N, R, R0, N_PAD, NR_PAD, R0_PAD, BLOCK_T, BLOCK_D, IEEE_A, False,
+        N, R, R0, N_PAD, NR_PAD, R0_PAD, BLOCK_T, BLOCK_D, IEEE_A, False, "ieee",
     )  # fmt: skip
     if not SPLIT_K:
         _finish_block(
             acc_h, acc_l, acc_0, rows, row_ok, part, slot, bias_ptr, hidden_ptr, always_ptr,
             h_ptr, logits_ptr, stats_ptr, step_ptr, pad_ptr, omega, max_step_rows, N, R, K, S,
-            R0, N_PAD, NR_PAD, R0_PAD, SOFTMAX_GATES, HAS_BIAS, HAS_PADDING, PRODUCTS_ONLY,
+            R0, N_PAD, NR_PAD, R0_PAD, SOFTMAX_GATES, HAS_BIAS, has_padding, PRODUCTS_ONLY,
         )  # fmt: skip
     else:  # the workspace [num_splits, S * T, WIDTH]: the partials, by part and token
         ticket = (slot * tl.num_programs(0) + block) * S + part
@@ -123,7 +124,7 @@ def _grouped_shrink_route_kernel(
                 acc_h, acc_l, acc_0, rows, row_ok, part, slot, bias_ptr, hidden_ptr,
                 always_ptr, h_ptr, logits_ptr, stats_ptr, step_ptr, pad_ptr, omega,
                 max_step_rows, N, R, K, S, R0, N_PAD, NR_PAD, R0_PAD, SOFTMAX_GATES, HAS_BIAS,
-                HAS_PADDING, PRODUCTS_ONLY,
+                has_padding, PRODUCTS_ONLY,
             )  # fmt: skip
 
 
@@ -131,9 +132,9 @@ def _grouped_shrink_route_kernel(
 def _finish_block(
     acc_h, acc_l, acc_0, rows, row_ok, part, slot, bias_ptr, hidden_ptr, always_ptr,
     h_ptr, logits_ptr, stats_ptr, step_ptr, pad_ptr, omega, max_step_rows,
-    N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S: tl.constexpr, R0: tl.constexpr,
+    N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S, R0: tl.constexpr,
     N_PAD: tl.constexpr, NR_PAD: tl.constexpr, R0_PAD: tl.constexpr,
-    SOFTMAX_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PADDING: tl.constexpr,
+    SOFTMAX_GATES, HAS_BIAS, has_padding,
     PRODUCTS_ONLY: tl.constexpr,
 ):  # fmt: skip
     """A block of one slot's tokens and one part, its products summed: write the always-on
@@ -154,7 +155,7 @@ def _finish_block(
         _route_block(
             acc_h, acc_l, rows, row_ok, part, bias_ptr + slot * S * N, hidden_ptr,
             stats_ptr + slot * S * (N + 3), step_ptr, pad_ptr, pad_ptr, S * N * R, 0, omega,
-            max_step_rows, N, R, K, S, N_PAD, NR_PAD, SOFTMAX_GATES, HAS_BIAS, HAS_PADDING,
+            max_step_rows, N, R, K, S, N_PAD, NR_PAD, SOFTMAX_GATES, HAS_BIAS, has_padding,
             False, False,
         )  # fmt: skip
 
@@ -267,7 +268,7 @@ def _launch(
         return
     if semaphore.numel() < num_slots * semaphore_size(tokens, num_parts):
         raise ValueError(f"{tokens} tokens: more than the pool's max_step_tokens")
-    block_t, block_d = _block_t(tokens), 64 if x.dtype == torch.float32 else 128
+    block_t, block_d = _block_t(tokens), block_width(x.dtype, 0)
     blocks = triton.cdiv(tokens, block_t)
     # at most this many blocks have tokens (each slot's last may be partial): split for them
     active = min(blocks * num_slots, blocks + num_slots - 1)
@@ -287,13 +288,13 @@ def _launch(
         hidden, always_h if always_h is not None else hidden,
         lora_h if lora_h is not None else hidden, logits if logits is not None else hidden,
         workspace, tickets, stats, step_selected,
-        padding.view(torch.uint8) if padding is not None else x,
+        padding.view(torch.uint8) if padding is not None else step_selected,  # dtype: see route
         tokens, d_in, triton.cdiv(triton.cdiv(d_in, block_d), split) * block_d, x.stride(0),
         float(omega), step_selected.shape[0], split,
         N=num_loras, R=rank, K=top_k, S=num_parts, R0=r0, N_PAD=n_pad, NR_PAD=nr_pad,
         R0_PAD=r0_pad, WIDTH=width, C_PAD=triton.next_power_of_2(num_slots + 1), BLOCK_T=block_t, BLOCK_D=block_d, SPLIT_K=split > 1,
         IEEE_A=x.dtype == torch.float32 or INTERPRETED, SOFTMAX_GATES=softmax_gates,
-        HAS_BIAS=router_bias is not None, HAS_PADDING=padding is not None, GIVEN=given,
+        HAS_BIAS=router_bias is not None, has_padding=padding is not None, GIVEN=given,
         PRODUCTS_ONLY=products_only,
     )  # fmt: skip
 

@@ -1,8 +1,9 @@
 """The routing kernel: one launch per adapted projection on the GPU (see pool.py for the math).
 
 Each program takes a block of tokens and one adapted part, reads x once for both of the part's
-products (the n*r LoRA A rows in the serving dtype; the n router rows in float32, IEEE, so bf16
-and fp16 serving choose what the float32 reference chooses), then
+products (the n*r LoRA A rows in the serving dtype; the n router rows in float32, IEEE or tf32x3
+(`route`'s configurations), so bf16 and fp16 serving choose what the float32 reference
+chooses), then
 
     top-k of the logits, ties to the lower index (k rounds of argmax; argmax keeps the first)
     gates: omega on the chosen, or omega * softmax over the chosen logits
@@ -38,8 +39,9 @@ from remix_infer.ops.custom_op import remix_op
 from remix_infer.ops.stats import padding_mask
 
 MIN_BLOCK_T = 16  # tl.dot needs at least 16 rows
-# values that change from step to step: not specialised (no recompile per token count)
-NOT_SPECIALIZED = ["T", "max_step_rows", "num_splits"]
+# runtime values not specialised on: one compiled kernel for every token count, split,
+# number of parts (S) and padding or slot buffer; the cost is a few integer multiplies
+NOT_SPECIALIZED = ["T", "S", "max_step_rows", "num_splits", "has_padding", "has_slots"]
 # The interpreter's tl.dot misreads bf16 operands: there the A product runs in float32.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -49,10 +51,10 @@ def _route_block(
     acc_h, acc_l, rows, row_ok, part,
     bias_ptr, out_ptr, stats_ptr, step_ptr, pad_ptr, slots_ptr,
     stride_out, hidden_offset, omega, max_step_rows,
-    N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S: tl.constexpr,
+    N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S,
     N_PAD: tl.constexpr, NR_PAD: tl.constexpr,
-    SOFTMAX_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PADDING: tl.constexpr,
-    HAS_SLOTS: tl.constexpr, MULTI_SLOT: tl.constexpr,
+    SOFTMAX_GATES, HAS_BIAS, has_padding,
+    has_slots, MULTI_SLOT: tl.constexpr,
 ):  # fmt: skip
     """Route one block of tokens of one part from its products (float32). With slots, each
     token's products are its own slot's; base-model tokens (slot -1) get zero gates and are
@@ -86,8 +88,8 @@ def _route_block(
         gates = tl.where(chosen, omega, 0.0)
         ess = tl.zeros_like(entropy) + K
     slot = tl.zeros_like(rows)
-    if HAS_SLOTS:
-        slot = tl.load(slots_ptr + rows, mask=row_ok, other=-1)
+    if has_slots:
+        slot = tl.load(slots_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
         gates = tl.where((slot >= 0)[:, None], gates, 0.0)
         chosen = chosen & (slot >= 0)[:, None]
         slot = tl.maximum(slot, 0)
@@ -111,9 +113,9 @@ def _route_block(
     )
 
     real = row_ok
-    if HAS_PADDING:
+    if has_padding:
         real = real & (tl.load(pad_ptr + rows, mask=row_ok, other=1) == 0)
-    if HAS_SLOTS:
+    if has_slots:
         real = real & (tl.load(slots_ptr + rows, mask=row_ok, other=-1) >= 0)
     real_f = tl.where(real, 1.0, 0.0)
     if MULTI_SLOT:  # tokens of one block may belong to different slots: one row each
@@ -146,6 +148,7 @@ def _pool_products(
     N: tl.constexpr, R: tl.constexpr, R0: tl.constexpr,
     N_PAD: tl.constexpr, NR_PAD: tl.constexpr, R0_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_A: tl.constexpr, COPY_X: tl.constexpr,
+    ROUTER_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One block of tokens (rows: their rows of x) times one pool's rows, over d_in columns
     [d_start, d_start + d_span): the n*r LoRA A rows from a_row0 (serving dtype, or float32
@@ -183,7 +186,7 @@ def _pool_products(
             mask=(lcols < N)[:, None] & d_ok[None, :],
             other=0.0,
         )
-        acc_l += tl.dot(x.to(tl.float32), tl.trans(p), input_precision="ieee")
+        acc_l += tl.dot(x.to(tl.float32), tl.trans(p), input_precision=ROUTER_PRECISION)
         if R0 > 0:
             a0 = tl.load(
                 a0_ptr + (a0_row0 + ocols)[:, None] * D + dcols[None, :],
@@ -196,7 +199,7 @@ def _pool_products(
 
 @triton.jit
 def _product_slots(
-    rows, row_ok, part, N: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
+    rows, row_ok, part, N: tl.constexpr, R: tl.constexpr, S,
     N_PAD: tl.constexpr, NR_PAD: tl.constexpr,
 ):  # fmt: skip
     """Where one block's products of one part lie in the products [T, S*n*r] and logits
@@ -224,12 +227,12 @@ def _remix_route_kernel(
     x_ptr, a_ptr, router_ptr, bias_ptr, h_ptr, logits_ptr,
     out_ptr, ws_ptr, sem_ptr, stats_ptr, step_ptr, pad_ptr, slots_ptr,
     T, D, D_PER_SPLIT, stride_x, stride_out, omega, max_step_rows, num_splits,
-    N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S: tl.constexpr,
+    N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S,
     N_PAD: tl.constexpr, NR_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_K: tl.constexpr,
-    FUSED: tl.constexpr, IEEE_A: tl.constexpr,
-    SOFTMAX_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PADDING: tl.constexpr,
-    HAS_SLOTS: tl.constexpr, MULTI_SLOT: tl.constexpr,
+    FUSED: tl.constexpr, IEEE_A: tl.constexpr, ROUTER_PRECISION: tl.constexpr,
+    SOFTMAX_GATES, HAS_BIAS, has_padding,
+    has_slots, MULTI_SLOT: tl.constexpr,
 ):  # fmt: skip
     block, part, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -239,7 +242,7 @@ def _remix_route_kernel(
         acc_h, acc_l, _ = _pool_products(
             x_ptr, a_ptr, router_ptr, a_ptr, rows, row_ok, part * N * R, part * N, 0,
             split * D_PER_SPLIT, D_PER_SPLIT, D, stride_x, out_ptr, stride_out, copy_x,
-            N, R, 0, N_PAD, NR_PAD, 16, BLOCK_T, BLOCK_D, IEEE_A, True,
+            N, R, 0, N_PAD, NR_PAD, 16, BLOCK_T, BLOCK_D, IEEE_A, True, ROUTER_PRECISION,
         )  # fmt: skip
     else:  # products given (summed over a row-parallel group): copy this split's columns of
         for d0 in range(0, D_PER_SPLIT, BLOCK_D):  # x; split 0 alone holds the products
@@ -255,7 +258,7 @@ def _remix_route_kernel(
         _route_block(
             acc_h, acc_l, rows, row_ok, part, bias_ptr, out_ptr, stats_ptr, step_ptr, pad_ptr,
             slots_ptr, stride_out, D, omega, max_step_rows, N, R, K, S, N_PAD, NR_PAD,
-            SOFTMAX_GATES, HAS_BIAS, HAS_PADDING, HAS_SLOTS, MULTI_SLOT,
+            SOFTMAX_GATES, HAS_BIAS, has_padding, has_slots, MULTI_SLOT,
         )  # fmt: skip
     else:  # the workspace [num_splits, S, blocks * BLOCK_T, NR_PAD + N_PAD]: the partials
         blocks = tl.num_programs(0)
@@ -268,7 +271,7 @@ def _remix_route_kernel(
             _route_block(
                 acc_h, acc_l, rows, row_ok, part, bias_ptr, out_ptr, stats_ptr, step_ptr,
                 pad_ptr, slots_ptr, stride_out, D, omega, max_step_rows, N, R, K, S, N_PAD,
-                NR_PAD, SOFTMAX_GATES, HAS_BIAS, HAS_PADDING, HAS_SLOTS, MULTI_SLOT,
+                NR_PAD, SOFTMAX_GATES, HAS_BIAS, has_padding, has_slots, MULTI_SLOT,
             )  # fmt: skip
 
 
@@ -341,10 +344,31 @@ def _target_programs() -> int:
     return 2 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
-def choose_split(blocks: int, num_parts: int, in_features: int, block_d: int) -> int:
-    """Enough programs to fill the GPU, never more splits than d_in has blocks, at most 16."""
+def choose_split(
+    blocks: int, num_parts: int, in_features: int, block_d: int, max_split: int = 16
+) -> int:
+    """Enough programs to fill the GPU, never more splits than d_in has blocks, nor max_split."""
     target = _target_programs()
-    return max(1, min(target // (blocks * num_parts), triton.cdiv(in_features, block_d), 16))
+    return max(1, min(target // (blocks * num_parts), triton.cdiv(in_features, block_d), max_split))
+
+
+ROUTER_PRECISIONS = ("ieee", "tf32x3")  # float32 (FMA units), float32-equivalent on tensor cores
+# `route`'s configurations that `make bench-gpu` sweeps (the first: the defaults)
+CONFIGURATIONS: dict[str, dict[str, int | str]] = {
+    "default": {},
+    "max_split 64": {"max_split": 64},
+    "block_d 64, max_split 64": {"block_d": 64, "max_split": 64},
+    "router tf32x3": {"router_precision": "tf32x3"},
+}
+
+
+def block_width(dtype: torch.dtype, block_d: int) -> int:
+    """Columns of d_in per step of the products' loop: block_d, or by default 128 (64 in
+    float32, whose tiles are twice as wide in bytes); a power of two of at least 16 (tl.dot)."""
+    width = block_d or (64 if dtype == torch.float32 else 128)
+    if width < 16 or width & (width - 1):
+        raise ValueError(f"block_d {block_d}: a power of two of at least 16")
+    return width
 
 
 @remix_op("route", mutates_args=("out", "stats", "step_selected", "semaphore"))
@@ -367,11 +391,20 @@ def route(
     slots: torch.Tensor | None = None,
     num_slots: int = 1,
     split: int = 0,
+    max_split: int = 16,
+    block_d: int = 0,
+    router_precision: str = "ieee",
 ) -> None:
     """Launch the kernel (see the module docstring). lora_h [T, S*n*r] and logits [T, S*n],
     float32, when the products are given (each token's own slot's; always given with several
     slots); slots [T] int64 or None (all slot 0); split 0 = choose it here (products given:
-    1); semaphore: sized by `semaphore_size`, it bounds the tokens (not written)."""
+    1); semaphore: sized by `semaphore_size`, it bounds the tokens (not written).
+
+    Configurations (`make bench-gpu` sweeps them; the defaults are the measured-on-CPU-only
+    originals): max_split, the most programs that share a block's reduction when the split is
+    chosen here (more fill the GPU at few tokens); block_d, columns of d_in per step (0: 128,
+    64 in float32; smaller gives more blocks to split); router_precision "ieee" (float32 on
+    FMA units) or "tf32x3" (three TF32 products on tensor cores, float32-equivalent)."""
     tokens, d_in = x.shape
     num_parts = stats.shape[0] // num_slots
     if tokens == 0:
@@ -380,10 +413,12 @@ def route(
         raise ValueError(f"{tokens} tokens: more than the pool's max_step_tokens")
     n_pad = max(16, triton.next_power_of_2(num_loras))
     nr_pad = max(16, triton.next_power_of_2(num_loras * rank))
-    block_t, block_d = _block_t(tokens), 64 if x.dtype == torch.float32 else 128
+    if router_precision not in ROUTER_PRECISIONS:
+        raise ValueError(f"router_precision {router_precision!r}: one of {ROUTER_PRECISIONS}")
+    block_t, block_d = _block_t(tokens), block_width(x.dtype, block_d)
     blocks = triton.cdiv(tokens, block_t)
     fused = lora_h is None
-    split = split or (choose_split(blocks, num_parts, d_in, block_d) if fused else 1)
+    split = split or (choose_split(blocks, num_parts, d_in, block_d, max_split) if fused else 1)
     d_per_split = triton.cdiv(triton.cdiv(d_in, block_d), split) * block_d
     workspace, tickets = split_workspace(
         x, split, (num_parts * blocks * block_t, nr_pad + n_pad), blocks * num_parts
@@ -393,13 +428,14 @@ def route(
         x, lora_a, router, router_bias if router_bias is not None else router,
         lora_h if lora_h is not None else x, logits if logits is not None else x,
         out, workspace, tickets, stats, step_selected,
-        padding.view(torch.uint8) if padding is not None else x,
-        slots if slots is not None else x,
+        # absent: placeholders of the pointer's dtype, so that one specialisation serves both
+        padding.view(torch.uint8) if padding is not None else step_selected,
+        slots if slots is not None else stats.view(torch.int64),
         tokens, d_in, d_per_split, x.stride(0), out.stride(0), float(omega),
         step_selected.shape[0], split,
         N=num_loras, R=rank, K=top_k, S=num_parts, N_PAD=n_pad, NR_PAD=nr_pad,
         BLOCK_T=block_t, BLOCK_D=block_d, SPLIT_K=split > 1, FUSED=fused,
-        IEEE_A=x.dtype == torch.float32 or INTERPRETED, SOFTMAX_GATES=softmax_gates,
-        HAS_BIAS=router_bias is not None, HAS_PADDING=padding is not None,
-        HAS_SLOTS=slots is not None, MULTI_SLOT=num_slots > 1,
+        IEEE_A=x.dtype == torch.float32 or INTERPRETED, ROUTER_PRECISION=router_precision,
+        SOFTMAX_GATES=softmax_gates, HAS_BIAS=router_bias is not None,
+        has_padding=padding is not None, has_slots=slots is not None, MULTI_SLOT=num_slots > 1,
     )  # fmt: skip
