@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -73,6 +74,7 @@ class Launches:
     num_slots: int = 1
     with_slots: bool = True  # a slot buffer (the engine's pools always have one)
     padding: bool = False  # a padding mask covers the rows (the engine's CUDA-graph padding)
+    configs: tuple[dict, ...] = ({},)  # `route`'s configurations (the default: {})
 
 
 LAUNCHES = (
@@ -84,6 +86,8 @@ LAUNCHES = (
     Launches("bench-gpu slots, 1 slot", "dense", (torch.bfloat16,), (32, 256)),
     Launches("bench-gpu slots, 8 dense", "dense given", (torch.bfloat16,), (32, 256), 8),
     Launches("bench-gpu slots, 8 grouped", "grouped", (torch.bfloat16,), (32, 256, 4096), 8),
+    Launches("bench-gpu sweep", "dense", (torch.bfloat16,), tuple(BENCH_TOKENS), with_slots=False,
+             configs=tuple(triton_route.CONFIGURATIONS.values())),
 )  # fmt: skip
 
 
@@ -129,7 +133,9 @@ def recorded(target: Target) -> Iterator[list[tuple]]:
         yield launches
 
 
-def launch(spec: Launches, dtype: torch.dtype, d_in: int, widths: list[int], tokens: int) -> None:
+def launch(
+    spec: Launches, dtype: torch.dtype, d_in: int, widths: list[int], tokens: int, config: dict
+) -> None:
     """Call the launchers as a pool of this projection does (meta tensors)."""
     s, c = len(widths), spec.num_slots
 
@@ -164,7 +170,7 @@ def launch(spec: Launches, dtype: torch.dtype, d_in: int, widths: list[int], tok
         out = empty(tokens, d_in + c * s * N * R)
         triton_route.route(
             x, lora_a, router, None, out, stats, selected, semaphore, lora_h, logits,
-            *route_args, slots, c,
+            *route_args, slots, c, **config,
         )  # fmt: skip
 
 
@@ -178,9 +184,10 @@ def specialisations(target: Target) -> dict[str, tuple[ASTSource, dict, list[str
         with recorded(target) as launches:
             for shape in LLAMA_SHAPES.values():
                 for d_in, widths in projection_shapes(*shape).values():
-                    for dtype in spec.dtypes:
-                        for tokens in spec.tokens:
-                            launch(spec, dtype, d_in, widths, tokens)
+                    for dtype, tokens, config in itertools.product(
+                        spec.dtypes, spec.tokens, spec.configs
+                    ):
+                        launch(spec, dtype, d_in, widths, tokens, config)
         for kernel, args, kwargs in launches:
             name = kernel.__name__
             if name not in binders:
@@ -198,7 +205,7 @@ def specialisations(target: Target) -> dict[str, tuple[ASTSource, dict, list[str
     return found
 
 
-SHOWN = ("BLOCK_T", "SPLIT_K", "FUSED", "MULTI_SLOT", "NR")
+SHOWN = ("BLOCK_D", "ROUTER_PRECISION", "BLOCK_T", "SPLIT_K", "FUSED", "MULTI_SLOT", "NR")
 
 
 def describe(source: ASTSource) -> tuple[str, bool]:
