@@ -543,12 +543,12 @@ def main() -> None:
     rows = []
     for shape in shapes:
         rows += time_shape(args, shape, device, dtype, kernel, modes)
+    sweep_rows = [r for shape in shapes if args.sweep_tokens
+                  for r in sweep_configurations(args, shape, device, dtype)]  # fmt: skip
     # slots on CPU: the numba kernel, whose grouped products serve several slots there
     slot_kernel = kernel if device == "cuda" else "numba"
     slot_rows = time_slots(args, shapes[0], device, dtype, slot_kernel, modes[-1])
     rows += slot_rows
-    sweep_rows = [r for shape in shapes if args.sweep_tokens
-                  for r in sweep_configurations(args, shape, device, dtype)]  # fmt: skip
     for r in sweep_rows:
         print(f"{r['shape']:12s} sweep {r['tokens']:5d} tokens  fastest: {r['fastest']} "
               f"{r['sweep_us'][r['fastest']]:.1f} us, default {r['sweep_us']['default']:.1f} us",
