@@ -79,7 +79,7 @@ def _grouped_shrink_route_kernel(
     N_PAD: tl.constexpr, NR_PAD: tl.constexpr, R0_PAD: tl.constexpr, WIDTH: tl.constexpr,
     C_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_K: tl.constexpr,
     IEEE_A: tl.constexpr,
-    SOFTMAX_GATES, HAS_BIAS, has_padding,
+    softmax_gates, has_bias, has_padding,
     GIVEN: tl.constexpr, PRODUCTS_ONLY: tl.constexpr,
 ):  # fmt: skip
     """GIVEN: route the products in h_ptr, logits_ptr (summed over a row-parallel group)
@@ -98,7 +98,7 @@ def _grouped_shrink_route_kernel(
         _finish_block(
             acc_h, acc_l, acc_h, rows, row_ok, part, slot, bias_ptr, hidden_ptr, always_ptr,
             h_ptr, logits_ptr, stats_ptr, step_ptr, pad_ptr, omega, max_step_rows, N, R, K, S,
-            R0, N_PAD, NR_PAD, R0_PAD, SOFTMAX_GATES, HAS_BIAS, has_padding, PRODUCTS_ONLY,
+            R0, N_PAD, NR_PAD, R0_PAD, softmax_gates, has_bias, has_padding, PRODUCTS_ONLY,
         )  # fmt: skip
         return
     group = slot * S + part  # this slot's pool of this part, in the slot-major tensors
@@ -111,7 +111,7 @@ def _grouped_shrink_route_kernel(
         _finish_block(
             acc_h, acc_l, acc_0, rows, row_ok, part, slot, bias_ptr, hidden_ptr, always_ptr,
             h_ptr, logits_ptr, stats_ptr, step_ptr, pad_ptr, omega, max_step_rows, N, R, K, S,
-            R0, N_PAD, NR_PAD, R0_PAD, SOFTMAX_GATES, HAS_BIAS, has_padding, PRODUCTS_ONLY,
+            R0, N_PAD, NR_PAD, R0_PAD, softmax_gates, has_bias, has_padding, PRODUCTS_ONLY,
         )  # fmt: skip
     else:  # the workspace [num_splits, S * T, WIDTH]: the partials, by part and token
         ticket = (slot * tl.num_programs(0) + block) * S + part
@@ -123,7 +123,7 @@ def _grouped_shrink_route_kernel(
             _finish_block(
                 acc_h, acc_l, acc_0, rows, row_ok, part, slot, bias_ptr, hidden_ptr,
                 always_ptr, h_ptr, logits_ptr, stats_ptr, step_ptr, pad_ptr, omega,
-                max_step_rows, N, R, K, S, R0, N_PAD, NR_PAD, R0_PAD, SOFTMAX_GATES, HAS_BIAS,
+                max_step_rows, N, R, K, S, R0, N_PAD, NR_PAD, R0_PAD, softmax_gates, has_bias,
                 has_padding, PRODUCTS_ONLY,
             )  # fmt: skip
 
@@ -134,7 +134,7 @@ def _finish_block(
     h_ptr, logits_ptr, stats_ptr, step_ptr, pad_ptr, omega, max_step_rows,
     N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S, R0: tl.constexpr,
     N_PAD: tl.constexpr, NR_PAD: tl.constexpr, R0_PAD: tl.constexpr,
-    SOFTMAX_GATES, HAS_BIAS, has_padding,
+    softmax_gates, has_bias, has_padding,
     PRODUCTS_ONLY: tl.constexpr,
 ):  # fmt: skip
     """A block of one slot's tokens and one part, its products summed: write the always-on
@@ -155,7 +155,7 @@ def _finish_block(
         _route_block(
             acc_h, acc_l, rows, row_ok, part, bias_ptr + slot * S * N, hidden_ptr,
             stats_ptr + slot * S * (N + 3), step_ptr, pad_ptr, pad_ptr, S * N * R, 0, omega,
-            max_step_rows, N, R, K, S, N_PAD, NR_PAD, SOFTMAX_GATES, HAS_BIAS, has_padding,
+            max_step_rows, N, R, K, S, N_PAD, NR_PAD, softmax_gates, has_bias, has_padding,
             False, False,
         )  # fmt: skip
 
@@ -293,8 +293,8 @@ def _launch(
         float(omega), step_selected.shape[0], split,
         N=num_loras, R=rank, K=top_k, S=num_parts, R0=r0, N_PAD=n_pad, NR_PAD=nr_pad,
         R0_PAD=r0_pad, WIDTH=width, C_PAD=triton.next_power_of_2(num_slots + 1), BLOCK_T=block_t, BLOCK_D=block_d, SPLIT_K=split > 1,
-        IEEE_A=x.dtype == torch.float32 or INTERPRETED, SOFTMAX_GATES=softmax_gates,
-        HAS_BIAS=router_bias is not None, has_padding=padding is not None, GIVEN=given,
+        IEEE_A=x.dtype == torch.float32 or INTERPRETED, softmax_gates=softmax_gates,
+        has_bias=router_bias is not None, has_padding=padding is not None, GIVEN=given,
         PRODUCTS_ONLY=products_only,
     )  # fmt: skip
 

@@ -18,9 +18,10 @@ launch takes fresh zeroed tickets from the caching allocator (one small memset),
 died midway, or launches on two streams over one pool, cannot leave another's tickets wrong;
 allocation and memset are stream-ordered, so CUDA-graph capture keeps them.
 
-The split count, the token count and the step's row count are runtime arguments that Triton
-does not specialise on (NOT_SPECIALIZED): one compiled kernel serves every token count of a
-block size, so few specialisations reach the GPU (tests/test_aot_compile.py compiles them all).
+The token and split counts, the number of parts, the padding, slot and bias buffers' presence
+and the gate rule are runtime arguments that Triton does not specialise on (NOT_SPECIALIZED):
+one compiled kernel serves every step of a block size and every checkpoint's routing rule, so
+few specialisations reach the GPU (tests/test_aot_compile.py compiles them all).
 
 Registered as the custom op `torch.ops.remix.route` so torch.compile and graph capture keep it.
 Runs on CPU under the Triton interpreter (TRITON_INTERPRET=1), which the tests use.
@@ -40,8 +41,18 @@ from remix_infer.ops.stats import padding_mask
 
 MIN_BLOCK_T = 16  # tl.dot needs at least 16 rows
 # runtime values not specialised on: one compiled kernel for every token count, split,
-# number of parts (S) and padding or slot buffer; the cost is a few integer multiplies
-NOT_SPECIALIZED = ["T", "S", "max_step_rows", "num_splits", "has_padding", "has_slots"]
+# number of parts (S), padding or slot buffer, router bias and gate rule; the cost is a few
+# integer multiplies and scalar branches
+NOT_SPECIALIZED = [
+    "T",
+    "S",
+    "max_step_rows",
+    "num_splits",
+    "has_padding",
+    "has_slots",
+    "has_bias",
+    "softmax_gates",
+]
 # The interpreter's tl.dot misreads bf16 operands: there the A product runs in float32.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -53,7 +64,7 @@ def _route_block(
     stride_out, hidden_offset, omega, max_step_rows,
     N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S,
     N_PAD: tl.constexpr, NR_PAD: tl.constexpr,
-    SOFTMAX_GATES, HAS_BIAS, has_padding,
+    softmax_gates, has_bias, has_padding,
     has_slots, MULTI_SLOT: tl.constexpr,
 ):  # fmt: skip
     """Route one block of tokens of one part from its products (float32). With slots, each
@@ -63,7 +74,7 @@ def _route_block(
     lcols = tl.arange(0, N_PAD)
     lcol_ok = lcols < N
     logits = acc_l
-    if HAS_BIAS:
+    if has_bias:
         logits += tl.load(bias_ptr + part * N + lcols, mask=lcol_ok, other=0.0)[None, :]
     logits = tl.where(lcol_ok[None, :], logits, float("-inf"))
 
@@ -80,7 +91,7 @@ def _route_block(
     ex = tl.where(lcol_ok[None, :], tl.exp(shifted), 0.0)
     total = tl.sum(ex, axis=1)
     entropy = tl.log(total) - tl.sum(ex * shifted, axis=1) / total
-    if SOFTMAX_GATES:  # the top logit is chosen, so exp(shifted) is the chosen softmax's numerator
+    if softmax_gates:  # the top logit is chosen, so exp(shifted) is the chosen softmax's numerator
         chosen_ex = tl.where(chosen, ex, 0.0)
         gates = omega * chosen_ex / tl.sum(chosen_ex, axis=1)[:, None]
         ess = tl.sum(gates, axis=1) * tl.sum(gates, axis=1) / tl.sum(gates * gates, axis=1)
@@ -231,7 +242,7 @@ def _remix_route_kernel(
     N_PAD: tl.constexpr, NR_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_K: tl.constexpr,
     FUSED: tl.constexpr, IEEE_A: tl.constexpr, ROUTER_PRECISION: tl.constexpr,
-    SOFTMAX_GATES, HAS_BIAS, has_padding,
+    softmax_gates, has_bias, has_padding,
     has_slots, MULTI_SLOT: tl.constexpr,
 ):  # fmt: skip
     block, part, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -258,7 +269,7 @@ def _remix_route_kernel(
         _route_block(
             acc_h, acc_l, rows, row_ok, part, bias_ptr, out_ptr, stats_ptr, step_ptr, pad_ptr,
             slots_ptr, stride_out, D, omega, max_step_rows, N, R, K, S, N_PAD, NR_PAD,
-            SOFTMAX_GATES, HAS_BIAS, has_padding, has_slots, MULTI_SLOT,
+            softmax_gates, has_bias, has_padding, has_slots, MULTI_SLOT,
         )  # fmt: skip
     else:  # the workspace [num_splits, S, blocks * BLOCK_T, NR_PAD + N_PAD]: the partials
         blocks = tl.num_programs(0)
@@ -271,7 +282,7 @@ def _remix_route_kernel(
             _route_block(
                 acc_h, acc_l, rows, row_ok, part, bias_ptr, out_ptr, stats_ptr, step_ptr,
                 pad_ptr, slots_ptr, stride_out, D, omega, max_step_rows, N, R, K, S, N_PAD,
-                NR_PAD, SOFTMAX_GATES, HAS_BIAS, has_padding, has_slots, MULTI_SLOT,
+                NR_PAD, softmax_gates, has_bias, has_padding, has_slots, MULTI_SLOT,
             )  # fmt: skip
 
 
@@ -438,6 +449,6 @@ def route(
         N=num_loras, R=rank, K=top_k, S=num_parts, N_PAD=n_pad, NR_PAD=nr_pad,
         BLOCK_T=block_t, BLOCK_D=block_d, SPLIT_K=split > 1, FUSED=fused,
         IEEE_A=x.dtype == torch.float32 or INTERPRETED, ROUTER_PRECISION=router_precision,
-        SOFTMAX_GATES=softmax_gates, HAS_BIAS=router_bias is not None,
+        softmax_gates=softmax_gates, has_bias=router_bias is not None,
         has_padding=padding is not None, has_slots=slots is not None, MULTI_SLOT=num_slots > 1,
     )  # fmt: skip
