@@ -8,7 +8,7 @@ VLLM_VERSION := 0.32.0
 DEMO_DIR ?= demo-checkpoint
 export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 
-.PHONY: setup test lint format demo clean bench-engine bench-serve bench-gpu serve
+.PHONY: setup test lint format demo clean bench-engine bench-serve bench-gpu aot-compile serve
 
 setup: $(STAMP) $(TOOLS_STAMP)
 
@@ -73,9 +73,15 @@ bench-engine: setup
 	cd benchmarks && ../$(PY) bench_engine.py
 
 # The serving layer on a GPU without vLLM (remix_infer.ops; on a machine without one, a small CPU
-# shape). Needs torch and Triton only: `python benchmarks/bench_gpu.py` runs where vLLM is absent.
-bench-gpu: setup
-	cd benchmarks && ../$(PY) bench_gpu.py
+# shape). Needs torch and Triton only, so it installs nothing: the project's venv where it is set
+# up, else python3 (a GPU host without network). QUICK=1: one short GPU call (both shapes,
+# compiled + graph, 5 repeats, a time budget; the estimate is in docs/performance.md).
+bench-gpu:
+	$(if $(wildcard $(PY)),$(PY),python3) benchmarks/bench_gpu.py $(if $(QUICK),--quick)
+
+# The Triton kernels compiled for sm_80 and sm_90 without a GPU: registers, spills, shared memory.
+aot-compile: setup
+	env -u TRITON_INTERPRET $(PY) -m remix_infer.ops.aot_compile
 
 # remix-serve (ReMix and base) against vLLM's own server (one rank-32 LoRA, and base), over HTTP.
 bench-serve: setup

@@ -17,6 +17,14 @@ chooses the top-k the plain-torch float32 path chooses (except on true ties) and
 outputs agree within bf16 tolerance, and the same for the grouped path of 8-slot pools, tokens
 of every slot and the base model; it stops with an error if not: there is no other GPU test.
 
+Then the routing kernel's configurations (triton_route.CONFIGURATIONS: more splits, narrower
+d_in blocks, the router on tensor cores in tf32x3) on one layer's four projections, the kernel
+alone in a CUDA graph, at each token count (`--sweep-tokens`), printing the fastest per count.
+`--quick` (`make bench-gpu QUICK=1`) sizes the run for one short GPU call: compiled + graph
+only, QUICK's token counts and repeats, one slot token count, and a time budget after which
+the parts not yet started are skipped and listed in the JSON line. Runs from a bare checkout
+with torch and Triton (tqdm and matplotlib optional): `python benchmarks/bench_gpu.py`.
+
 Without a GPU it runs a small CPU shape (eager, float32, the torch kernel, and the numba kernel
 for the slots; the Triton kernel's check runs in Triton's interpreter) and says so. Ends with one JSON line; results JSON + PNG go
 to benchmarks/results/.
@@ -39,20 +47,26 @@ if not torch.cuda.is_available():  # the Triton kernel can only run in its inter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch.nn.functional as F  # noqa: E402
-from common import RESULTS, git_revision, machine, save_results  # noqa: E402
+from common import RESULTS, git_revision, machine, save_results  # noqa: E402 - and sys.path
 from torch import nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
-from remix_infer.config import RemixConfig  # noqa: E402
 from remix_infer.ops import FusedRemixLinear, PoolLayout, RemixPool, TokenSlots  # noqa: E402
+from remix_infer.ops.shapes import BENCH_POOL, LLAMA_SHAPES, projection_shapes  # noqa: E402
 from remix_infer.ops.slots import pick_slot  # noqa: E402
+from remix_infer.ops.triton_route import CONFIGURATIONS, route  # noqa: E402
 
-SHAPES = {  # hidden, q width, kv width, intermediate
-    "llama3-8b": (4096, 4096, 1024, 14336),
-    "llama3.2-1b": (2048, 2048, 512, 8192),
-    "cpu-small": (512, 512, 128, 1408),
-}
-N, K, R = 8, 4, 8
+try:
+    from tqdm import tqdm
+except ImportError:  # optional: no progress bars
+
+    def tqdm(items, **_):
+        return items
+
+
+SHAPES = {**LLAMA_SHAPES, "cpu-small": (512, 512, 128, 1408)}  # hidden, q, kv, inter
+N, K, R = (BENCH_POOL[key] for key in ("num_loras", "top_k", "rank"))
+# `make bench-gpu QUICK=1`: one call of the GPU machine (estimate in docs/performance.md)
+QUICK = {"tokens": [1, 32, 256, 2048, 8192], "repeats": 5, "slot_tokens": [32], "budget_s": 300}
 LORA_RANK = 32
 VARIANTS = ("base", "remix", "lora32")
 MAX_TOKENS = 8192
@@ -68,22 +82,17 @@ SLOT_CASES = {
 }
 
 
-def pool_config() -> RemixConfig:
-    return RemixConfig(
-        base_model="bench", architecture="llama", num_layers=1, target_modules=["q_proj"],
-        num_loras=N, top_k=K, rank=R, omega=2.0 / (K * R),
-    )  # fmt: skip
+def pool_layout(d_in: int, widths: list[int], num_slots: int) -> PoolLayout:
+    """Every part adapted, constant gates omega = 2 / (k r), no always-on LoRA."""
+    adapted = tuple(range(len(widths)))
+    return PoolLayout(
+        d_in, tuple(widths), adapted, N, R, K, 2.0 / (K * R), "constant", 0, num_slots
+    )
 
 
-def projection_shapes(shape: str) -> dict[str, tuple[int, list[int]]]:
+def layer_projections(shape: str) -> dict[str, tuple[int, list[int]]]:
     """Each projection of a decoder layer: input width and the output widths of its parts."""
-    hidden, q, kv, inter = SHAPES[shape]
-    return {
-        "qkv": (hidden, [q, kv, kv]),
-        "o": (q, [hidden]),
-        "gate_up": (hidden, [inter, inter]),
-        "down": (inter, [hidden]),
-    }
+    return projection_shapes(*SHAPES[shape])
 
 
 def random_pool(
@@ -99,9 +108,7 @@ def random_pool(
 ) -> RemixPool:
     """A pool of random LoRAs and routers (in every one of its num_slots checkpoint slots)."""
     gen = torch.Generator().manual_seed(seed)
-    layout = PoolLayout.from_config(
-        pool_config(), d_in, widths, list(range(len(widths))), num_slots=num_slots
-    )
+    layout = pool_layout(d_in, widths, num_slots)
     pool = RemixPool(
         layout, dtype, MAX_TOKENS, kernel=kernel, device=device, slots=slots, grouped=grouped
     )
@@ -161,7 +168,7 @@ class DecoderStack(nn.Module):
         self.layers = nn.ModuleList()
         for i in range(layers):
             projections = nn.ModuleDict()
-            for j, (name, (d_in, widths)) in enumerate(projection_shapes(shape).items()):
+            for j, (name, (d_in, widths)) in enumerate(layer_projections(shape).items()):
                 seed = 1000 * i + j
                 gen = torch.Generator().manual_seed(seed)
                 weight = (torch.randn(sum(widths), d_in, generator=gen) * d_in**-0.5).to(
@@ -208,7 +215,7 @@ def check_fast_path(
     if slots is not None:
         slots.fill(torch.arange(tokens, device=device) % (num_slots + 1) - 1)
     for name in projections:
-        d_in, widths = projection_shapes(shape)[name]
+        d_in, widths = layer_projections(shape)[name]
         grouped = True if slots is not None else None
         fast = random_pool(d_in, widths, dtype, device, "triton", 7, slots, num_slots, grouped)
         oracle = random_pool(d_in, widths, torch.float32, device, "torch", 7, slots, num_slots)
@@ -271,15 +278,20 @@ def runner(stack: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], object]
     if mode == "eager":
         return lambda: stack(x)
     fn = torch.compile(stack, dynamic=True) if mode == "compiled+graph" else stack
+    return captured(lambda: fn(x))
+
+
+def captured(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn warmed up (compile, autotune, allocate) and captured in a CUDA graph: its replay."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):  # warm-up: compile, autotune, allocate
-            fn(x)
+        for _ in range(3):
+            fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn(x)
+        fn()
     return graph.replay
 
 
@@ -303,6 +315,8 @@ def time_shape(args: argparse.Namespace, shape: str, device: str, dtype, kernel,
     hidden = SHAPES[shape][0]
     for mode in modes:
         for tokens in tqdm(args.tokens, desc=f"{shape} {mode}", leave=False):
+            if not within_budget(args, f"{shape} {mode} {tokens} tokens"):
+                continue
             x = torch.randn(tokens, hidden, device=device, dtype=dtype)
             with torch.no_grad():
                 calls = {v: runner(stacks[v], x, mode) for v in VARIANTS}
@@ -358,6 +372,8 @@ def time_slots(args: argparse.Namespace, shape: str, device: str, dtype, kernel,
     plain = DecoderStack(shape, args.layers, "base", dtype, device, kernel)
     clock, rows = timer(device), []
     for tokens in tqdm(args.slot_tokens, desc=f"{shape} {mode} slots", leave=False):
+        if not within_budget(args, f"{shape} {mode} slots {tokens} tokens"):
+            continue
         x = torch.randn(tokens, SHAPES[shape][0], device=device, dtype=dtype)
         with torch.no_grad():
             calls = {key: runner(stack, x, mode) for key, stack in stacks.items()}
@@ -379,8 +395,60 @@ def time_slots(args: argparse.Namespace, shape: str, device: str, dtype, kernel,
     return rows
 
 
+def within_budget(args: argparse.Namespace, part: str) -> bool:
+    """Whether the run's time budget (--budget-s) still allows a part; if not, it is noted
+    as skipped."""
+    if time.monotonic() < args.deadline:
+        return True
+    args.skipped.append(part)
+    return False
+
+
+def route_call(pool: RemixPool, tokens: int, config: dict) -> Callable[[], None]:
+    """One launch of the routing kernel on random x with the pool's tensors, in a configuration
+    of `route` (triton_route.CONFIGURATIONS)."""
+    layout, a = pool.layout, pool.lora_a
+    x = torch.randn(tokens, layout.in_features, device=a.device).to(a.dtype)
+    out = x.new_empty(tokens, layout.in_features + layout.pool_width)
+    return lambda: route(
+        x, a, pool.router, None, out, pool.stats, pool.step_selected, pool.semaphore, None,
+        None, N, R, K, layout.omega, False, **config,
+    )  # fmt: skip
+
+
+def sweep_configurations(args: argparse.Namespace, shape: str, device: str, dtype) -> list:
+    """`route`'s configurations on one decoder layer's four projections: the routing kernel
+    alone (captured in a CUDA graph on a GPU), configurations interleaved within each repeat;
+    per token count, each one's time and the fastest."""
+    pools = [
+        random_pool(d_in, widths, dtype, device, "triton", seed)
+        for seed, (d_in, widths) in enumerate(layer_projections(shape).values())
+    ]
+    clock, rows = timer(device), []
+    for tokens in tqdm(args.sweep_tokens, desc=f"{shape} sweep", leave=False):
+        if not within_budget(args, f"{shape} sweep {tokens} tokens"):
+            continue
+        calls = {}
+        for name, config in CONFIGURATIONS.items():
+            layer = [route_call(pool, tokens, config) for pool in pools]
+            call = lambda layer=layer: [launch() for launch in layer]  # noqa: E731
+            calls[name] = captured(call) if device == "cuda" else call
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(args.repeats):
+            for name, call in calls.items():
+                times[name].append(clock(call))
+        us = {name: statistics.median(runs) * 1e6 for name, runs in times.items()}
+        fastest = min(us, key=us.get)
+        rows.append({"shape": shape, "tokens": tokens, "sweep_us": us, "fastest": fastest,
+                     "default_over_fastest": us["default"] / us[fastest]})  # fmt: skip
+    return rows
+
+
 def plot(rows: list[dict], path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # optional: no figure
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -435,16 +503,27 @@ def main() -> None:
     parser.add_argument(
         "--slot-tokens", type=int, nargs="+", default=[32, 256], help="checkpoint slots' part"
     )
+    parser.add_argument(
+        "--sweep-tokens", type=int, nargs="+", help="configurations' sweep (GPU default: --tokens)"
+    )
+    parser.add_argument("--budget-s", type=float, help="skip what would start after this")
+    parser.add_argument("--quick", action="store_true", help=f"compiled+graph only, {QUICK}")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where results go")
     args = parser.parse_args()
+    if args.quick:
+        args.tokens, args.repeats = args.tokens or QUICK["tokens"], QUICK["repeats"]
+        args.slot_tokens, args.budget_s = QUICK["slot_tokens"], args.budget_s or QUICK["budget_s"]
+    args.deadline = time.monotonic() + (args.budget_s or float("inf"))
+    args.skipped = []
     torch._dynamo.config.cache_size_limit = 64  # one compiled stack per variant and shape
     if torch.cuda.is_available():
         device, dtype, kernel = "cuda", torch.bfloat16, "triton"
         shapes, modes = (
             args.shapes or ["llama3-8b", "llama3.2-1b"],
-            ["eager", "graph", "compiled+graph"],
+            ["compiled+graph"] if args.quick else ["eager", "graph", "compiled+graph"],
         )
         args.tokens = args.tokens or [1, 8, 32, 128, 256, 512, 2048, 4096, 8192]
+        args.sweep_tokens = args.sweep_tokens or args.tokens
         device_name = torch.cuda.get_device_name()
         check = check_fast_path(device, dtype, 4096, shapes[0])
         check_slots = check_fast_path(device, dtype, 4096, shapes[0], num_slots=8)
@@ -464,10 +543,16 @@ def main() -> None:
     rows = []
     for shape in shapes:
         rows += time_shape(args, shape, device, dtype, kernel, modes)
+    sweep_rows = [r for shape in shapes if args.sweep_tokens
+                  for r in sweep_configurations(args, shape, device, dtype)]  # fmt: skip
     # slots on CPU: the numba kernel, whose grouped products serve several slots there
     slot_kernel = kernel if device == "cuda" else "numba"
     slot_rows = time_slots(args, shapes[0], device, dtype, slot_kernel, modes[-1])
     rows += slot_rows
+    for r in sweep_rows:
+        print(f"{r['shape']:12s} sweep {r['tokens']:5d} tokens  fastest: {r['fastest']} "
+              f"{r['sweep_us'][r['fastest']]:.1f} us, default {r['sweep_us']['default']:.1f} us",
+              file=sys.stderr)  # fmt: skip
     for r in rows:
         if "case" in r:
             print(f"{r['shape']:12s} {r['mode']:15s} {r['tokens']:5d} tokens  {r['case']:36s} "
@@ -486,8 +571,12 @@ def main() -> None:
     line["bf16_topk_disagreement_grouped_slots"] = max(
         c["topk_disagreement"] for c in check_slots.values()
     )
+    line["fastest configuration"] = {
+        f"{r['shape']} {r['tokens']}": r["fastest"] for r in sweep_rows
+    }
+    line["skipped (budget)"] = args.skipped
     results = {"summary": line, "check": check, "check_grouped_slots": check_slots,
-               "rows": rows, "revision": git_revision(), "machine": machine(),
+               "rows": rows, "sweep": sweep_rows, "revision": git_revision(), "machine": machine(),
                "layers": args.layers, "pool": {"n": N, "k": K, "r": R}}  # fmt: skip
     path = save_results("gpu", results, args.results)
     plot(rows, path.with_suffix(".png"))

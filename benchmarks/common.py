@@ -1,8 +1,10 @@
 """Shared pieces of the benchmarks: where results go and what machine made them. The models
-and server helpers are shared with the tests (tests/helpers), re-exported here."""
+and server helpers are shared with the tests (tests/helpers), re-exported here on first use, so
+that bench_gpu.py, which needs none of them, runs with torch alone (no pydantic, no vLLM)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import platform
@@ -13,16 +15,25 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers.models import (  # noqa: E402, F401 - re-exported for the benchmarks
-    build_peft_lora,
-    build_random_llama,
-    build_random_remix,
-    save_word_tokenizer,
-)
-from helpers.servers import free_port, server_env  # noqa: E402, F401
-
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the checkout's remix_infer, tests/helpers
 RESULTS = Path(__file__).resolve().parent / "results"
+# name -> the tests/helpers module that defines it
+HELPERS = {
+    "build_peft_lora": "helpers.models",
+    "build_random_llama": "helpers.models",
+    "build_random_remix": "helpers.models",
+    "save_word_tokenizer": "helpers.models",
+    "free_port": "helpers.servers",
+    "server_env": "helpers.servers",
+}
+
+
+def __getattr__(name: str) -> object:
+    """`from common import build_random_llama` and the like: imported from tests/helpers here."""
+    if name not in HELPERS:
+        raise AttributeError(f"module 'common' has no attribute {name!r}")
+    return getattr(importlib.import_module(HELPERS[name]), name)
 
 
 def machine() -> str:

@@ -36,14 +36,17 @@ from remix_infer.ops.custom_op import remix_op
 from remix_infer.ops.stats import padding_mask
 from remix_infer.ops.triton_route import (
     INTERPRETED,
+    NOT_SPECIALIZED,
     _block_t,
     _dot,
     _pool_products,
     _product_slots,
     _route_block,
     _sum_splits,
+    block_width,
     choose_split,
     semaphore_size,
+    split_workspace,
 )
 
 BLOCK_OUT = 64  # output columns per expand program
@@ -67,23 +70,23 @@ def _slot_rows(order_ptr, start, count, block, T, BLOCK_T: tl.constexpr):
     return rows, (offsets < count) & (rows < T)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _grouped_shrink_route_kernel(
     x_ptr, order_ptr, counts_ptr, a_ptr, router_ptr, bias_ptr, a0_ptr,
     hidden_ptr, always_ptr, h_ptr, logits_ptr, ws_ptr, sem_ptr, stats_ptr, step_ptr, pad_ptr,
-    T, D, D_PER_SPLIT, stride_x, omega, max_step_rows,
-    N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S: tl.constexpr, R0: tl.constexpr,
+    T, D, D_PER_SPLIT, stride_x, omega, max_step_rows, num_splits,
+    N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S, R0: tl.constexpr,
     N_PAD: tl.constexpr, NR_PAD: tl.constexpr, R0_PAD: tl.constexpr, WIDTH: tl.constexpr,
-    C_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
+    C_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_K: tl.constexpr,
     IEEE_A: tl.constexpr,
-    SOFTMAX_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PADDING: tl.constexpr,
+    softmax_gates, has_bias, has_padding,
     GIVEN: tl.constexpr, PRODUCTS_ONLY: tl.constexpr,
 ):  # fmt: skip
     """GIVEN: route the products in h_ptr, logits_ptr (summed over a row-parallel group)
     instead of computing them; PRODUCTS_ONLY: write the products there (float32, always-on
     ones into always_ptr) instead of routing them."""
     block, part = tl.program_id(0), tl.program_id(1)
-    slot, split = tl.program_id(2) // SPLIT, tl.program_id(2) % SPLIT
+    slot, split = tl.program_id(2) // num_splits, tl.program_id(2) % num_splits
     start, count = _slot_span(counts_ptr, slot, C_PAD)
     if block * BLOCK_T >= count:  # past this slot's tokens (or it has none)
         return
@@ -95,33 +98,33 @@ def _grouped_shrink_route_kernel(
         _finish_block(
             acc_h, acc_l, acc_h, rows, row_ok, part, slot, bias_ptr, hidden_ptr, always_ptr,
             h_ptr, logits_ptr, stats_ptr, step_ptr, pad_ptr, omega, max_step_rows, N, R, K, S,
-            R0, N_PAD, NR_PAD, R0_PAD, SOFTMAX_GATES, HAS_BIAS, HAS_PADDING, PRODUCTS_ONLY,
+            R0, N_PAD, NR_PAD, R0_PAD, softmax_gates, has_bias, has_padding, PRODUCTS_ONLY,
         )  # fmt: skip
         return
     group = slot * S + part  # this slot's pool of this part, in the slot-major tensors
     acc_h, acc_l, acc_0 = _pool_products(
         x_ptr, a_ptr, router_ptr, a0_ptr, rows, row_ok, group * N * R, group * N, group * R0,
         split * D_PER_SPLIT, D_PER_SPLIT, D, stride_x, x_ptr, 0, row_ok,
-        N, R, R0, N_PAD, NR_PAD, R0_PAD, BLOCK_T, BLOCK_D, IEEE_A, False,
+        N, R, R0, N_PAD, NR_PAD, R0_PAD, BLOCK_T, BLOCK_D, IEEE_A, False, "ieee",
     )  # fmt: skip
-    if SPLIT == 1:
+    if not SPLIT_K:
         _finish_block(
             acc_h, acc_l, acc_0, rows, row_ok, part, slot, bias_ptr, hidden_ptr, always_ptr,
             h_ptr, logits_ptr, stats_ptr, step_ptr, pad_ptr, omega, max_step_rows, N, R, K, S,
-            R0, N_PAD, NR_PAD, R0_PAD, SOFTMAX_GATES, HAS_BIAS, HAS_PADDING, PRODUCTS_ONLY,
+            R0, N_PAD, NR_PAD, R0_PAD, softmax_gates, has_bias, has_padding, PRODUCTS_ONLY,
         )  # fmt: skip
-    else:  # the workspace [SPLIT, S * T, WIDTH]: the partials, by part and token
+    else:  # the workspace [num_splits, S * T, WIDTH]: the partials, by part and token
         ticket = (slot * tl.num_programs(0) + block) * S + part
         last, acc_h, acc_l, acc_0 = _sum_splits(
-            acc_h, acc_l, acc_0, ws_ptr, sem_ptr, ticket, part * T + rows, row_ok, split, S * T,
-            NR_PAD, N_PAD, R0_PAD, R0, WIDTH, SPLIT,
+            acc_h, acc_l, acc_0, ws_ptr, sem_ptr, ticket, part * T + rows, row_ok, split,
+            num_splits, S * T, NR_PAD, N_PAD, R0_PAD, R0, WIDTH,
         )  # fmt: skip
         if last:
             _finish_block(
                 acc_h, acc_l, acc_0, rows, row_ok, part, slot, bias_ptr, hidden_ptr,
                 always_ptr, h_ptr, logits_ptr, stats_ptr, step_ptr, pad_ptr, omega,
-                max_step_rows, N, R, K, S, R0, N_PAD, NR_PAD, R0_PAD, SOFTMAX_GATES, HAS_BIAS,
-                HAS_PADDING, PRODUCTS_ONLY,
+                max_step_rows, N, R, K, S, R0, N_PAD, NR_PAD, R0_PAD, softmax_gates, has_bias,
+                has_padding, PRODUCTS_ONLY,
             )  # fmt: skip
 
 
@@ -129,9 +132,9 @@ def _grouped_shrink_route_kernel(
 def _finish_block(
     acc_h, acc_l, acc_0, rows, row_ok, part, slot, bias_ptr, hidden_ptr, always_ptr,
     h_ptr, logits_ptr, stats_ptr, step_ptr, pad_ptr, omega, max_step_rows,
-    N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S: tl.constexpr, R0: tl.constexpr,
+    N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S, R0: tl.constexpr,
     N_PAD: tl.constexpr, NR_PAD: tl.constexpr, R0_PAD: tl.constexpr,
-    SOFTMAX_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PADDING: tl.constexpr,
+    softmax_gates, has_bias, has_padding,
     PRODUCTS_ONLY: tl.constexpr,
 ):  # fmt: skip
     """A block of one slot's tokens and one part, its products summed: write the always-on
@@ -152,7 +155,7 @@ def _finish_block(
         _route_block(
             acc_h, acc_l, rows, row_ok, part, bias_ptr + slot * S * N, hidden_ptr,
             stats_ptr + slot * S * (N + 3), step_ptr, pad_ptr, pad_ptr, S * N * R, 0, omega,
-            max_step_rows, N, R, K, S, N_PAD, NR_PAD, SOFTMAX_GATES, HAS_BIAS, HAS_PADDING,
+            max_step_rows, N, R, K, S, N_PAD, NR_PAD, softmax_gates, has_bias, has_padding,
             False, False,
         )  # fmt: skip
 
@@ -186,9 +189,9 @@ def shrink_route(
     """x [T, d_in] -> each token's own slot's gated hidden states hidden [T, S*n*r] and
     always-on hidden states always_h [T, S*r0] (serving dtype; zero for base-model tokens),
     statistics into stats [C*S, n + 3] and selections into step_selected. order, counts:
-    the step's tokens grouped by slot (TokenSlots). lora_a, router, router_bias, always_a: every slot's rows, slot-major.
-    semaphore: the split reduction's tickets, `semaphore_size(max tokens, S) * C` int32 zeros;
-    split 0 = choose it here (how many programs share one block's reduction over d_in).
+    the step's tokens grouped by slot (TokenSlots). lora_a, router, router_bias, always_a:
+    every slot's rows, slot-major. semaphore: `semaphore_size(max tokens, S) * C` elements, the
+    bound on the tokens (not written: each launch takes its own tickets); split 0 = choose it here (how many programs share one block's reduction over d_in).
     lora_h [T, S*n*r], logits [T, S*n] (float32): each token's own slot's products, given
     (`shrink`, summed over a row-parallel group); then always_h is the caller's (None here)."""
     hidden.zero_()  # base-model tokens are in no group: their rows stay zero
@@ -265,7 +268,7 @@ def _launch(
         return
     if semaphore.numel() < num_slots * semaphore_size(tokens, num_parts):
         raise ValueError(f"{tokens} tokens: more than the pool's max_step_tokens")
-    block_t, block_d = _block_t(tokens), 64 if x.dtype == torch.float32 else 128
+    block_t, block_d = _block_t(tokens), block_width(x.dtype, 0)
     blocks = triton.cdiv(tokens, block_t)
     # at most this many blocks have tokens (each slot's last may be partial): split for them
     active = min(blocks * num_slots, blocks + num_slots - 1)
@@ -274,9 +277,9 @@ def _launch(
     nr_pad = max(16, triton.next_power_of_2(num_loras * rank))
     r0_pad = max(16, triton.next_power_of_2(r0))
     width = nr_pad + n_pad + (r0_pad if r0 else 0)
-    workspace = (
-        x.new_empty(split, num_parts * tokens, width, dtype=torch.float32) if split > 1 else x
-    )  # x: unused
+    workspace, tickets = split_workspace(
+        x, split, (num_parts * tokens, width), num_slots * blocks * num_parts
+    )
     padding = padding_mask(tokens)
     _grouped_shrink_route_kernel[(blocks, num_parts, num_slots * split)](
         x, order, counts, lora_a, router,
@@ -284,14 +287,14 @@ def _launch(
         always_a if always_a is not None else lora_a,
         hidden, always_h if always_h is not None else hidden,
         lora_h if lora_h is not None else hidden, logits if logits is not None else hidden,
-        workspace, semaphore, stats, step_selected,
-        padding.view(torch.uint8) if padding is not None else x,
+        workspace, tickets, stats, step_selected,
+        padding.view(torch.uint8) if padding is not None else step_selected,  # dtype: see route
         tokens, d_in, triton.cdiv(triton.cdiv(d_in, block_d), split) * block_d, x.stride(0),
-        float(omega), step_selected.shape[0],
+        float(omega), step_selected.shape[0], split,
         N=num_loras, R=rank, K=top_k, S=num_parts, R0=r0, N_PAD=n_pad, NR_PAD=nr_pad,
-        R0_PAD=r0_pad, WIDTH=width, C_PAD=triton.next_power_of_2(num_slots + 1), BLOCK_T=block_t, BLOCK_D=block_d, SPLIT=split,
-        IEEE_A=x.dtype == torch.float32 or INTERPRETED, SOFTMAX_GATES=softmax_gates,
-        HAS_BIAS=router_bias is not None, HAS_PADDING=padding is not None, GIVEN=given,
+        R0_PAD=r0_pad, WIDTH=width, C_PAD=triton.next_power_of_2(num_slots + 1), BLOCK_T=block_t, BLOCK_D=block_d, SPLIT_K=split > 1,
+        IEEE_A=x.dtype == torch.float32 or INTERPRETED, softmax_gates=softmax_gates,
+        has_bias=router_bias is not None, has_padding=padding is not None, GIVEN=given,
         PRODUCTS_ONLY=products_only,
     )  # fmt: skip
 

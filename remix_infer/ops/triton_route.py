@@ -1,8 +1,9 @@
 """The routing kernel: one launch per adapted projection on the GPU (see pool.py for the math).
 
 Each program takes a block of tokens and one adapted part, reads x once for both of the part's
-products (the n*r LoRA A rows in the serving dtype; the n router rows in float32, IEEE, so bf16
-and fp16 serving choose what the float32 reference chooses), then
+products (the n*r LoRA A rows in the serving dtype; the n router rows in float32, IEEE or tf32x3
+(`route`'s configurations), so bf16 and fp16 serving choose what the float32 reference
+chooses), then
 
     top-k of the logits, ties to the lower index (k rounds of argmax; argmax keeps the first)
     gates: omega on the chosen, or omega * softmax over the chosen logits
@@ -10,10 +11,17 @@ and fp16 serving choose what the float32 reference chooses), then
     adds selections, tokens, entropy and ESS of its real (non-padding) rows to `stats`
     writes the per-token selections into `step_selected`
 
-Few tokens leave most of the GPU idle, so the reduction over d_in may be split across SPLIT
-programs per block; each writes its partial products to a workspace and takes a ticket, and the
-last of them sums the partials in split order (deterministic) and routes. The tickets reset
-themselves, so the kernel needs no memset and runs under CUDA-graph capture.
+Few tokens leave most of the GPU idle, so the reduction over d_in may be split across
+num_splits programs per block; each writes its partial products to a workspace and takes a
+ticket, and the last of them sums the partials in split order (deterministic) and routes. Each
+launch takes fresh zeroed tickets from the caching allocator (one small memset), so a launch that
+died midway, or launches on two streams over one pool, cannot leave another's tickets wrong;
+allocation and memset are stream-ordered, so CUDA-graph capture keeps them.
+
+The token and split counts, the number of parts, the padding, slot and bias buffers' presence
+and the gate rule are runtime arguments that Triton does not specialise on (NOT_SPECIALIZED):
+one compiled kernel serves every step of a block size and every checkpoint's routing rule, so
+few specialisations reach the GPU (tests/test_aot_compile.py compiles them all).
 
 Registered as the custom op `torch.ops.remix.route` so torch.compile and graph capture keep it.
 Runs on CPU under the Triton interpreter (TRITON_INTERPRET=1), which the tests use.
@@ -32,6 +40,19 @@ from remix_infer.ops.custom_op import remix_op
 from remix_infer.ops.stats import padding_mask
 
 MIN_BLOCK_T = 16  # tl.dot needs at least 16 rows
+# runtime values not specialised on: one compiled kernel for every token count, split,
+# number of parts (S), padding or slot buffer, router bias and gate rule; the cost is a few
+# integer multiplies and scalar branches
+NOT_SPECIALIZED = [
+    "T",
+    "S",
+    "max_step_rows",
+    "num_splits",
+    "has_padding",
+    "has_slots",
+    "has_bias",
+    "softmax_gates",
+]
 # The interpreter's tl.dot misreads bf16 operands: there the A product runs in float32.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -41,10 +62,10 @@ def _route_block(
     acc_h, acc_l, rows, row_ok, part,
     bias_ptr, out_ptr, stats_ptr, step_ptr, pad_ptr, slots_ptr,
     stride_out, hidden_offset, omega, max_step_rows,
-    N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S: tl.constexpr,
+    N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S,
     N_PAD: tl.constexpr, NR_PAD: tl.constexpr,
-    SOFTMAX_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PADDING: tl.constexpr,
-    HAS_SLOTS: tl.constexpr, MULTI_SLOT: tl.constexpr,
+    softmax_gates, has_bias, has_padding,
+    has_slots, MULTI_SLOT: tl.constexpr,
 ):  # fmt: skip
     """Route one block of tokens of one part from its products (float32). With slots, each
     token's products are its own slot's; base-model tokens (slot -1) get zero gates and are
@@ -53,7 +74,7 @@ def _route_block(
     lcols = tl.arange(0, N_PAD)
     lcol_ok = lcols < N
     logits = acc_l
-    if HAS_BIAS:
+    if has_bias:
         logits += tl.load(bias_ptr + part * N + lcols, mask=lcol_ok, other=0.0)[None, :]
     logits = tl.where(lcol_ok[None, :], logits, float("-inf"))
 
@@ -70,7 +91,7 @@ def _route_block(
     ex = tl.where(lcol_ok[None, :], tl.exp(shifted), 0.0)
     total = tl.sum(ex, axis=1)
     entropy = tl.log(total) - tl.sum(ex * shifted, axis=1) / total
-    if SOFTMAX_GATES:  # the top logit is chosen, so exp(shifted) is the chosen softmax's numerator
+    if softmax_gates:  # the top logit is chosen, so exp(shifted) is the chosen softmax's numerator
         chosen_ex = tl.where(chosen, ex, 0.0)
         gates = omega * chosen_ex / tl.sum(chosen_ex, axis=1)[:, None]
         ess = tl.sum(gates, axis=1) * tl.sum(gates, axis=1) / tl.sum(gates * gates, axis=1)
@@ -78,8 +99,8 @@ def _route_block(
         gates = tl.where(chosen, omega, 0.0)
         ess = tl.zeros_like(entropy) + K
     slot = tl.zeros_like(rows)
-    if HAS_SLOTS:
-        slot = tl.load(slots_ptr + rows, mask=row_ok, other=-1)
+    if has_slots:
+        slot = tl.load(slots_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
         gates = tl.where((slot >= 0)[:, None], gates, 0.0)
         chosen = chosen & (slot >= 0)[:, None]
         slot = tl.maximum(slot, 0)
@@ -103,9 +124,9 @@ def _route_block(
     )
 
     real = row_ok
-    if HAS_PADDING:
+    if has_padding:
         real = real & (tl.load(pad_ptr + rows, mask=row_ok, other=1) == 0)
-    if HAS_SLOTS:
+    if has_slots:
         real = real & (tl.load(slots_ptr + rows, mask=row_ok, other=-1) >= 0)
     real_f = tl.where(real, 1.0, 0.0)
     if MULTI_SLOT:  # tokens of one block may belong to different slots: one row each
@@ -138,6 +159,7 @@ def _pool_products(
     N: tl.constexpr, R: tl.constexpr, R0: tl.constexpr,
     N_PAD: tl.constexpr, NR_PAD: tl.constexpr, R0_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_A: tl.constexpr, COPY_X: tl.constexpr,
+    ROUTER_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One block of tokens (rows: their rows of x) times one pool's rows, over d_in columns
     [d_start, d_start + d_span): the n*r LoRA A rows from a_row0 (serving dtype, or float32
@@ -175,7 +197,7 @@ def _pool_products(
             mask=(lcols < N)[:, None] & d_ok[None, :],
             other=0.0,
         )
-        acc_l += tl.dot(x.to(tl.float32), tl.trans(p), input_precision="ieee")
+        acc_l += tl.dot(x.to(tl.float32), tl.trans(p), input_precision=ROUTER_PRECISION)
         if R0 > 0:
             a0 = tl.load(
                 a0_ptr + (a0_row0 + ocols)[:, None] * D + dcols[None, :],
@@ -188,7 +210,7 @@ def _pool_products(
 
 @triton.jit
 def _product_slots(
-    rows, row_ok, part, N: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
+    rows, row_ok, part, N: tl.constexpr, R: tl.constexpr, S,
     N_PAD: tl.constexpr, NR_PAD: tl.constexpr,
 ):  # fmt: skip
     """Where one block's products of one part lie in the products [T, S*n*r] and logits
@@ -211,17 +233,17 @@ def _dot(a, b, IEEE: tl.constexpr):
     return product
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _remix_route_kernel(
     x_ptr, a_ptr, router_ptr, bias_ptr, h_ptr, logits_ptr,
     out_ptr, ws_ptr, sem_ptr, stats_ptr, step_ptr, pad_ptr, slots_ptr,
-    T, D, D_PER_SPLIT, stride_x, stride_out, omega, max_step_rows,
-    N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S: tl.constexpr,
+    T, D, D_PER_SPLIT, stride_x, stride_out, omega, max_step_rows, num_splits,
+    N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, S,
     N_PAD: tl.constexpr, NR_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
-    FUSED: tl.constexpr, IEEE_A: tl.constexpr,
-    SOFTMAX_GATES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PADDING: tl.constexpr,
-    HAS_SLOTS: tl.constexpr, MULTI_SLOT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_K: tl.constexpr,
+    FUSED: tl.constexpr, IEEE_A: tl.constexpr, ROUTER_PRECISION: tl.constexpr,
+    softmax_gates, has_bias, has_padding,
+    has_slots, MULTI_SLOT: tl.constexpr,
 ):  # fmt: skip
     block, part, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -231,50 +253,50 @@ def _remix_route_kernel(
         acc_h, acc_l, _ = _pool_products(
             x_ptr, a_ptr, router_ptr, a_ptr, rows, row_ok, part * N * R, part * N, 0,
             split * D_PER_SPLIT, D_PER_SPLIT, D, stride_x, out_ptr, stride_out, copy_x,
-            N, R, 0, N_PAD, NR_PAD, 16, BLOCK_T, BLOCK_D, IEEE_A, True,
+            N, R, 0, N_PAD, NR_PAD, 16, BLOCK_T, BLOCK_D, IEEE_A, True, ROUTER_PRECISION,
         )  # fmt: skip
-    else:  # products given (summed over a row-parallel group): copy x, load them
-        for d0 in range(0, D, BLOCK_D):
-            dcols = d0 + tl.arange(0, BLOCK_D)
+    else:  # products given (summed over a row-parallel group): copy this split's columns of
+        for d0 in range(0, D_PER_SPLIT, BLOCK_D):  # x; split 0 alone holds the products
+            dcols = split * D_PER_SPLIT + d0 + tl.arange(0, BLOCK_D)
             mask = copy_x[:, None] & (dcols < D)[None, :]
             x = tl.load(x_ptr + rows[:, None] * stride_x + dcols[None, :], mask=mask)
             tl.store(out_ptr + rows[:, None] * stride_out + dcols[None, :], x, mask=mask)
         h_at, h_ok, l_at, l_ok = _product_slots(rows, row_ok, part, N, R, S, N_PAD, NR_PAD)
-        acc_h = tl.load(h_ptr + h_at, mask=h_ok, other=0.0)
-        acc_l = tl.load(logits_ptr + l_at, mask=l_ok, other=0.0)
+        acc_h = tl.where(split == 0, tl.load(h_ptr + h_at, mask=h_ok, other=0.0), 0.0)
+        acc_l = tl.where(split == 0, tl.load(logits_ptr + l_at, mask=l_ok, other=0.0), 0.0)
 
-    if SPLIT == 1:
+    if not SPLIT_K:
         _route_block(
             acc_h, acc_l, rows, row_ok, part, bias_ptr, out_ptr, stats_ptr, step_ptr, pad_ptr,
             slots_ptr, stride_out, D, omega, max_step_rows, N, R, K, S, N_PAD, NR_PAD,
-            SOFTMAX_GATES, HAS_BIAS, HAS_PADDING, HAS_SLOTS, MULTI_SLOT,
+            softmax_gates, has_bias, has_padding, has_slots, MULTI_SLOT,
         )  # fmt: skip
-    else:  # the workspace [SPLIT, S, blocks * BLOCK_T, NR_PAD + N_PAD]: the partials
+    else:  # the workspace [num_splits, S, blocks * BLOCK_T, NR_PAD + N_PAD]: the partials
         blocks = tl.num_programs(0)
         last, acc_h, acc_l, _ = _sum_splits(
             acc_h, acc_l, acc_h, ws_ptr, sem_ptr, block * S + part,
-            part * blocks * BLOCK_T + rows, row_ok, split, S * blocks * BLOCK_T,
-            NR_PAD, N_PAD, 16, 0, NR_PAD + N_PAD, SPLIT,
+            part * blocks * BLOCK_T + rows, row_ok, split, num_splits, S * blocks * BLOCK_T,
+            NR_PAD, N_PAD, 16, 0, NR_PAD + N_PAD,
         )  # fmt: skip
         if last:
             _route_block(
                 acc_h, acc_l, rows, row_ok, part, bias_ptr, out_ptr, stats_ptr, step_ptr,
                 pad_ptr, slots_ptr, stride_out, D, omega, max_step_rows, N, R, K, S, N_PAD,
-                NR_PAD, SOFTMAX_GATES, HAS_BIAS, HAS_PADDING, HAS_SLOTS, MULTI_SLOT,
+                NR_PAD, softmax_gates, has_bias, has_padding, has_slots, MULTI_SLOT,
             )  # fmt: skip
 
 
 @triton.jit
 def _sum_splits(
-    acc_h, acc_l, acc_0, ws_ptr, sem_ptr, ticket, ws_rows, ws_ok, split, split_rows,
+    acc_h, acc_l, acc_0, ws_ptr, sem_ptr, ticket, ws_rows, ws_ok, split, num_splits, split_rows,
     NR_PAD: tl.constexpr, N_PAD: tl.constexpr, R0_PAD: tl.constexpr, R0: tl.constexpr,
-    WIDTH: tl.constexpr, SPLIT: tl.constexpr,
+    WIDTH: tl.constexpr,
 ):  # fmt: skip
-    """The reduction over d_in split across SPLIT programs: store this split's partial products
-    (and, with R0 > 0, the always-on ones) in rows ws_rows of its part of the workspace
-    [SPLIT, split_rows, WIDTH] and take a ticket; the program that takes the last one gets the
-    sums in split order (deterministic) and resets the ticket for the next launch, so no memset
-    is needed and CUDA graphs can capture it. Returns (whether last, the three sums)."""
+    """The reduction over d_in split across num_splits programs: store this split's partial
+    products (and, with R0 > 0, the always-on ones) in rows ws_rows of its part of the workspace
+    [num_splits, split_rows, WIDTH] and take a ticket (the launch's own, zeroed: `_workspace`);
+    the program that takes the last one gets the sums in split order (deterministic). Returns
+    (whether last, the three sums)."""
     hcols = tl.arange(0, NR_PAD)
     lcols = tl.arange(0, N_PAD)
     ocols = tl.arange(0, R0_PAD)
@@ -284,12 +306,12 @@ def _sum_splits(
     if R0 > 0:
         tl.store(at + NR_PAD + N_PAD + ocols[None, :], acc_0, mask=ws_ok[:, None])
     tl.debug_barrier()
-    last = tl.atomic_add(sem_ptr + ticket, 1, sem="acq_rel") == SPLIT - 1
+    last = tl.atomic_add(sem_ptr + ticket, 1, sem="acq_rel") == num_splits - 1
     if last:  # the last split of this block: sum all, in split order
         acc_h = tl.zeros_like(acc_h)
         acc_l = tl.zeros_like(acc_l)
         acc_0 = tl.zeros_like(acc_0)
-        for j in tl.static_range(SPLIT):
+        for j in range(num_splits):
             at = ws_ptr + ((j * split_rows + ws_rows) * WIDTH)[:, None]
             mask = ws_ok[:, None]
             acc_h += tl.load(at + hcols[None, :], mask=mask, other=0.0, cache_modifier=".cg")
@@ -301,7 +323,6 @@ def _sum_splits(
                     at + NR_PAD + N_PAD + ocols[None, :], mask=mask, other=0.0,
                     cache_modifier=".cg",
                 )  # fmt: skip
-        tl.atomic_xchg(sem_ptr + ticket, 0)
     return last, acc_h, acc_l, acc_0
 
 
@@ -310,8 +331,20 @@ def _block_t(tokens: int) -> int:
 
 
 def semaphore_size(max_tokens: int, num_parts: int) -> int:
-    """Tickets for the largest grid: one per (block of MIN_BLOCK_T tokens, part)."""
+    """Tickets for the largest grid: one per (block of MIN_BLOCK_T tokens, part). A caller's
+    semaphore of this size bounds the tokens a launch takes (its tickets are the launch's own)."""
     return triton.cdiv(max(max_tokens, 1), MIN_BLOCK_T) * num_parts
+
+
+def split_workspace(
+    x: torch.Tensor, split: int, rows_width: tuple[int, int], num_tickets: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split reduction's partials [split, rows, width] (float32) and this launch's own
+    tickets, zeroed; with no split, placeholders (x: never read)."""
+    if split == 1:
+        return x, x
+    tickets = torch.zeros(num_tickets, dtype=torch.int32, device=x.device)
+    return x.new_empty(split, *rows_width, dtype=torch.float32), tickets
 
 
 @functools.cache
@@ -322,10 +355,33 @@ def _target_programs() -> int:
     return 2 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
-def choose_split(blocks: int, num_parts: int, in_features: int, block_d: int) -> int:
-    """Enough programs to fill the GPU, never more splits than d_in has blocks, at most 16."""
+def choose_split(
+    blocks: int, num_parts: int, in_features: int, block_d: int, max_split: int = 16
+) -> int:
+    """Enough programs to fill the GPU, never more splits than d_in has blocks, nor max_split."""
     target = _target_programs()
-    return max(1, min(target // (blocks * num_parts), triton.cdiv(in_features, block_d), 16))
+    return max(1, min(target // (blocks * num_parts), triton.cdiv(in_features, block_d), max_split))
+
+
+ROUTER_PRECISIONS = ("ieee", "tf32x3")  # float32 (FMA units), float32-equivalent on tensor cores
+# `route`'s configurations that `make bench-gpu` sweeps (the first: the defaults)
+CONFIGURATIONS: dict[str, dict[str, int | str]] = {
+    "default": {},
+    "max_split 64": {"max_split": 64},
+    "block_d 64, max_split 64": {"block_d": 64, "max_split": 64},
+    # tf32x3 holds three pieces of each float32 tile: 128 columns spill at decode and 64 take
+    # 215-247 registers (make aot-compile); 32 take 122-168
+    "router tf32x3, block_d 32": {"router_precision": "tf32x3", "block_d": 32},
+}
+
+
+def block_width(dtype: torch.dtype, block_d: int) -> int:
+    """Columns of d_in per step of the products' loop: block_d, or by default 128 (64 in
+    float32, whose tiles are twice as wide in bytes); a power of two of at least 16 (tl.dot)."""
+    width = block_d or (64 if dtype == torch.float32 else 128)
+    if width < 16 or width & (width - 1):
+        raise ValueError(f"block_d {block_d}: a power of two of at least 16")
+    return width
 
 
 @remix_op("route", mutates_args=("out", "stats", "step_selected", "semaphore"))
@@ -348,10 +404,20 @@ def route(
     slots: torch.Tensor | None = None,
     num_slots: int = 1,
     split: int = 0,
+    max_split: int = 16,
+    block_d: int = 0,
+    router_precision: str = "ieee",
 ) -> None:
     """Launch the kernel (see the module docstring). lora_h [T, S*n*r] and logits [T, S*n],
     float32, when the products are given (each token's own slot's; always given with several
-    slots); slots [T] int64 or None (all slot 0); split 0 = choose it here."""
+    slots); slots [T] int64 or None (all slot 0); split 0 = choose it here (products given:
+    1); semaphore: sized by `semaphore_size`, it bounds the tokens (not written).
+
+    Configurations (`make bench-gpu` sweeps them; the defaults are the measured-on-CPU-only
+    originals): max_split, the most programs that share a block's reduction when the split is
+    chosen here (more fill the GPU at few tokens); block_d, columns of d_in per step (0: 128,
+    64 in float32; smaller gives more blocks to split); router_precision "ieee" (float32 on
+    FMA units) or "tf32x3" (three TF32 products on tensor cores, float32-equivalent)."""
     tokens, d_in = x.shape
     num_parts = stats.shape[0] // num_slots
     if tokens == 0:
@@ -360,28 +426,29 @@ def route(
         raise ValueError(f"{tokens} tokens: more than the pool's max_step_tokens")
     n_pad = max(16, triton.next_power_of_2(num_loras))
     nr_pad = max(16, triton.next_power_of_2(num_loras * rank))
-    block_t, block_d = _block_t(tokens), 64 if x.dtype == torch.float32 else 128
+    if router_precision not in ROUTER_PRECISIONS:
+        raise ValueError(f"router_precision {router_precision!r}: one of {ROUTER_PRECISIONS}")
+    block_t, block_d = _block_t(tokens), block_width(x.dtype, block_d)
     blocks = triton.cdiv(tokens, block_t)
     fused = lora_h is None
-    split = split or (choose_split(blocks, num_parts, d_in, block_d) if fused else 1)
+    split = split or (choose_split(blocks, num_parts, d_in, block_d, max_split) if fused else 1)
     d_per_split = triton.cdiv(triton.cdiv(d_in, block_d), split) * block_d
-    workspace = (
-        x.new_empty(split, num_parts, blocks * block_t, nr_pad + n_pad, dtype=torch.float32)
-        if split > 1
-        else stats  # unused
+    workspace, tickets = split_workspace(
+        x, split, (num_parts * blocks * block_t, nr_pad + n_pad), blocks * num_parts
     )
     padding = padding_mask(tokens)
     _remix_route_kernel[(blocks, num_parts, split)](
         x, lora_a, router, router_bias if router_bias is not None else router,
         lora_h if lora_h is not None else x, logits if logits is not None else x,
-        out, workspace, semaphore, stats, step_selected,
-        padding.view(torch.uint8) if padding is not None else x,
-        slots if slots is not None else x,
+        out, workspace, tickets, stats, step_selected,
+        # absent: placeholders of the pointer's dtype, so that one specialisation serves both
+        padding.view(torch.uint8) if padding is not None else step_selected,
+        slots if slots is not None else stats.view(torch.int64),
         tokens, d_in, d_per_split, x.stride(0), out.stride(0), float(omega),
-        step_selected.shape[0],
+        step_selected.shape[0], split,
         N=num_loras, R=rank, K=top_k, S=num_parts, N_PAD=n_pad, NR_PAD=nr_pad,
-        BLOCK_T=block_t, BLOCK_D=block_d, SPLIT=split, FUSED=fused,
-        IEEE_A=x.dtype == torch.float32 or INTERPRETED, SOFTMAX_GATES=softmax_gates,
-        HAS_BIAS=router_bias is not None, HAS_PADDING=padding is not None,
-        HAS_SLOTS=slots is not None, MULTI_SLOT=num_slots > 1,
+        BLOCK_T=block_t, BLOCK_D=block_d, SPLIT_K=split > 1, FUSED=fused,
+        IEEE_A=x.dtype == torch.float32 or INTERPRETED, ROUTER_PRECISION=router_precision,
+        softmax_gates=softmax_gates, has_bias=router_bias is not None,
+        has_padding=padding is not None, has_slots=slots is not None, MULTI_SLOT=num_slots > 1,
     )  # fmt: skip
