@@ -28,6 +28,9 @@ def setting(
     return field(default=default, metadata=metadata)
 
 
+KERNELS = ("auto", "triton", "torch")  # --remix-kernel: remix_infer.vllm_plugin.model reads it
+
+
 class SettingsError(ValueError):
     """Settings that cannot work together; the message names the flags."""
 
@@ -81,6 +84,13 @@ class EngineSettings:
         None,
         "checkpoint slots, sized at start (default: the number of --checkpoint flags); "
         "slots left free take checkpoints loaded while serving (POST /v1/load_checkpoint)",
+    )
+    remix_kernel: str = setting(
+        "auto",
+        "the ReMix layer's kernel: auto (Triton on a GPU, checked at start; numba or torch on "
+        "CPU), triton, or torch (the plain-torch path, for a GPU whose Triton kernel fails its "
+        "start-up check)",
+        choices=KERNELS,
     )
     extra: dict[str, Any] = field(default_factory=dict, metadata={"flag": False})  # more args
 
