@@ -8,7 +8,7 @@ VLLM_VERSION := 0.32.0
 DEMO_DIR ?= demo-checkpoint
 export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 
-.PHONY: setup test lint format demo clean bench-engine bench-serve bench-gpu serve
+.PHONY: setup test lint format demo clean bench-engine bench-serve bench-gpu gpu-check serve
 
 setup: $(STAMP) $(TOOLS_STAMP)
 
@@ -76,6 +76,13 @@ bench-engine: setup
 # shape). Needs torch and Triton only: `python benchmarks/bench_gpu.py` runs where vLLM is absent.
 bench-gpu: setup
 	cd benchmarks && ../$(PY) bench_gpu.py
+
+# The Triton kernels against the float32 torch path (remix_infer/ops/check.py): on a GPU at
+# Llama-3 8B and 1B widths, bf16 and fp16; elsewhere in Triton's interpreter at a small shape
+# (tests/test_ops_check.py runs it in `make test`). A table, one JSON verdict line, non-zero exit
+# on failure. Needs torch and Triton only: `python -m remix_infer.ops.check` from the checkout.
+gpu-check: setup
+	$(PY) -m remix_infer.ops.check
 
 # remix-serve (ReMix and base) against vLLM's own server (one rank-32 LoRA, and base), over HTTP.
 bench-serve: setup
