@@ -16,6 +16,7 @@ import sys
 import httpx
 import pytest
 import torch
+from helpers.models import save_word_tokenizer
 from helpers.servers import ROOT, SMALL_ENGINE, free_port, running_server, server_env
 
 from remix_infer.ops import PoolLayout, check, triton_route
@@ -96,10 +97,12 @@ def test_check_fails_on_a_broken_kernel(monkeypatch, capsys):
     assert verdict["verdict"] == "fail" and verdict["failed"][0].startswith("outputs ")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="forces Triton's interpreter on CPU")
 def test_engine_refuses_a_broken_kernel_and_serves_on_torch(checkpoint_dir, tmp_path):
     """--remix-kernel triton with the broken kernel: the engine does not start, and says which
     check failed on which device and Triton; --remix-kernel torch serves a completion."""
+    save_word_tokenizer(checkpoint_dir / "base", 64)  # the tiny base's vocabulary
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(BROKEN_KERNEL)
@@ -115,7 +118,7 @@ def test_engine_refuses_a_broken_kernel_and_serves_on_torch(checkpoint_dir, tmp_
     assert "--remix-kernel torch" in log
     served = [*SMALL_ENGINE, "--max-model-len", "64", "--remix-kernel", "torch"]
     with running_server(checkpoint_dir, tmp_path / "torch.log", served, env=env) as server:
-        body = {"prompt": "a", "max_tokens": 2, "temperature": 0}
+        body = {"prompt": "w5 w6", "max_tokens": 2, "temperature": 0, "ignore_eos": True}
         resp = httpx.post(server["base"] + "/v1/completions", json=body, timeout=60)
     assert resp.status_code == 200, resp.text
     assert resp.json()["usage"]["completion_tokens"] == 2
