@@ -106,6 +106,11 @@ class EngineSettings:
             value = getattr(self, name)  # max_checkpoints None: as many as given
             if value is not None and value < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.remix_kernel not in KERNELS:  # argparse checks the flag, not its variable
+            raise SettingsError(
+                f"--remix-kernel {self.remix_kernel} (or REMIX_REMIX_KERNEL): expected "
+                + ", ".join(KERNELS)
+            )
         if not 0 <= self.node_rank < self.nnodes:
             raise SettingsError(
                 f"--node-rank {self.node_rank} must be between 0 and --nnodes - 1 ({self.nnodes})"

@@ -19,7 +19,8 @@ import torch
 from helpers.models import save_word_tokenizer
 from helpers.servers import ROOT, SMALL_ENGINE, free_port, running_server, server_env
 
-from remix_infer.ops import PoolLayout, check, triton_route
+from remix_infer.ops import PoolLayout, check, set_padding_provider, triton_route
+from remix_infer.ops.stats import padding_mask
 
 BLOCKED = ("pydantic", "vllm", "transformers")
 # Runs a module with BLOCKED unimportable (a meta-path finder ahead of every other).
@@ -83,9 +84,15 @@ def broken_route(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_check_fails_on_a_broken_kernel(monkeypatch, capsys):
     """A wrong kernel fails the outputs check (selections are right), and the command exits
-    non-zero with a failing verdict."""
+    non-zero with a failing verdict; the engine's padding provider survives the check."""
     layout = PoolLayout(64, (48, 16), (0, 1), 6, 4, 2, 0.7, "constant")
-    assert not check.failures(check.quick_check(layout, torch.bfloat16, "cpu"))
+    engine_padding = torch.tensor([False, True])
+    set_padding_provider(lambda: engine_padding)
+    try:
+        assert not check.failures(check.quick_check(layout, torch.bfloat16, "cpu"))
+        assert padding_mask(2) is engine_padding
+    finally:
+        set_padding_provider(lambda: None)
     broken_route(monkeypatch)
     bad = check.failures(check.quick_check(layout, torch.bfloat16, "cpu"))
     assert {o.check for o in bad} == {"outputs"}, bad
@@ -95,6 +102,24 @@ def test_check_fails_on_a_broken_kernel(monkeypatch, capsys):
     assert check.main([]) == 1
     verdict = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert verdict["verdict"] == "fail" and verdict["failed"][0].startswith("outputs ")
+
+
+def test_remix_kernel_flag_and_variable(monkeypatch):
+    """--remix-kernel and REMIX_REMIX_KERNEL reach the engine's arguments; a bad value in the
+    variable is refused naming both."""
+    from server.cli import build_parser
+    from server.settings import EngineSettings, SettingsError, from_args
+
+    def settings(*args: str) -> EngineSettings:
+        return from_args(EngineSettings, build_parser().parse_args(list(args)))
+
+    assert settings().remix_kernel == "auto"
+    assert settings("--remix-kernel", "torch").remix_kernel == "torch"
+    monkeypatch.setenv("REMIX_REMIX_KERNEL", "triton")
+    assert settings().remix_kernel == "triton"
+    monkeypatch.setenv("REMIX_REMIX_KERNEL", "cuda")
+    with pytest.raises(SettingsError, match="--remix-kernel cuda .or REMIX_REMIX_KERNEL."):
+        settings().check()
 
 
 @pytest.mark.slow

@@ -50,7 +50,7 @@ if not torch.cuda.is_available():  # chosen when a kernel is defined: before tri
 
 from remix_infer.ops.pool import FusedRemixLinear, PoolLayout, RemixPool  # noqa: E402
 from remix_infer.ops.slots import TokenSlots, pick_slot  # noqa: E402
-from remix_infer.ops.stats import set_padding_provider  # noqa: E402
+from remix_infer.ops.stats import padding_rows  # noqa: E402
 
 N, K, R = 8, 4, 8  # the pool of `make bench-gpu`
 OMEGA = 2.0 / (K * R)
@@ -138,11 +138,11 @@ def build_pair(geometry: Geometry, device: str, max_tokens: int, seed: int = 7) 
     """Random weights (a ReMix term about as large as the base product, so that a wrong term
     shows), loaded into a triton pool in the dtype and a torch pool in float32."""
     layout, dtype = geometry.layout, geometry.dtype
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)  # on the device: GPU widths are large
     d_in = layout.in_features
 
     def rand(*shape: int, scale: float) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * scale).to(device)
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * scale
 
     weight = rand(layout.out_features, d_in, scale=d_in**-0.5).to(dtype).float()
     slots = ()
@@ -177,7 +177,7 @@ def step_slots(tokens: int, num_slots: int) -> torch.Tensor | None:
     return torch.arange(tokens) % (num_slots + 1) - 1
 
 
-def padding_rows(tokens: int) -> torch.Tensor:
+def padding_of(tokens: int) -> torch.Tensor:
     """The last quarter of the rows pad the step (routed, not counted)."""
     padding = torch.zeros(tokens, dtype=torch.bool)
     padding[tokens - tokens // 4 :] = True
@@ -187,12 +187,8 @@ def padding_rows(tokens: int) -> torch.Tensor:
 def run(layer: FusedRemixLinear, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
     """One forward with this padding mask, its statistics from zero."""
     layer.pool.stats.zero_()
-    set_padding_provider(lambda: padding)
-    try:
-        with torch.no_grad():
-            return layer(x)
-    finally:
-        set_padding_provider(lambda: None)
+    with padding_rows(padding), torch.no_grad():
+        return layer(x)
 
 
 def tied_tokens(pair: Pair, x: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
@@ -218,12 +214,13 @@ def compare(pair: Pair, geometry: Geometry, tokens: int, device: str) -> list[Ou
     """Selections, outputs and counters of one step of `tokens` rows."""
     label, dtype = geometry.label(), geometry.dtype
     gen = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, geometry.layout.in_features, generator=gen).to(device, dtype)
+    x = torch.randn(tokens, geometry.layout.in_features, generator=gen, device="cpu")
+    x = x.to(device, dtype)
     slots = step_slots(tokens, geometry.layout.num_slots)
     if slots is not None:
         slots = slots.to(device)
         pair.slots[0].fill(slots)
-    padding = padding_rows(tokens).to(device)
+    padding = padding_of(tokens).to(device)
     got = run(pair.fast, x, padding).float()
     want = run(pair.oracle, x.float(), padding)
     real = ~padding if slots is None else ~padding & (slots >= 0)  # routed, counted tokens
@@ -312,7 +309,8 @@ def check_splits(
     pool, label = pair.fast.pool, geometry.label()
     if pool.layout.num_slots > 1 and not pool.grouped:
         return []  # the dense kernel routes given products there: no reduction to split
-    x = torch.randn(tokens, pool.layout.in_features, generator=torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(tokens, pool.layout.in_features, generator=gen, device="cpu")
     x = x.to(device, geometry.dtype)
     slots = step_slots(tokens, pool.layout.num_slots)
     if slots is not None:
