@@ -8,7 +8,7 @@ VLLM_VERSION := 0.32.0
 DEMO_DIR ?= demo-checkpoint
 export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 
-.PHONY: setup test lint format demo clean bench-engine bench-serve bench-gpu aot-compile serve
+.PHONY: setup test lint format demo clean bench-engine bench-serve bench-gpu gpu-check aot-compile serve
 
 setup: $(STAMP) $(TOOLS_STAMP)
 
@@ -82,6 +82,13 @@ bench-gpu:
 # The Triton kernels compiled for sm_80 and sm_90 without a GPU: registers, spills, shared memory.
 aot-compile: setup
 	env -u TRITON_INTERPRET $(PY) -m remix_infer.ops.aot_compile
+
+# The Triton kernels against the float32 torch path (remix_infer/ops/check.py): on a GPU at
+# Llama-3 8B and 1B widths, bf16 and fp16; elsewhere in Triton's interpreter at a small shape
+# (tests/test_ops_check.py runs it in `make test`). A table, one JSON verdict line, non-zero exit
+# on failure. Needs torch and Triton only, so like bench-gpu it installs nothing.
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),python3) -m remix_infer.ops.check
 
 # remix-serve (ReMix and base) against vLLM's own server (one rank-32 LoRA, and base), over HTTP.
 bench-serve: setup

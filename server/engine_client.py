@@ -165,7 +165,7 @@ class RemixEngine:
         # One checkpoint is passed as itself: the engine exactly as before slots existed.
         single = len(loaded) == 1 and self.settings.max_checkpoints is None
         self.engine_kwargs = remix_engine_kwargs(
-            first if single else loaded, self.settings.max_checkpoints
+            first if single else loaded, self.settings.max_checkpoints, self.settings.remix_kernel
         )  # raises ValueError naming both checkpoints for a pair that cannot share the engine
         table = ModelTable(max_slots=slots)
         for slot, (name, ckpt) in enumerate(loaded.items()):

@@ -28,6 +28,9 @@ def setting(
     return field(default=default, metadata=metadata)
 
 
+KERNELS = ("auto", "triton", "torch")  # --remix-kernel: remix_infer.vllm_plugin.model reads it
+
+
 class SettingsError(ValueError):
     """Settings that cannot work together; the message names the flags."""
 
@@ -82,6 +85,13 @@ class EngineSettings:
         "checkpoint slots, sized at start (default: the number of --checkpoint flags); "
         "slots left free take checkpoints loaded while serving (POST /v1/load_checkpoint)",
     )
+    remix_kernel: str = setting(
+        "auto",
+        "the ReMix layer's kernel: auto (Triton on a GPU, checked at start; numba or torch on "
+        "CPU), triton, or torch (the plain-torch path, for a GPU whose Triton kernel fails its "
+        "start-up check)",
+        choices=KERNELS,
+    )
     extra: dict[str, Any] = field(default_factory=dict, metadata={"flag": False})  # more args
 
     @property
@@ -96,6 +106,11 @@ class EngineSettings:
             value = getattr(self, name)  # max_checkpoints None: as many as given
             if value is not None and value < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.remix_kernel not in KERNELS:  # argparse checks the flag, not its variable
+            raise SettingsError(
+                f"--remix-kernel {self.remix_kernel} (or REMIX_REMIX_KERNEL): expected "
+                + ", ".join(KERNELS)
+            )
         if not 0 <= self.node_rank < self.nnodes:
             raise SettingsError(
                 f"--node-rank {self.node_rank} must be between 0 and --nnodes - 1 ({self.nnodes})"

@@ -176,10 +176,10 @@ def test_split_reduction_is_deterministic_and_resets_its_tickets():
         out = x.new_empty(40, D_IN + pool.layout.pool_width)
         route(
             x, pool.lora_a, pool.router, pool.router_bias, out, pool.stats, pool.step_selected,
-            pool.semaphore, None, None, N, R, K, 0.7, False, split=split,
+            pool.path.semaphore, None, None, N, R, K, 0.7, False, split=split,
         )  # fmt: skip
         results.append((out, pool.stats.clone()))
-        assert int(pool.semaphore.abs().sum()) == 0
+        assert int(pool.path.semaphore.abs().sum()) == 0
     for out, stats in results[1:]:
         assert torch.equal(out, results[0][0])
         assert torch.equal(stats, results[0][1])

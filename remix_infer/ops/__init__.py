@@ -1,8 +1,10 @@
-"""The serving layer's math without vLLM: importable with torch alone (plus Triton on a GPU).
+"""The serving layer's math without vLLM, pydantic or transformers: torch alone (plus Triton).
 
-pool.py          RemixPool: pool tensors, the folded GEMM weight, the forwards of the three
-                 kernels (torch: the oracle; numba: CPU; triton: GPU); FusedRemixLinear: a base
-                 linear and its pool as one module
+pool.py          RemixPool: pool tensors, layout, statistics, the folded GEMM weight; PoolLayout;
+                 FusedRemixLinear: a base linear and its pool as one module
+paths/           the execution paths, one class each behind PoolPath (torch: the oracle; numba:
+                 CPU, stacked or grouped; triton: GPU, dense or grouped)
+check.py         `make gpu-check`: the Triton kernels against the float32 torch path
 shared.py        SharedRouter: the shared routing scope's one router per model
 slots.py         checkpoint slots: several checkpoints in one pool, each token's slot (TokenSlots),
                  the grouped products of several slots on CPU

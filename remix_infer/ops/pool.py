@@ -13,31 +13,25 @@ An optional always-on LoRA per part (A0_s [r0, d_in], B0_s [d_out_s, r0], weight
 always-selected member of the pool: its A rows ride on the pool's A product, its hidden states
 h0_s = x A0_s^T follow the gated ones ungated, and B0_s sits beside B_s in the same product.
 
-The base product is never run alone: it shares one GEMM with the pool, in one of two ways that
-`fold_base_weight` prepares and `forward` consumes.
+The base product is never run alone: it shares one GEMM with the pool. How is the pool's path
+(ops/paths/, one class each, chosen by kernel and `grouped`): `fold_base_weight` prepares the
+GEMM's weight and `forward` runs the path.
 
-    "torch" (the oracle) and "numba" (CPU):  rows stacked, y_all = x [W ; A ; P]^T, so the
-        pool's narrow A and router products ride on the base GEMM; then routing (plain torch
-        ops, or ONE numba call: cpu_route.py) and one B product per part added into the base
-        columns.
-    "triton" (GPU):  columns stacked, y = [x | gated h] [W | block-diagonal B]^T, so the base
-        product and every B product are one GEMM; before it, ONE Triton kernel reads x, does the
-        A and router products (router in float32), routes, gates, writes [x | gated h] and
-        accumulates the routing statistics (triton_route.py).
+    TorchPath (the oracle) and NumbaPath (CPU):  rows stacked, y_all = x [W ; A ; P]^T; then
+        routing (plain torch ops, or ONE numba call: cpu_route.py) and one B product per part.
+    NumbaGroupedPath (CPU engine, the numba kernel with token slots, one slot or several): the
+        GEMM is the base product alone; each slot's A, router and B products run on that slot's
+        tokens only (the adapter FLOPs of one checkpoint, none for base-model tokens).
+    TritonDensePath (GPU):  columns stacked, y = [x | gated h] [W | block-diagonal B]^T; before
+        it ONE Triton kernel does the A and router products, routes and writes [x | gated h].
+    TritonGroupedPath (GPU, several slots, grouped=True): the grouped scheme in two Triton
+        kernels; triton's default stays dense until a GPU run of `make bench-gpu` shows it faster.
 
 Checkpoint slots (ops/slots.py): a pool sized for C slots holds C checkpoints' pools and routers
 side by side (slot-major: every tensor's rows, or B's columns, slot by slot); the engine's slot
-buffer gives each token's slot, -1 for base-model tokens. The "numba" kernel (CPU) with a slot
-buffer is grouped, one slot or several: the GEMM is the base product alone, and each slot's A,
-router and B products run on that slot's tokens only (the adapter FLOPs of one checkpoint, none
-for base-model tokens). Without a slot buffer (or in the shared routing scope) it is the stacked
-path above, and so is the "torch" kernel with one slot (zero gates for base-model tokens). The
-"triton" kernel has the same grouped path (triton_grouped.py), taken
-with grouped=True: its default stays dense until a GPU run of `make bench-gpu` shows it faster.
-The "torch" kernel and triton by default are dense: the narrow product runs for
-every slot (C times the adapter FLOPs); each token keeps its own slot's hidden states and logits
-(a gather), routes them as above, and its gated hidden states go back to its slot's columns
-(zeros elsewhere) for one product with every slot's B.
+buffer gives each token's slot, -1 for base-model tokens. The dense paths (torch, and triton by
+default) run the narrow product for every slot (C times the adapter FLOPs); each token keeps its
+own slot's hidden states and logits, and its gated hidden states go to its slot's columns.
 
 In the shared routing scope (ops/shared.py) the pools take their logits from the model's one
 router instead of their own (no router rows in the GEMM; on triton the kernel routes the given
@@ -52,26 +46,31 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from remix_infer.config import RemixConfig
+from remix_infer.ops.paths import PoolPath, make_path
+from remix_infer.ops.paths.base import Gemm
 from remix_infer.ops.shared import SharedRouter
-from remix_infer.ops.slots import (
-    TokenSlots,
-    add_slot_b_products,
-    own_slot_products,
-    pick_slot,
-    spread_to_slots,
-)
-from remix_infer.ops.stats import record_routing, stats_width
-from remix_infer.routing import routing_gates, topk_select
+from remix_infer.ops.slots import TokenSlots
+from remix_infer.ops.stats import stats_width
 
 Kernel = Literal["torch", "numba", "triton"]
-Gemm = Callable[[torch.Tensor], torch.Tensor]
+
+
+class PoolSettings(Protocol):
+    """The checkpoint settings a pool needs, as plain values (remix_infer.config.RemixConfig has
+    them; the ops import no config schema, so they run with torch and Triton alone)."""
+
+    num_loras: int
+    rank: int
+    top_k: int
+    omega: float
+    weighting: str
+    always_on_rank: int
 
 
 @dataclass(frozen=True)
@@ -92,7 +91,7 @@ class PoolLayout:
     @classmethod
     def from_config(
         cls,
-        config: RemixConfig,
+        config: PoolSettings,
         in_features: int,
         part_widths: list[int],
         adapted: list[int],
@@ -220,15 +219,7 @@ class RemixPool(nn.Module):
         self.always_b = nn.ParameterList(
             frozen(layout.part_widths[i], c * r0) for i in (layout.adapted if r0 else ())
         )
-        self.grouped = self._grouped(grouped, c, slots is not None, shared is not None)
-        self._b_bounds = layout.adapted_column_bounds()  # where the grouped B products add
-        # The stacked GEMM carries the router rows only when it runs in float32.
-        self.fold_router = self.kernel != "triton" and dtype == torch.float32 and shared is None
-        if self.grouped and self.kernel == "numba":  # each slot's rows [A ; A0 ; P], one product
-            rows = s * n * r + s * r0 + (s * n if self.fold_router else 0)
-            self.register_buffer(
-                "slot_narrow", torch.zeros(c, rows, d_in, dtype=dtype, device=device), False
-            )
+        grouped = self._grouped(grouped, c, slots is not None, shared is not None)
         self._shared = (shared,) if shared is not None else ()  # a tuple: not a submodule here
         self._slots = (slots,) if slots is not None else ()  # the model owns it
         self.routes_shared = routes_shared
@@ -240,19 +231,11 @@ class RemixPool(nn.Module):
             torch.zeros(max_step_tokens, s, n, dtype=torch.uint8, device=device),
             persistent=False,
         )
-        if self.kernel == "triton":  # split-K tickets of the routing kernel; it resets them
-            from remix_infer.ops.triton_route import semaphore_size
-
-            tickets = semaphore_size(max_step_tokens, s) * (c if self.grouped else 1)
-            self.register_buffer(
-                "semaphore",
-                torch.zeros(tickets, dtype=torch.int32, device=device),
-                persistent=False,
-            )
-        self.prepare()
-        # Debug/test hook (torch kernel): keep every forward's selections [T, S, k] while on.
+        # Debug/test hook (torch and numba kernels): keep every forward's selections [T, S, k].
         self.capture_selections = False
         self.captured: list[torch.Tensor] = []
+        self.path: PoolPath = make_path(self, grouped, max_step_tokens)
+        self.prepare()
 
     def _grouped(self, asked: bool | None, num_slots: int, has_slots: bool, shared: bool) -> bool:
         """Whether the slots' products run grouped (each slot's on its own tokens, nothing of
@@ -320,96 +303,45 @@ class RemixPool(nn.Module):
                 b0[:, slot * r0 : (slot + 1) * r0].zero_()
         self.stats[slot * s : (slot + 1) * s].zero_()
 
+    @property
+    def grouped(self) -> bool:
+        """Each slot's products run on its own tokens only (nothing of the pool's in the GEMM)."""
+        return self.path.grouped
+
+    @property
+    def shared(self) -> SharedRouter | None:
+        """The model's one router in the shared routing scope, else None."""
+        return self._shared[0] if self._shared else None
+
+    @property
+    def slots(self) -> TokenSlots | None:
+        """The engine's token slots (None: every token is slot 0's)."""
+        return self._slots[0] if self._slots else None
+
     def prepare(self, make_gemm: Callable[[torch.Tensor], Gemm] | None = None) -> None:
-        """Pick the kernels of the B products (torch kernel) for the current weights.
-        make_gemm(weight) -> (x -> x @ weight.T); default F.linear. A gemm with a `refresh()`
-        method (a prepacked copy of its weight) is refreshed by `refresh_products`."""
-        make_gemm = make_gemm or (lambda w: lambda x: F.linear(x, w))
-        if self.grouped:  # the grouped products read each slot's part of lora_b itself
-            self._b_weights, self._product_b = [], []
-            return
-        self._b_weights = self.part_b_weights()  # kept: products may read them by reference
-        self._product_b = [make_gemm(b) for b in self._b_weights]
+        """Pick the kernels of the path's own products (the stacked path's B products) for the
+        current weights. make_gemm(weight) -> (x -> x @ weight.T); default F.linear. A gemm with
+        a `refresh()` method (a prepacked copy of its weight) is refreshed by
+        `refresh_products`."""
+        self.path.prepare(make_gemm or (lambda w: lambda x: F.linear(x, w)))
 
-    @torch.no_grad()
     def refresh_products(self) -> None:
-        """After the pool's tensors changed in place: rewrite the B products' weights in place
-        (so compiled graphs keep reading the same tensors) and refresh prepacked copies."""
-        if self.layout.always_rank and not self.grouped:
-            for kept, fresh in zip(self._b_weights, self.part_b_weights(), strict=True):
-                kept.copy_(fresh)
-        for product in self._product_b:
-            if hasattr(product, "refresh"):
-                product.refresh()
-
-    def part_b_weights(self) -> list[torch.Tensor]:
-        """Each adapted part's B as its product reads the hidden states: [B_j | B0_j]."""
-        if not self.layout.always_rank:
-            return list(self.lora_b)
-        return [torch.cat([b, b0], dim=1) for b, b0 in zip(self.lora_b, self.always_b, strict=True)]
+        """After the pool's tensors changed in place: refresh what `prepare` made, in place (so
+        compiled graphs keep reading the same tensors)."""
+        self.path.refresh_products()
 
     @torch.no_grad()
     def fold_base_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight of the one GEMM that `forward` hands to its `gemm`, from the base weight
-        [d_out, d_in]: [W ; A (; P)] for the torch kernel, [W | block-diagonal B] for triton,
-        W itself when grouped (whose narrow rows wait in slot_narrow)."""
-        if self.grouped:
-            self.refresh_fold(weight)
-            return weight
-        return torch.cat(
-            [weight, self._adapter_fold(weight)], dim=0 if self.kernel != "triton" else 1
-        )
+        [d_out, d_in]: [W ; A (; P)] for the stacked paths, [W | block-diagonal B] for triton's
+        dense one, W itself when grouped."""
+        return self.path.fold_weight(weight)
 
     @torch.no_grad()
     def refresh_fold(self, folded: torch.Tensor, slot: int | None = None) -> None:
         """Rewrite the pool's part of a folded weight in place after its tensors changed (the
         base rows or columns stay as they are); slot: only that slot's changed (None: any)."""
-        if self.grouped:  # nothing of the pool's in the GEMM: numba's rows are slot_narrow
-            if self.kernel == "numba":  # (triton's kernels read the pool's tensors themselves)
-                c, d_in = self.layout.num_slots, self.layout.in_features
-                slots = slice(None) if slot is None else slice(slot, slot + 1)
-                narrow = [t.view(c, -1, d_in)[slots] for t in self._narrow_rows()]
-                self.slot_narrow[slots] = torch.cat(narrow, 1)
-            return
-        if self.kernel != "triton":
-            folded[self.layout.out_features :].copy_(self._adapter_fold(folded))
-        else:
-            folded[:, self.layout.in_features :].copy_(self._adapter_fold(folded))
-
-    def _narrow_rows(self) -> list[torch.Tensor]:
-        """The pool's rows that ride on the base product: [A ; A0 ; P], every slot's."""
-        rows = [self.lora_a]
-        if self.always_a is not None:
-            rows.append(self.always_a)
-        if self.fold_router:
-            rows.append(self.router)
-        return rows
-
-    def _adapter_fold(self, like: torch.Tensor) -> torch.Tensor:
-        """The pool's rows [A ; A0 ; P] (torch kernel) or columns [block-diagonal B | B0]
-        (triton) of the folded weight, in `like`'s dtype and device."""
-        if self.kernel != "triton":
-            return torch.cat([t.to(like.dtype) for t in self._narrow_rows()])
-        layout = self.layout
-        b = torch.zeros(
-            layout.out_features, layout.pool_width + layout.always_width, dtype=like.dtype,
-            device=like.device,
-        )  # fmt: skip
-        if self.count_b:  # block-diagonal per slot: the pool's columns, then the always-on ones
-            width, r0, s = layout.num_loras * layout.rank, layout.always_rank, layout.num_parts
-            columns = layout.part_columns()
-            for slot in range(layout.num_slots):
-                for j, part in enumerate(layout.adapted):
-                    start = (slot * s + j) * width
-                    b[columns[part], start : start + width] = self.lora_b[j][
-                        :, slot * width : (slot + 1) * width
-                    ]
-                    if r0:
-                        start = layout.pool_width + (slot * s + j) * r0
-                        b[columns[part], start : start + r0] = self.always_b[j][
-                            :, slot * r0 : (slot + 1) * r0
-                        ]
-        return b
+        self.path.refresh_fold(folded, slot)
 
     def forward(
         self,
@@ -422,271 +354,27 @@ class RemixPool(nn.Module):
 
         gemm: x' -> x' @ fold_base_weight(W).T; reduce: sums a row-parallel shard's partial pool
         products over the ranks (None when the input is whole)."""
-        if self.kernel == "triton" and self.grouped:
-            out = self._forward_triton_grouped(x, gemm, reduce)
-        elif self.kernel == "triton":
-            out = gemm(self._route_triton(x, reduce))
-        else:
-            out = self._forward_torch(x, gemm, reduce)
+        out = self.path.forward(x, gemm, reduce)  # not path(...): no module-call overhead
         return out if bias is None else out.add_(bias)
-
-    def _forward_torch(self, x: torch.Tensor, gemm: Gemm, reduce: Callable | None) -> torch.Tensor:
-        layout = self.layout
-        s, n, c = layout.num_parts, layout.num_loras, layout.num_slots
-        slots = self.token_slots(x.shape[0])
-        base, lora_h, always_h, logits = self._narrow_products(x, gemm)
-        if reduce is not None:  # the shared logits are whole already
-            lora_h = reduce(lora_h.contiguous())
-            logits = logits if self._shared else reduce(logits.contiguous())
-            always_h = reduce(always_h.contiguous()) if layout.always_rank else always_h
-        dense_slots = c > 1 and not self.grouped
-        if dense_slots:  # each token's own slot's products
-            lora_h, logits = pick_slot(lora_h, slots, c), pick_slot(logits, slots, c)
-        logits = logits.unflatten(-1, (s, n))
-        if self.router_bias is not None:
-            bias = self.router_bias.view(c, s, n)
-            logits = logits + (bias[0] if c == 1 else bias[slots.clamp(min=0)])
-        if self.kernel == "numba":
-            hidden, selected = self._route_numba(logits, lora_h, slots)
-        else:
-            selected = topk_select(logits, layout.top_k)  # [T, S, k]
-            gates = routing_gates(logits, selected, layout.omega, layout.weighting)  # [T, S, n]
-            if slots is not None:  # base-model tokens: no adapter
-                gates = gates * (slots >= 0).to(gates.dtype)[:, None, None]
-            record_routing(self.stats, self.step_selected, logits, gates, self.constant_k, slots)
-            hidden = self._gate_hidden(lora_h, gates)
-        if self.capture_selections:
-            self._capture(selected, slots)
-        if self.grouped:
-            return self._add_slot_b_products(base, hidden, always_h)
-        if dense_slots:
-            hidden = spread_to_slots(hidden, slots, c)
-        if layout.always_rank:  # the always-on hidden states follow the gated ones, ungated
-            hidden = torch.cat([hidden, self._always_hidden(always_h, slots, hidden.dtype)], -1)
-        return self._add_pool_outputs(base, hidden)
-
-    def _narrow_products(
-        self, x: torch.Tensor, gemm: Gemm
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The base product [T, d_out], the pool's hidden states, the always-on LoRAs' and the
-        router logits (before any reduce; every slot's, or each token's own when grouped)."""
-        layout = self.layout
-        if self.grouped:
-            base, narrow = gemm(x), x.new_empty(x.shape[0], self.slot_narrow.shape[1])
-            groups = self._slots[0]
-            own_slot_products(x, groups.order, groups.counts, self.slot_narrow, narrow)
-        else:
-            y = gemm(x)
-            base, narrow = y[:, : layout.out_features], y[:, layout.out_features :]
-        slots_held = 1 if self.grouped else layout.num_slots  # the products' columns: each
-        width = slots_held * layout.slot_width  # token's own slot's, or every slot's
-        a_width = width + slots_held * layout.num_parts * layout.always_rank
-        lora_h, always_h = narrow[:, :width], narrow[:, width:a_width]
-        if self._shared:
-            logits = self._shared_logits(x)
-        elif self.fold_router:
-            logits = narrow[:, a_width:]
-        else:
-            logits = F.linear(x.float(), self.router)
-        return base, lora_h, always_h, logits
-
-    def _add_slot_b_products(
-        self,
-        base: torch.Tensor,
-        hidden: torch.Tensor,
-        always_h: torch.Tensor,
-    ) -> torch.Tensor:
-        """Grouped: base + each token's own slot's B products, in place ([S, T, n*r] gated
-        hidden states; always-on ones [T, S*r0], ungated)."""
-        layout = self.layout
-        if not self.count_b:  # as in _add_pool_outputs
-            return base.contiguous()
-        always = None
-        if layout.always_rank:
-            always = always_h.view(-1, layout.num_parts, layout.always_rank).transpose(0, 1)
-        groups = self._slots[0]
-        add_slot_b_products(
-            base, groups.order, groups.counts, hidden, list(self.lora_b), always,
-            list(self.always_b), self._b_bounds,
-        )  # fmt: skip
-        return base
 
     def token_slots(self, tokens: int) -> torch.Tensor | None:
         """This step's checkpoint slot of each token [T] (-1: base model), None without slots."""
         return self._slots[0].current(tokens) if self._slots else None
 
-    def _capture(self, selected: torch.Tensor, slots: torch.Tensor | None) -> None:
+    def capture(self, selected: torch.Tensor, slots: torch.Tensor | None) -> None:
         """Keep this forward's selections [T, S, k] (-1 for base-model tokens)."""
         selected = selected.detach().clone()
         if slots is not None:
             selected[slots < 0] = -1
         self.captured.append(selected)
 
-    def _always_hidden(
-        self, always_h: torch.Tensor, slots: torch.Tensor | None, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """The always-on LoRAs' hidden states [T, C*S*r0] -> part-major [S, T, C*r0]: each
-        token's in its own slot's columns, zero elsewhere and for base-model tokens."""
-        layout = self.layout
-        c, s, r0 = layout.num_slots, layout.num_parts, layout.always_rank
-        tokens = always_h.shape[0]
-        by_part = always_h.reshape(tokens, c, s, r0).permute(2, 0, 1, 3)  # [S, T, C, r0]
-        if slots is not None:
-            owner = F.one_hot(slots.clamp(min=0), c) * (slots >= 0)[:, None]
-            by_part = by_part * owner.to(by_part.dtype)[None, :, :, None]
-        return by_part.reshape(s, tokens, c * r0).to(dtype)
-
-    def _shared_logits(self, x: torch.Tensor) -> torch.Tensor:
+    def shared_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The shared router's logits of this step, [T, S*n]: the same for every part (run
         here first if this pool reads the first layer's input)."""
         shared = self._shared[0]
         if self.routes_shared:
             shared.route(x)
         return shared.logits(x.shape[0]).repeat(1, self.layout.num_parts)
-
-    def _route_numba(
-        self, logits: torch.Tensor, lora_h: torch.Tensor, slots: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gated hidden states [S, T, n*r] and top-k [T, S, k] from ONE compiled call."""
-        from remix_infer.ops.cpu_route import route_cpu
-
-        layout = self.layout
-        tokens, s = logits.shape[0], layout.num_parts
-        hidden = lora_h.new_empty(s, tokens, layout.num_loras * layout.rank)
-        selected = torch.empty(tokens, s, layout.top_k, dtype=torch.long)
-        route_cpu(
-            logits, lora_h, hidden, selected, self.stats, self.step_selected, layout.top_k,
-            layout.omega, layout.weighting == "softmax_topk", slots,
-        )  # fmt: skip
-        return hidden, selected
-
-    def _gate_hidden(self, lora_h: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """The pool's hidden states times their gates, part-major [S, T, n*r], so that each B
-        product reads a contiguous matrix."""
-        layout = self.layout
-        s, tokens = layout.num_parts, lora_h.shape[0]
-        hidden = lora_h.new_empty(s, tokens, layout.num_loras * layout.rank)
-        torch.mul(
-            lora_h.view(tokens, s, layout.num_loras, layout.rank).transpose(0, 1),
-            gates.to(lora_h.dtype).transpose(0, 1).unsqueeze(-1),
-            out=hidden.view(s, tokens, layout.num_loras, layout.rank),
-        )
-        return hidden
-
-    def _add_pool_outputs(self, base: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """base + each adapted part's B product of its gated hidden states, [T, d_out]: a new
-        tensor for one part; for merged parts, added in place into base (a view of the stacked
-        GEMM's output, whose row stride skips the pool's columns: vLLM's CPU ops after a merged
-        projection, the qkv split, rotary embedding and SiLU-and-mul, take strided rows)."""
-        layout = self.layout
-        if not self.count_b:  # another rank adds B; vLLM all-reduces this, which needs it dense
-            return base.contiguous()
-        if layout.part_widths == (layout.out_features,):  # one part: add into its product
-            return self._product_b[0](hidden[0]).add_(base)
-        columns = layout.part_columns()
-        for j, part in enumerate(layout.adapted):
-            base[:, columns[part]].add_(self._product_b[j](hidden[j]))
-        return base
-
-    def _forward_triton_grouped(
-        self, x: torch.Tensor, gemm: Gemm, reduce: Callable | None
-    ) -> torch.Tensor:
-        """Several slots, grouped (triton_grouped.py): the base GEMM alone, each slot's A,
-        router and always-on products and routing on its own tokens, then each slot's B
-        products added into its tokens' rows."""
-        from remix_infer.ops.triton_grouped import expand
-
-        order, counts = self._slots[0].order, self._slots[0].counts  # grouped once per step
-        hidden, always_h = self._grouped_hidden(x, order, counts, reduce)
-        out = gemm(x)
-        if self.count_b:
-            expand(
-                out, order, counts, hidden, list(self.lora_b), always_h,
-                list(self.always_b), self._b_bounds,
-            )  # fmt: skip
-        return out
-
-    def _grouped_hidden(
-        self,
-        x: torch.Tensor,
-        order: torch.Tensor,
-        counts: torch.Tensor,
-        reduce: Callable | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Each token's own slot's gated hidden states [T, S*n*r] and always-on ones [T, S*r0]
-        (None without), routed. A row-parallel shard computes its partial products first,
-        `reduce` sums them over the ranks, and the kernel routes the sums."""
-        from remix_infer.ops.triton_grouped import shrink, shrink_route
-
-        layout = self.layout
-        tokens, s, n, r0 = x.shape[0], layout.num_parts, layout.num_loras, layout.always_rank
-        hidden = x.new_empty(tokens, layout.slot_width)
-        always_h = x.new_empty(tokens, s * r0) if r0 else None
-        route_args = (
-            self.stats, self.step_selected, self.semaphore, n, layout.rank, layout.top_k,
-            layout.omega, layout.weighting == "softmax_topk",
-        )  # fmt: skip
-        if reduce is None:
-            shrink_route(
-                x, order, counts, self.lora_a, self.router, self.router_bias, self.always_a,
-                hidden, always_h, *route_args,
-            )  # fmt: skip
-            return hidden, always_h
-        lora_h = x.new_empty(tokens, layout.slot_width, dtype=torch.float32)
-        logits = x.new_empty(tokens, s * n, dtype=torch.float32)
-        partial_always = torch.empty_like(always_h, dtype=torch.float32) if r0 else None
-        shrink(
-            x, order, counts, self.lora_a, self.router, self.always_a, lora_h, logits,
-            partial_always, self.semaphore, n, layout.rank,
-        )  # fmt: skip
-        lora_h, logits = reduce(lora_h), reduce(logits)
-        shrink_route(
-            x, order, counts, self.lora_a, self.router, self.router_bias, None, hidden, None,
-            *route_args, lora_h=lora_h, logits=logits,
-        )  # fmt: skip
-        return hidden, reduce(partial_always).to(x.dtype) if r0 else None
-
-    def _route_triton(self, x: torch.Tensor, reduce: Callable | None) -> torch.Tensor:
-        """[x | gated h] for the column-stacked GEMM, written by the routing kernel. With
-        several slots the products run here (every slot's), each token keeps its own slot's, and
-        the kernel writes its gated hidden states into its slot's columns of a zeroed x_cat."""
-        layout = self.layout
-        c, s, n = layout.num_slots, layout.num_parts, layout.num_loras
-        slots = self.token_slots(x.shape[0])
-        lora_h = logits = None
-        bias = self.router_bias
-        if reduce is not None or self._shared or c > 1:  # the kernel routes given products
-            lora_h = F.linear(x, self.lora_a).float()
-            lora_h = lora_h if reduce is None else reduce(lora_h)  # a shard's partial products
-            if self._shared:
-                logits = self._shared_logits(x)
-            else:
-                logits = F.linear(x.float(), self.router)
-                logits = logits if reduce is None else reduce(logits)
-        if c > 1:
-            lora_h, logits = pick_slot(lora_h, slots, c), pick_slot(logits, slots, c)
-            if bias is not None:  # each token's own slot's bias, added here
-                picked = bias.view(c, s * n)[slots.clamp(min=0)]
-                logits, bias = logits + picked, None
-        from remix_infer.ops.triton_route import route
-
-        width = layout.in_features + layout.pool_width + layout.always_width
-        x_cat = x.new_zeros(x.shape[0], width) if c > 1 else x.new_empty(x.shape[0], width)
-        if layout.always_rank:  # the always-on hidden states, in the columns after the pool's
-            always_h = F.linear(x, self.always_a)
-            always_h = always_h if reduce is None else reduce(always_h.float()).to(x.dtype)
-            if slots is not None:
-                always_h = self._always_hidden(always_h, slots, x.dtype)
-                always_h = always_h.view(s, -1, c, layout.always_rank).permute(1, 2, 0, 3)
-                always_h = always_h.reshape(x.shape[0], -1)  # back to slot-major, part-major
-            x_cat[:, layout.in_features + layout.pool_width :] = always_h
-        route(
-            x, self.lora_a, self.router, bias, x_cat, self.stats,
-            self.step_selected, self.semaphore, lora_h, logits,
-            layout.num_loras, layout.rank, layout.top_k, layout.omega,
-            layout.weighting == "softmax_topk", slots, c,
-        )  # fmt: skip
-        return x_cat
 
 
 class FusedRemixLinear(nn.Module):

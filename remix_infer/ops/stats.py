@@ -21,7 +21,8 @@ so compiled graphs see the mask of each step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,17 @@ def set_padding_provider(provider: Callable[[], torch.Tensor | None]) -> None:
     """provider() -> bool [T] (True = padding row) for the forward being run, or None."""
     global _padding_provider
     _padding_provider = provider
+
+
+@contextmanager
+def padding_rows(mask: torch.Tensor | None) -> Iterator[None]:
+    """Run forwards with this padding mask (bool [T]), the engine's provider restored after."""
+    saved = _padding_provider
+    set_padding_provider(lambda: mask)
+    try:
+        yield
+    finally:
+        set_padding_provider(saved)
 
 
 def padding_mask(num_rows: int) -> torch.Tensor | None:

@@ -96,6 +96,7 @@ def check_slot_compatible(template: RemixCheckpoint, candidate: RemixCheckpoint)
 def remix_engine_kwargs(
     checkpoint: CheckpointLike | Mapping[str, CheckpointLike],
     max_checkpoints: int | None = None,
+    kernel: str = "auto",
 ) -> dict[str, Any]:
     """Engine arguments (for vllm.LLM / AsyncEngineArgs) that serve ReMix checkpoints: one (slot
     0), or name -> checkpoint (slot i = the i-th of the mapping).
@@ -105,7 +106,8 @@ def remix_engine_kwargs(
     (default: the number given) slots are sized at start; those not filled are empty (their
     tokens get no adapter) until loaded. The engine loads the base model from its own directory
     (weights are not copied); the plugin's model class reads the adapters from the checkpoints
-    named in hf_overrides.
+    named in hf_overrides. kernel: the pools' kernel, auto (the device's default), triton or
+    torch.
     """
     given = list(checkpoint.values()) if isinstance(checkpoint, Mapping) else [checkpoint]
     if not given:
@@ -131,6 +133,7 @@ def remix_engine_kwargs(
             "remix_checkpoint": str(Path(first.path).resolve()),
             "remix_checkpoints": [str(Path(c.path).resolve()) for c in checkpoints],
             "remix_max_checkpoints": slots,
+            "remix_kernel": kernel,
         },
         "worker_extension_cls": WORKER_EXTENSION,
     }

@@ -10,6 +10,7 @@ slot buffer, which worker.CheckpointSlotFiller writes before each forward.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from remix_infer.config import (
 from remix_infer.ops import PoolLayout, RemixPool, SharedRouter
 from remix_infer.ops.slots import TokenSlots
 from remix_infer.vllm_plugin.engine import check_slot_compatible
+from remix_infer.vllm_plugin.kernel_check import check_served_kernels
 from remix_infer.vllm_plugin.layer import NOT_RELOADABLE, RemixLinearMethod
 
 # vLLM projection -> (parent module, HF projections stacked in its output, in order)
@@ -113,6 +115,7 @@ class RemixForCausalLMMixin:
         max_step_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         shared = self._attach_shared_router(config, max_step_tokens)
         device = next(self.parameters()).device
+        kernel = _pool_kernel(getattr(hf_config, "remix_kernel", "auto"), device)
         self.remix_token_slots = TokenSlots(max_step_tokens, num_slots, device=device)
         reloadable = num_slots > 1 or device.type != "cpu"  # or grouped: see layer.py
         for index, layer in enumerate(self.model.layers):
@@ -141,6 +144,7 @@ class RemixForCausalLMMixin:
                     # the first pool is layer 0's qkv_proj (config validation), on the first layer's input
                     routes_shared=shared is not None and not self.remix_adapters,
                     slots=self.remix_token_slots,
+                    kernel=kernel,
                 )
                 linear.remix = pool
                 linear.quant_method = RemixLinearMethod(
@@ -263,7 +267,22 @@ class RemixForCausalLMMixin:
             )
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return super().load_weights(weights) | self._load_remix_weights()
+        loaded = super().load_weights(weights) | self._load_remix_weights()
+        check_served_kernels(self.remix_adapters.values())  # before CUDA-graph capture
+        return loaded
+
+
+def _pool_kernel(asked: str, device: torch.device) -> str | None:
+    """The pools' kernel for --remix-kernel: auto (None: the device's default), triton or
+    torch; Triton on CPU runs only in its interpreter (tests)."""
+    if asked not in ("auto", "triton", "torch"):
+        raise ValueError(f"--remix-kernel {asked}: expected auto, triton or torch")
+    if asked == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "--remix-kernel triton on a CPU runs in Triton's interpreter only (slow; for "
+            "tests): set TRITON_INTERPRET=1, or use --remix-kernel auto"
+        )
+    return None if asked == "auto" else asked
 
 
 def _always_on_tensors(

@@ -77,10 +77,15 @@ def running_process(
 
 @contextmanager
 def running_server(
-    checkpoint: Path | None, log_path: Path, args: Sequence[str] = (), timeout: float = 180
+    checkpoint: Path | None,
+    log_path: Path,
+    args: Sequence[str] = (),
+    timeout: float = 180,
+    env: dict[str, str] | None = None,
 ) -> Iterator[dict]:
     """`python -m server.cli --checkpoint CHECKPOINT --port FREE ARGS...` (no --checkpoint when
-    None: ARGS name the model), its output in `log_path`, once /ready answers 200. Yields
+    None: ARGS name the model), its output in `log_path`, once /ready answers 200 (env: the
+    process's environment, default server_env()). Yields
     {"base": URL, "seen": [(health, ready) statuses while starting], "log": log_path, "proc":
     Popen}."""
     port = free_port()
@@ -96,7 +101,7 @@ def running_server(
         seen.append((h, r))
         return r == 200
 
-    with running_process(cmd, log_path, ready, timeout, cwd=ROOT, env=server_env()) as proc:
+    with running_process(cmd, log_path, ready, timeout, cwd=ROOT, env=env or server_env()) as proc:
         yield {"base": base, "seen": seen, "log": log_path, "proc": proc}
 
 
