@@ -1,5 +1,6 @@
 """`remix-train`: fine-tune ReMix checkpoints, compose or import PEFT LoRAs, or build the demo
-checkpoint."""
+checkpoint. `train` and `compose` also run as N data-parallel processes under
+`torchrun --nproc-per-node N -m remix_infer.train.cli ...` (or `accelerate launch`)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,11 @@ from pydantic import ValidationError  # noqa: E402
 from remix_infer.config import validation_problems  # noqa: E402
 from remix_infer.train.compose import COMPOSE_METHODS  # noqa: E402
 from remix_infer.train.data import TokenizedData  # noqa: E402
+from remix_infer.train.parallel import init_distributed, shutdown_distributed  # noqa: E402
 from remix_infer.train.trainer import TrainConfig  # noqa: E402
+
+# Commands that run as one process or under a launcher (parallel.py).
+DATA_PARALLEL_COMMANDS = ("train", "compose")
 
 # TrainConfig fields that a composed pool takes from its experts, not from flags.
 POOL_FIELDS = {"method", "num_loras", "rank", "lora_rank", "alpha", "omega_rule", "target_modules"}
@@ -44,6 +49,12 @@ def _add_train_config_flags(parser: argparse.ArgumentParser, skip: set[str] = fr
             parser.add_argument(
                 flag, nargs="+", default=default,
                 help="projections with the always-on LoRA (default: all adapted; mor: q, k, v, o)",
+            )  # fmt: skip
+        elif f.name == "batch_size":
+            parser.add_argument(
+                flag, type=int, default=default,
+                help=f"sequences per process and micro-batch (default: {default}); the global "
+                "batch is this x processes x --grad-accum",
             )  # fmt: skip
         elif hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
@@ -68,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-data", type=Path)
     train.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
     train.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    train.add_argument(
+        "--stop-at-step", type=int,
+        help="save and exit after this step (the schedule still spans --max-steps; --resume "
+        "continues)",
+    )  # fmt: skip
     _add_train_config_flags(train)
 
     imp = sub.add_parser("import-peft", help="one PEFT LoRA folder as a checkpoint (n=1, k=1)")
@@ -147,19 +163,32 @@ def claim_numbers(text: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    ranks = init_distributed() if args.command in DATA_PARALLEL_COMMANDS else None
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO if ranks is None or ranks.is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    code = 1
     try:
-        commands = {
-            "demo": run_demo_command,
-            "train": run_train_command,
-            "import-peft": run_import_command,
-            "compose": run_compose_command,
-            "distill": run_distill_command,
-            "analyze": run_analyze_command,
-            "study": run_study_command,
-        }
+        code = run_command(args)
+    finally:
+        if ranks is not None:
+            shutdown_distributed(wait=code == 0)
+    return code
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """The command's exit status; bad input is a message naming what is wrong, status 2."""
+    commands = {
+        "demo": run_demo_command,
+        "train": run_train_command,
+        "import-peft": run_import_command,
+        "compose": run_compose_command,
+        "distill": run_distill_command,
+        "analyze": run_analyze_command,
+        "study": run_study_command,
+    }
+    try:
         return commands[args.command](args)
     except ValidationError as e:  # a checkpoint config that the flags describe
         print(
@@ -245,8 +274,9 @@ def run_train_command(args: argparse.Namespace) -> int:
     trainer = Trainer(config, args.base_model, train_data, eval_data)
     if args.resume:
         trainer.resume(args.out)
-    trainer.train(args.out)
-    print(f"checkpoint: {args.out}")
+    trainer.train(args.out, stop_at_step=args.stop_at_step)
+    if trainer.ranks.is_main:
+        print(f"checkpoint: {args.out} (step {trainer.step})")
     return 0
 
 

@@ -9,8 +9,11 @@ mor:     MoR-LoRA's hard top-1 with unit scale (k = 1, omega = 1), deterministic
          the router learns through the straight-through estimator (modeling.straight_through_gates).
 mixer:   LoRA-Mixer's softmax top-k gates, end to end, plus its RSL loss (losses.rsl_loss).
 
-Over a frozen pool of existing LoRAs (compose.py, `frozen_pool`) only the routers (and an
-always-on LoRA, if any) train.
+With `frozen` adapter tensors (compose.py: a pool of existing LoRAs) those load and stay
+fixed; the rest (the routers, an always-on LoRA) train.
+
+Under a launcher (parallel.py) N processes train one model with DDP: each runs its shards of
+the step's global batch and rank 0 evaluates, logs and saves.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import logging
 import math
 import os
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from tqdm import tqdm
@@ -32,25 +36,27 @@ from remix_infer.config import (
     ALL_TARGET_MODULES,
     ATTENTION_PROJECTIONS,
     FAMILIES,
-    LORA_A,
-    LORA_B,
     RemixConfig,
     resolve_omega,
-    tensor_name,
 )
 from remix_infer.modeling import (
+    adapter_parameters,
     adapter_tensors,
     inject_remix,
     load_adapter_tensors,
     remix_modules,
+    sampling_with,
 )
 from remix_infer.routing import effective_loras, effective_support_size, entropy
 from remix_infer.train.data import TokenizedData, sequence_losses
 from remix_infer.train.losses import rsl_loss, switch_balance_loss
+from remix_infer.train.parallel import (
+    current_ranks,
+    mean_over_ranks,
+    process_device,
+    shard_seed,
+)
 from remix_infer.train.rloo import rloo_surrogate
-
-if TYPE_CHECKING:
-    from remix_infer.train.compose import FrozenPool
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -142,7 +148,8 @@ class TrainConfig:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's GPU (its local rank's under a launcher), else the CPU."""
+    return process_device(current_ranks())
 
 
 def load_base_model(path: str, dtype: str, device: torch.device) -> torch.nn.Module:
@@ -207,13 +214,16 @@ class Trainer:
         train_data: TokenizedData,
         eval_data: TokenizedData | None = None,
         device: torch.device | None = None,
-        frozen_pool: FrozenPool | None = None,
+        remix_config: RemixConfig | None = None,
+        frozen: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """frozen_pool: LoRAs that already exist (compose.py); they load frozen and only the
-        routers train. The pool's config replaces the one `config` would give."""
+        """remix_config: the checkpoint config to train (default: the one `config` gives);
+        frozen: adapter tensors by checkpoint name (e.g. existing LoRAs as the pools) that load
+        and stay fixed while the others train."""
         if config.method == "remix" and config.num_samples < 2:
             raise ValueError("remix training needs --num-samples (M) >= 2")
         self.config, self.train_data, self.eval_data = config, train_data, eval_data
+        self.ranks = current_ranks()
         self.device = device or default_device()
         self.base_model = base_model
         torch.manual_seed(config.seed)
@@ -223,17 +233,14 @@ class Trainer:
             raise ValueError(
                 f"{base_model}: model_type '{hf.model_type}' is not Llama/Mistral/Qwen2"
             )
-        self.remix_config = (
-            frozen_pool.config
-            if frozen_pool
-            else config.remix_config(base_model, hf.model_type, hf.num_hidden_layers)
+        self.remix_config = remix_config or config.remix_config(
+            base_model, hf.model_type, hf.num_hidden_layers
         )
         self.modules = inject_remix(self.model, self.remix_config)
         generator = torch.Generator().manual_seed(config.seed)
         for m in self.modules.values():
             m.reset_adapter_parameters(generator)
-        if frozen_pool:
-            self._load_frozen_pool(frozen_pool)
+        self._load_frozen(frozen or {})
         if config.method == "mor":  # hard top-1, straight-through gradient, no sampling
             for m in self.modules.values():
                 m.sample_in_training, m.straight_through = False, True
@@ -258,15 +265,57 @@ class Trainer:
         )
         self.step = 0
         self.history: list[dict] = []
+        self.forward_model = self._data_parallel(self.model)
 
-    def _load_frozen_pool(self, pool: FrozenPool) -> None:
-        """Copy the existing LoRAs into the pools and freeze them (routers keep their init)."""
-        for name, m in self.modules.items():
+    def _load_frozen(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy `tensors` into their adapter parameters and freeze those."""
+        params = adapter_parameters(self.model)
+        unknown = sorted(set(tensors) - set(params))
+        if unknown:
+            raise ValueError(f"frozen tensors that the model does not have: {unknown[:3]}")
+        for name, tensor in tensors.items():
             with torch.no_grad():
-                m.lora_a.copy_(pool.tensors[tensor_name(name, LORA_A)])
-                m.lora_b.copy_(pool.tensors[tensor_name(name, LORA_B)])
-            m.lora_a.requires_grad_(False)
-            m.lora_b.requires_grad_(False)
+                params[name].copy_(tensor)
+            params[name].requires_grad_(False)
+
+    def _data_parallel(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module the training forwards run through: DDP under several processes."""
+        if self.ranks.world_size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Routers that get no gradient (lora's pool of one; domain routing) are unused.
+        unused = self.config.method == "lora" or self.config.domain_routing
+        return DistributedDataParallel(
+            model, broadcast_buffers=False, find_unused_parameters=unused
+        )
+
+    # -- a step's global batch is shards_per_step micro-batches ("shards", parallel.py) --
+    @property
+    def shards_per_step(self) -> int:
+        return self.ranks.world_size * self.config.grad_accum
+
+    def _my_shards(self) -> range:
+        """The shards of every step that this process runs."""
+        first = self.ranks.rank * self.config.grad_accum
+        return range(first, first + self.config.grad_accum)
+
+    def _routing_draws(self, shard: int) -> AbstractContextManager:
+        """Where this shard's sampled selections come from: with several shards a step, a
+        generator seeded by (seed, step, shard), so any split of the same global batch over
+        processes and accumulation draws the same; one shard a step draws from torch's RNG,
+        seeded by --seed at start and saved for resume, as single-process runs always have."""
+        if self.shards_per_step == 1:
+            return nullcontext()
+        generator = torch.Generator(self.device)
+        generator.manual_seed(shard_seed(self.config.seed, self.step, shard))
+        return sampling_with(self.model, generator)
+
+    def _gradient_sync(self, last: bool) -> AbstractContextManager:
+        """DDP reduces the gradients once, on a step's last backward."""
+        if last or self.forward_model is self.model:
+            return nullcontext()
+        return self.forward_model.no_sync()
 
     # -- data order: a pure function of (seed, micro-batch number), so resuming is exact --
     def _batch_indices(self, micro: int) -> torch.Tensor:
@@ -287,7 +336,9 @@ class Trainer:
         samples = cfg.num_samples if cfg.method == "remix" else 1
         if samples > 1:  # M copies of each sequence, each with its own sampled selections
             batch = {k: v.repeat_interleave(samples, dim=0) for k, v in batch.items()}
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = self.forward_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        )
         losses = sequence_losses(out.logits, batch["labels"])  # [B*M]
         mask = batch["attention_mask"].bool()
         stats = RoutingStats()
@@ -325,7 +376,9 @@ class Trainer:
         for m in self.modules.values():
             m.forced_selection = domains[:, None, None]
         try:
-            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            out = self.forward_model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            )
         finally:
             for m in self.modules.values():
                 m.forced_selection = None
@@ -344,20 +397,26 @@ class Trainer:
         return torch.stack(losses).mean()
 
     def train_step(self) -> dict:
-        """One optimizer step over grad_accum micro-batches; its log record joins self.history."""
+        """One optimizer step over this process's grad_accum shards of the global batch; its
+        log record (averaged over the processes) joins self.history."""
         cfg = self.config
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         infos = []
-        for a in range(cfg.grad_accum):
-            batch = self.train_data.batch(self._batch_indices(self.step * cfg.grad_accum + a))
-            objective, info = self._forward_losses(batch)
-            (objective / cfg.grad_accum).backward()
+        shards = self._my_shards()
+        for shard in shards:
+            batch = self.train_data.batch(
+                self._batch_indices(self.step * self.shards_per_step + shard)
+            )
+            with self._routing_draws(shard), self._gradient_sync(shard == shards[-1]):
+                objective, info = self._forward_losses(batch)
+                (objective / cfg.grad_accum).backward()  # DDP averages over the processes
             infos.append(info)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         record = {k: sum(i[k] for i in infos) / len(infos) for k in infos[0]}
+        record = mean_over_ranks(record, self.device)
         record.update(step=self.step, lr=self.scheduler.get_last_lr()[0])
         self.history.append(record)
         return record
@@ -389,16 +448,23 @@ class Trainer:
         out_dir: str | os.PathLike | None = None,
         progress: bool = True,
         base_reference: str | None = None,
+        stop_at_step: int | None = None,
     ) -> list[dict]:
-        """Run to max_steps with periodic eval and saves; returns the per-step log."""
+        """Run to max_steps (or stop, saved, once at stop_at_step: the schedule is still
+        max_steps', to continue with resume) with periodic eval and saves; returns the per-step
+        log. Under several processes rank 0 evaluates and saves."""
         cfg = self.config
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=cfg.method, disable=not progress)
+        main = self.ranks.is_main
+        end = min(cfg.max_steps, stop_at_step or cfg.max_steps)
+        bar = tqdm(
+            total=cfg.max_steps, initial=self.step, desc=cfg.method, disable=not (progress and main)
+        )
         start = time.perf_counter()
-        while self.step < cfg.max_steps:
+        while self.step < end:
             record = self.train_step()
-            last = self.step == cfg.max_steps
-            if self.eval_data is not None and (
-                last or (cfg.eval_every and self.step % cfg.eval_every == 0)
+            last = self.step == end
+            if (main and self.eval_data is not None) and (
+                self.step == cfg.max_steps or (cfg.eval_every and self.step % cfg.eval_every == 0)
             ):
                 ev = self.evaluate()
                 in_use = [m["effective_loras"] for m in ev["routing"].values()]
@@ -410,7 +476,7 @@ class Trainer:
             record["elapsed_s"] = time.perf_counter() - start
             bar.set_postfix(loss=f"{record['loss']:.3f}", ess=f"{record['ess']:.2f}")
             bar.update(1)
-            if out_dir is not None and (
+            if (main and out_dir is not None) and (
                 last or (cfg.save_every and self.step % cfg.save_every == 0)
             ):
                 self.save(out_dir, base_reference)
@@ -435,6 +501,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "train_config": asdict(self.config),
+            "shards_per_step": self.shards_per_step,
             "history": self.history,
         }
         torch.save(state, out / STATE_FILE)
@@ -447,6 +514,7 @@ class Trainer:
         out = Path(out_dir)
         read_config(out)  # refuses a broken config with a clear message
         state = torch.load(out / STATE_FILE, weights_only=False)
+        self._check_same_global_batch(state, out / STATE_FILE)
         load_adapter_tensors(self.model, state["adapters"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -454,6 +522,18 @@ class Trainer:
         if state["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step, self.history = state["step"], state["history"]
+
+    def _check_same_global_batch(self, state: dict, where: Path) -> None:
+        """A run resumes exactly when its steps are split into as many shards of the same
+        batch size (any processes x --grad-accum with that product); refuse another split."""
+        saved_batch = state["train_config"]["batch_size"]
+        saved_shards = state.get("shards_per_step", state["train_config"]["grad_accum"])
+        if (saved_shards, saved_batch) != (self.shards_per_step, self.config.batch_size):
+            raise ValueError(
+                f"{where}: saved with {saved_shards} micro-batches of {saved_batch} per step "
+                f"(processes x --grad-accum, --batch-size); this run has {self.shards_per_step} "
+                f"({self.ranks.world_size} x {self.config.grad_accum}) of {self.config.batch_size}"
+            )
 
 
 def portable_base_path(base_model: str, out_dir: Path) -> str:
