@@ -65,6 +65,20 @@ def _add_train_config_flags(parser: argparse.ArgumentParser, skip: set[str] = fr
             parser.add_argument(flag, type=kind, default=default, help=f"default: {default}")
 
 
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", required=True,
+        help='records {"prompt", "completion"} or chat {"messages"}: a JSONL or Parquet file, a '
+        "datasets save_to_disk folder, or a hub dataset name in the local cache",
+    )  # fmt: skip
+    parser.add_argument("--eval-data", help="the same forms as --data")
+    parser.add_argument(
+        "--data-split", default="train",
+        help="split of a save_to_disk DatasetDict or hub dataset for --data (default: train)",
+    )  # fmt: skip
+    parser.add_argument("--eval-split", default="validation", help="the same for --eval-data")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="remix-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,10 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a seconds-long run (tests)")
 
-    train = sub.add_parser("train", help="fine-tune a base model on prompt/completion JSONL")
+    train = sub.add_parser("train", help="fine-tune a base model on prompt/completion or chat data")
     train.add_argument("--base-model", required=True, help="local model dir (or a cached hub id)")
-    train.add_argument("--data", required=True, type=Path, help='JSONL of {"prompt", "completion"}')
-    train.add_argument("--eval-data", type=Path)
+    _add_data_flags(train)
     train.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
     train.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     train.add_argument(
@@ -100,8 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_argument(
         "--pool", type=Path, help="or a ReMix checkpoint whose LoRA pools are the experts"
     )
-    comp.add_argument("--data", required=True, type=Path, help="router training JSONL")
-    comp.add_argument("--eval-data", type=Path)
+    _add_data_flags(comp)
     comp.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
     comp.add_argument("--method", choices=COMPOSE_METHODS, default="remix")
     comp.add_argument(
@@ -220,14 +232,14 @@ def _train_inputs(
     """The TrainConfig of the flags, and the tokenized --data and --eval-data."""
     from transformers import AutoTokenizer
 
-    from remix_infer.train.data import read_jsonl, tokenize
+    from remix_infer.train.data import read_examples, tokenize
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
-    train_data = tokenize(tokenizer, read_jsonl(args.data), config.max_length)
+    train_data = tokenize(tokenizer, read_examples(args.data, args.data_split), config.max_length)
     eval_data = (
-        tokenize(tokenizer, read_jsonl(args.eval_data), config.max_length)
+        tokenize(tokenizer, read_examples(args.eval_data, args.eval_split), config.max_length)
         if args.eval_data
         else None
     )

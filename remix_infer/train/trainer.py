@@ -286,9 +286,7 @@ class Trainer:
 
         # Routers that get no gradient (lora's pool of one; domain routing) are unused.
         unused = self.config.method == "lora" or self.config.domain_routing
-        return DistributedDataParallel(
-            model, broadcast_buffers=False, find_unused_parameters=unused
-        )
+        return DistributedDataParallel(model, find_unused_parameters=unused)
 
     # -- a step's global batch is shards_per_step micro-batches ("shards", parallel.py) --
     @property
