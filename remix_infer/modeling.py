@@ -112,9 +112,10 @@ class RemixLinear(nn.Module):
         # Routing outside training (INFERENCE_ROUTINGS; `inference_routing` sets it for a model):
         # the serving layer's deterministic top-k unless a study compares it with the others.
         self.inference_routing = "top_k"
-        # The generator of training's Gumbel-top-k draws (`sampling_with` sets it for a
-        # model); None: torch's global RNG.
-        self.sampling_generator: torch.Generator | None = None
+        # The seed of training's Gumbel-top-k draws (`sampling_with` sets it for a model):
+        # every forward draws afresh from it, so a recomputed forward (gradient checkpointing)
+        # draws the same; None: torch's global RNG.
+        self.sampling_seed: int | None = None
         self.last_routing: Routing | None = None
         self.reset_adapter_parameters()
 
@@ -165,7 +166,7 @@ class RemixLinear(nn.Module):
         elif (self.training and self.sample_in_training) or (
             not self.training and self.inference_routing == "sampled"
         ):
-            selected = gumbel_topk_sample(logits, self.top_k, self.sampling_generator)
+            selected = gumbel_topk_sample(logits, self.top_k, self._sampling_generator(logits))
             log_prob = plackett_luce_log_prob(logits, selected)
         elif not self.training and self.inference_routing == "random":
             # k distinct LoRAs uniformly at random: Gumbel-top-k over equal logits
@@ -174,6 +175,11 @@ class RemixLinear(nn.Module):
             selected, log_prob = topk_select(logits, self.top_k), None
         weights = selection_weights(logits, selected, self.omega, self.weighting)
         return Routing(logits, selected, weights, log_prob)
+
+    def _sampling_generator(self, logits: torch.Tensor) -> torch.Generator | None:
+        if self.sampling_seed is None:
+            return None
+        return torch.Generator(logits.device).manual_seed(self.sampling_seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.route(x)
@@ -211,17 +217,17 @@ def inference_routing(model: nn.Module, routing: str) -> Iterator[None]:
 
 
 @contextmanager
-def sampling_with(model: nn.Module, generator: torch.Generator | None) -> Iterator[None]:
-    """Draw a model's sampled selections from `generator` inside the block (None: the global
-    RNG), so the draws depend on the generator's seed alone."""
+def sampling_with(model: nn.Module, seed: int) -> Iterator[None]:
+    """Inside the block, each module of the model draws its sampled selections from its own
+    generator seeded by `seed` and its place in the model: the draws depend on `seed` alone."""
     modules = remix_modules(model).values()
-    for m in modules:
-        m.sampling_generator = generator
+    for i, m in enumerate(modules):
+        m.sampling_seed = (seed + i) % 2**63
     try:
         yield
     finally:
         for m in modules:
-            m.sampling_generator = None
+            m.sampling_seed = None
 
 
 def init_router(router: nn.Linear, generator: torch.Generator | None = None) -> None:

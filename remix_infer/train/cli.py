@@ -19,7 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pydantic import ValidationError  # noqa: E402
 
-from remix_infer.config import validation_problems  # noqa: E402
+from remix_infer.config import ALL_TARGET_MODULES, validation_problems  # noqa: E402
 from remix_infer.train.compose import COMPOSE_METHODS  # noqa: E402
 from remix_infer.train.data import TokenizedData  # noqa: E402
 from remix_infer.train.parallel import init_distributed, shutdown_distributed  # noqa: E402
@@ -31,16 +31,47 @@ DATA_PARALLEL_COMMANDS = ("train", "compose")
 # TrainConfig fields that a composed pool takes from its experts, not from flags.
 POOL_FIELDS = {"method", "num_loras", "rank", "lora_rank", "alpha", "omega_rule", "target_modules"}
 
+# `train --preset NAME`: TrainConfig defaults (flags given still win). remix-paper is the ReMix
+# paper's setup (n 8, k 4, r 8 on all seven projections, omega by the rsLoRA rule 2/sqrt(kr),
+# M 4); the paper trained with LLaMA-Factory and names no learning rate or schedule, so those
+# are LLaMA-Factory's Llama-3 LoRA SFT example's: lr 1e-4, warm-up 10%, cosine, per-device batch
+# 1 x 8 accumulation, cutoff 2048, bf16 (docs/training.md).
+PRESETS: dict[str, dict[str, object]] = {
+    "remix-paper": {
+        "method": "remix",
+        "num_loras": 8,
+        "top_k": 4,
+        "rank": 8,
+        "target_modules": list(ALL_TARGET_MODULES),
+        "alpha": 2.0,
+        "omega_rule": "rslora",
+        "num_samples": 4,
+        "learning_rate": 1e-4,
+        "router_learning_rate": 1e-4,
+        "warmup_steps": None,
+        "batch_size": 1,
+        "grad_accum": 8,
+        "max_length": 2048,
+        "dtype": "bfloat16",
+        "gradient_checkpointing": True,
+    }
+}
 
-def _add_train_config_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
-    """One flag per TrainConfig field (--max-steps, --num-samples, ...), defaults from the
-    dataclass; none for the fields in `skip`."""
+
+def _add_train_config_flags(
+    parser: argparse.ArgumentParser,
+    skip: set[str] = frozenset(),
+    defaults: dict[str, object] | None = None,
+) -> None:
+    """One flag per TrainConfig field (--max-steps, --num-samples, ...), defaults from
+    `defaults` (a preset), else the dataclass; none for the fields in `skip`."""
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = (defaults or {}).get(f.name, default)
         hint = hints[f.name]
         choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
         if f.name == "target_modules":
@@ -55,6 +86,11 @@ def _add_train_config_flags(parser: argparse.ArgumentParser, skip: set[str] = fr
                 flag, type=int, default=default,
                 help=f"sequences per process and micro-batch (default: {default}); the global "
                 "batch is this x processes x --grad-accum",
+            )  # fmt: skip
+        elif f.name == "warmup_steps":
+            parser.add_argument(
+                flag, type=int, default=default,
+                help=f"default: {'10%% of --max-steps' if default is None else default}",
             )  # fmt: skip
         elif hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
@@ -79,7 +115,8 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-split", default="validation", help="the same for --eval-data")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    """The CLI; `preset`: the train command's defaults come from PRESETS[preset]."""
     parser = argparse.ArgumentParser(prog="remix-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="build the demo base model and ReMix checkpoint in DIR")
@@ -97,7 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="save and exit after this step (the schedule still spans --max-steps; --resume "
         "continues)",
     )  # fmt: skip
-    _add_train_config_flags(train)
+    train.add_argument(
+        "--preset", choices=sorted(PRESETS),
+        help="defaults of a recipe (flags given still win): remix-paper, the ReMix paper's "
+        "(docs/training.md)",
+    )  # fmt: skip
+    _add_train_config_flags(train, defaults=PRESETS.get(preset))
 
     imp = sub.add_parser("import-peft", help="one PEFT LoRA folder as a checkpoint (n=1, k=1)")
     imp.add_argument("adapter", type=Path, help="PEFT LoRA folder (adapter_config.json, ...)")
@@ -173,8 +215,16 @@ def claim_numbers(text: str) -> tuple[int, ...]:
     return claims
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with a --preset's defaults under the flags given."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS))
+    known, _ = pre.parse_known_args(argv)
+    return build_parser(known.preset).parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     ranks = init_distributed() if args.command in DATA_PARALLEL_COMMANDS else None
     logging.basicConfig(
         level=logging.INFO if ranks is None or ranks.is_main else logging.WARNING,

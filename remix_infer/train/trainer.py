@@ -50,6 +50,7 @@ from remix_infer.modeling import (
 from remix_infer.routing import effective_loras, effective_support_size, entropy
 from remix_infer.train.data import TokenizedData, sequence_losses
 from remix_infer.train.losses import rsl_loss, switch_balance_loss
+from remix_infer.train.memory import check_fits, device_memory, estimate_memory, read_hf_config
 from remix_infer.train.parallel import (
     current_ranks,
     mean_over_ranks,
@@ -84,7 +85,7 @@ class TrainConfig:
     learning_rate: float = 2e-3
     router_learning_rate: float | None = None  # default: learning_rate
     weight_decay: float = 0.0
-    warmup_steps: int = 10
+    warmup_steps: int | None = 10  # None: 10% of max_steps
     max_steps: int = 200
     batch_size: int = 16
     grad_accum: int = 1
@@ -99,6 +100,11 @@ class TrainConfig:
     domain_routing: bool = False
     rsl_alpha: float = 0.1  # mixer: LoRA-Mixer's RSL balance weight (the paper's alpha)
     rsl_lambda: float = 0.5  # mixer: RSL entropy weight (the paper's lambda)
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward
+
+    def resolved_warmup(self) -> int:
+        """Warm-up steps: as given, else a tenth of the run."""
+        return self.warmup_steps if self.warmup_steps is not None else max(1, self.max_steps // 10)
 
     def resolved_routing_scope(self) -> str:
         """module or shared: 'auto' is MoR-LoRA's shared router for mor, one per module else."""
@@ -226,8 +232,11 @@ class Trainer:
         self.ranks = current_ranks()
         self.device = device or default_device()
         self.base_model = base_model
+        self._check_memory(remix_config)
         torch.manual_seed(config.seed)
         self.model = load_base_model(base_model, config.dtype, self.device)
+        if config.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable({"use_reentrant": False})
         hf = self.model.config
         if hf.model_type not in ARCHITECTURES:
             raise ValueError(
@@ -261,11 +270,29 @@ class Trainer:
             groups.insert(0, {"params": lora_params, "lr": config.learning_rate})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.max_steps)
+            self.optimizer, lambda s: warmup_cosine(s, config.resolved_warmup(), config.max_steps)
         )
         self.step = 0
         self.history: list[dict] = []
         self.forward_model = self._data_parallel(self.model)
+
+    def _check_memory(self, remix_config: RemixConfig | None) -> None:
+        """Log the estimated memory per device; refuse a run that cannot fit (memory.py)."""
+        hf = read_hf_config(self.base_model)
+        if hf is None:
+            return
+        cfg = self.config
+        remix = remix_config or cfg.remix_config(
+            self.base_model, hf.get("model_type", ""), hf["num_hidden_layers"]
+        )
+        copies = cfg.num_samples if cfg.method == "remix" else 1
+        estimate = estimate_memory(
+            hf, remix, cfg.batch_size * copies * cfg.max_length, cfg.dtype,
+            checkpointing=cfg.gradient_checkpointing,
+        )  # fmt: skip
+        if self.ranks.is_main:
+            log.info("memory estimate: %s", estimate.describe())
+        check_fits(estimate, device_memory(self.device))
 
     def _load_frozen(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy `tensors` into their adapter parameters and freeze those."""
@@ -299,15 +326,13 @@ class Trainer:
         return range(first, first + self.config.grad_accum)
 
     def _routing_draws(self, shard: int) -> AbstractContextManager:
-        """Where this shard's sampled selections come from: with several shards a step, a
-        generator seeded by (seed, step, shard), so any split of the same global batch over
+        """Where this shard's sampled selections come from: with several shards a step,
+        generators seeded by (seed, step, shard), so any split of the same global batch over
         processes and accumulation draws the same; one shard a step draws from torch's RNG,
         seeded by --seed at start and saved for resume, as single-process runs always have."""
         if self.shards_per_step == 1:
             return nullcontext()
-        generator = torch.Generator(self.device)
-        generator.manual_seed(shard_seed(self.config.seed, self.step, shard))
-        return sampling_with(self.model, generator)
+        return sampling_with(self.model, shard_seed(self.config.seed, self.step, shard))
 
     def _gradient_sync(self, last: bool) -> AbstractContextManager:
         """DDP reduces the gradients once, on a step's last backward."""
