@@ -104,9 +104,20 @@ def estimate_memory(
 
 
 def read_hf_config(base_model: str) -> dict | None:
-    """A local base model's config.json (None for a hub id: transformers resolves it later)."""
+    """The base model's config.json: a local folder's, or a hub id's from the local cache
+    (None when neither has it: transformers then fetches or refuses the model)."""
     path = Path(base_model) / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(base_model, "config.json")
+        except ValueError:  # not a repo id
+            cached = None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    return json.loads(path.read_text())
 
 
 def device_memory(device: torch.device) -> float | None:
