@@ -129,6 +129,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     _add_data_flags(train)
     train.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
     train.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    train.add_argument("--log-dir", type=Path, help="write TensorBoard scalars here")
     train.add_argument(
         "--stop-at-step", type=int,
         help="save and exit after this step (the schedule still spans --max-steps; --resume "
@@ -336,7 +337,7 @@ def run_train_command(args: argparse.Namespace) -> int:
     trainer = Trainer(config, args.base_model, train_data, eval_data)
     if args.resume:
         trainer.resume(args.out)
-    trainer.train(args.out, stop_at_step=args.stop_at_step)
+    trainer.train(args.out, stop_at_step=args.stop_at_step, log_dir=args.log_dir)
     if trainer.ranks.is_main:
         print(f"checkpoint: {args.out} (step {trainer.step})")
     return 0

@@ -58,6 +58,7 @@ from remix_infer.train.parallel import (
     shard_seed,
 )
 from remix_infer.train.rloo import rloo_surrogate
+from remix_infer.train.watch import TensorBoardLog
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -274,6 +275,7 @@ class Trainer:
         )
         self.step = 0
         self.history: list[dict] = []
+        self.step_routing = RoutingStats()  # of the last training forward
         self.forward_model = self._data_parallel(self.model)
 
     def _check_memory(self, remix_config: RemixConfig | None) -> None:
@@ -366,8 +368,11 @@ class Trainer:
         mask = batch["attention_mask"].bool()
         stats = RoutingStats()
         stats.add(self.model, mask)
+        self.step_routing = stats
         info = {"loss": float(losses.detach().mean()), "ess": stats.mean_ess()}
         if cfg.method == "remix":
+            # RLOO's signal: how far the M selections' losses of a sequence are apart
+            info["reward_spread"] = float(losses.detach().view(-1, samples).std(-1).mean())
             # each routing decision once (in the shared scope every module holds the same one)
             decisions = {id(m.last_routing): m.last_routing for m in self.modules.values()}
             log_q = sum((d.log_prob * mask).sum(-1) for d in decisions.values())
@@ -431,15 +436,17 @@ class Trainer:
             batch = self.train_data.batch(
                 self._batch_indices(self.step * self.shards_per_step + shard)
             )
+            tokens = float(batch["attention_mask"].sum())
             with self._routing_draws(shard), self._gradient_sync(shard == shards[-1]):
                 objective, info = self._forward_losses(batch)
                 (objective / cfg.grad_accum).backward()  # DDP averages over the processes
-            infos.append(info)
+            infos.append(info | {"tokens": tokens * len(shards)})  # their mean: the step's
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         record = {k: sum(i[k] for i in infos) / len(infos) for k in infos[0]}
         record = mean_over_ranks(record, self.device)
+        record["tokens"] *= self.ranks.world_size  # sequence tokens of the global batch
         record.update(step=self.step, lr=self.scheduler.get_last_lr()[0])
         self.history.append(record)
         return record
@@ -472,19 +479,24 @@ class Trainer:
         progress: bool = True,
         base_reference: str | None = None,
         stop_at_step: int | None = None,
+        log_dir: str | os.PathLike | None = None,
     ) -> list[dict]:
         """Run to max_steps (or stop, saved, once at stop_at_step: the schedule is still
         max_steps', to continue with resume) with periodic eval and saves; returns the per-step
-        log. Under several processes rank 0 evaluates and saves."""
+        log. Under several processes rank 0 evaluates and saves (and writes TensorBoard
+        scalars to log_dir, watch.py)."""
         cfg = self.config
         main = self.ranks.is_main
         end = min(cfg.max_steps, stop_at_step or cfg.max_steps)
         bar = tqdm(
             total=cfg.max_steps, initial=self.step, desc=cfg.method, disable=not (progress and main)
         )
+        board = TensorBoardLog(log_dir) if (main and log_dir is not None) else None
         start = time.perf_counter()
         while self.step < end:
+            step_start = time.perf_counter()
             record = self.train_step()
+            record["tokens_per_s"] = record["tokens"] / (time.perf_counter() - step_start)
             last = self.step == end
             if (main and self.eval_data is not None) and (
                 self.step == cfg.max_steps or (cfg.eval_every and self.step % cfg.eval_every == 0)
@@ -496,15 +508,33 @@ class Trainer:
                     eval_ess=ev["eval_ess"],
                     eval_effective_loras=sum(in_use) / len(in_use),
                 )
+                if board:
+                    board.routing("eval_routing", ev["routing"], self.num_layers, self.step)
             record["elapsed_s"] = time.perf_counter() - start
-            bar.set_postfix(loss=f"{record['loss']:.3f}", ess=f"{record['ess']:.2f}")
+            if board:
+                board.step(record, self.group_lrs(), self.step_routing.summary(), self.num_layers)
+            bar.set_postfix(
+                loss=f"{record['loss']:.3f}", ess=f"{record['ess']:.2f}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+            )  # fmt: skip
             bar.update(1)
             if (main and out_dir is not None) and (
                 last or (cfg.save_every and self.step % cfg.save_every == 0)
             ):
                 self.save(out_dir, base_reference)
         bar.close()
+        if board:
+            board.close()
         return self.history
+
+    @property
+    def num_layers(self) -> int:
+        return self.remix_config.num_layers
+
+    def group_lrs(self) -> dict[str, float]:
+        """The current learning rate of each parameter group (lora, router)."""
+        names = ["lora", "router"] if len(self.optimizer.param_groups) == 2 else ["router"]
+        return {n: g["lr"] for n, g in zip(names, self.optimizer.param_groups, strict=True)}
 
     def save(self, out_dir: str | os.PathLike, base_reference: str | None = None) -> Path:
         """Write the checkpoint, plus the optimizer/RNG state needed to resume exactly.
