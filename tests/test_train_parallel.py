@@ -14,6 +14,7 @@ import torch
 from helpers.models import make_tiny_base, save_word_tokenizer
 
 from remix_infer.checkpoint import load_checkpoint
+from remix_infer.modeling import load_remix_model, remix_modules
 from remix_infer.train.cli import main
 
 # 32 records of 8 per step (4 per micro-batch, 2 micro-batches): 4 steps are one epoch.
@@ -104,3 +105,29 @@ def test_resume_refuses_another_global_batch(setup, two_processes, capsys):
     assert main(["train", *setup["args"], "--out", str(two_processes), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "saved with 2 micro-batches of 4 per step" in err and "this run has 1 (1 x 1)" in err
+
+
+def test_fsdp_over_two_processes_trains_the_ddp_model_and_saves_a_loadable_checkpoint(
+    setup, two_processes
+):
+    """--fsdp shards the base and the adapters over the 2 processes (FSDP2 fully_shard, gloo).
+    Its gradients are the same two addends, reduce-scattered instead of all-reduced, so it
+    trains the DDP run's model (the tolerance as above), and rank 0 writes a checkpoint that
+    validates and loads into the reference model."""
+    out = setup["root"] / "fsdp"
+    torchrun([*setup["args"], "--out", str(out), "--fsdp"])
+    torch.testing.assert_close(losses(out), losses(two_processes), rtol=1e-6, atol=0)
+    ckpt = load_checkpoint(out)
+    want = load_checkpoint(two_processes).tensors
+    for name in want:
+        torch.testing.assert_close(ckpt.tensors[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+    model, _ = load_remix_model(ckpt)
+    assert len(remix_modules(model)) == 2 * 7
+
+
+def test_fsdp_needs_several_processes(setup, capsys):
+    out = setup["root"] / "fsdp-one"
+    assert main(["train", *setup["args"], "--out", str(out), "--fsdp"]) == 2
+    assert (
+        "--fsdp shards over several processes: start them with torchrun" in capsys.readouterr().err
+    )

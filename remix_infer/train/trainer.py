@@ -102,6 +102,7 @@ class TrainConfig:
     rsl_alpha: float = 0.1  # mixer: LoRA-Mixer's RSL balance weight (the paper's alpha)
     rsl_lambda: float = 0.5  # mixer: RSL entropy weight (the paper's lambda)
     gradient_checkpointing: bool = False  # recompute each decoder layer in the backward
+    fsdp: bool = False  # shard the base and the adapters over the processes (FSDP2)
 
     def resolved_warmup(self) -> int:
         """Warm-up steps: as given, else a tenth of the run."""
@@ -255,6 +256,8 @@ class Trainer:
             for m in self.modules.values():
                 m.sample_in_training, m.straight_through = False, True
         self.model.train()
+        # Before the optimizer: FSDP replaces the parameters with sharded ones.
+        self.forward_model = self._data_parallel(self.model)
         routers = {id(r): r for r in (m.routing_router() for m in self.modules.values())}
         router_params = [p for r in routers.values() for p in r.parameters()]
         groups = [
@@ -276,7 +279,6 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.step_routing = RoutingStats()  # of the last training forward
-        self.forward_model = self._data_parallel(self.model)
 
     def _check_memory(self, remix_config: RemixConfig | None) -> None:
         """Log the estimated memory per device; refuse a run that cannot fit (memory.py)."""
@@ -290,6 +292,7 @@ class Trainer:
         copies = cfg.num_samples if cfg.method == "remix" else 1
         estimate = estimate_memory(
             hf, remix, cfg.batch_size * copies * cfg.max_length, cfg.dtype,
+            shards=self.ranks.world_size if cfg.fsdp else 1,
             checkpointing=cfg.gradient_checkpointing,
         )  # fmt: skip
         if self.ranks.is_main:
@@ -308,9 +311,18 @@ class Trainer:
             params[name].requires_grad_(False)
 
     def _data_parallel(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module the training forwards run through: DDP under several processes."""
+        """The module the training forwards run through: under several processes DDP, or
+        with --fsdp the model itself, each decoder layer and then the rest sharded in place."""
+        if self.config.fsdp and self.ranks.world_size == 1:
+            raise ValueError("--fsdp shards over several processes: start them with torchrun")
         if self.ranks.world_size == 1:
             return model
+        if self.config.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.model.layers:
+                fully_shard(layer)
+            return fully_shard(model)
         from torch.nn.parallel import DistributedDataParallel
 
         # Routers that get no gradient (lora's pool of one; domain routing) are unused.
@@ -498,7 +510,7 @@ class Trainer:
             record = self.train_step()
             record["tokens_per_s"] = record["tokens"] / (time.perf_counter() - step_start)
             last = self.step == end
-            if (main and self.eval_data is not None) and (
+            if self._evaluates() and (
                 self.step == cfg.max_steps or (cfg.eval_every and self.step % cfg.eval_every == 0)
             ):
                 ev = self.evaluate()
@@ -518,7 +530,7 @@ class Trainer:
                 tok_s=f"{record['tokens_per_s']:.0f}",
             )  # fmt: skip
             bar.update(1)
-            if (main and out_dir is not None) and (
+            if out_dir is not None and (
                 last or (cfg.save_every and self.step % cfg.save_every == 0)
             ):
                 self.save(out_dir, base_reference)
@@ -526,6 +538,10 @@ class Trainer:
         if board:
             board.close()
         return self.history
+
+    def _evaluates(self) -> bool:
+        """Rank 0 evaluates; under FSDP every rank runs the forwards (they gather the shards)."""
+        return self.eval_data is not None and (self.ranks.is_main or self.config.fsdp)
 
     @property
     def num_layers(self) -> int:
@@ -537,19 +553,24 @@ class Trainer:
         return {n: g["lr"] for n, g in zip(names, self.optimizer.param_groups, strict=True)}
 
     def save(self, out_dir: str | os.PathLike, base_reference: str | None = None) -> Path:
-        """Write the checkpoint, plus the optimizer/RNG state needed to resume exactly.
+        """Write the checkpoint, plus the optimizer/RNG state needed to resume exactly. Every
+        rank calls it (FSDP gathers the adapters' shards); rank 0 writes.
 
         base_reference: how the checkpoint names its base model (default: portable_base_path).
         """
         out = Path(out_dir)
+        adapters = full_tensors(adapter_tensors(self.model))
+        if not self.ranks.is_main:
+            return out
         out.mkdir(parents=True, exist_ok=True)
         base = base_reference or portable_base_path(self.base_model, out)
         config = self.remix_config.model_copy(update={"base_model": base})
-        save_checkpoint(out, config, adapter_tensors(self.model))
+        save_checkpoint(out, config, adapters)
         state = {
             "step": self.step,
-            "adapters": adapter_tensors(self.model),  # float32 masters; the checkpoint may be bf16
-            "optimizer": self.optimizer.state_dict(),
+            "adapters": adapters,  # float32 masters; the checkpoint may be bf16
+            # FSDP's optimizer state is sharded: not saved, and such a run does not resume
+            "optimizer": None if self.config.fsdp else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -566,7 +587,11 @@ class Trainer:
         """Continue from a directory written by save(): same adapters, optimizer, schedule and RNG."""
         out = Path(out_dir)
         read_config(out)  # refuses a broken config with a clear message
+        if self.config.fsdp:
+            raise ValueError("--resume: a run with --fsdp does not resume yet")
         state = torch.load(out / STATE_FILE, weights_only=False)
+        if state["optimizer"] is None:
+            raise ValueError(f"{out / STATE_FILE}: saved by a --fsdp run, which does not resume")
         self._check_same_global_batch(state, out / STATE_FILE)
         load_adapter_tensors(self.model, state["adapters"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -587,6 +612,14 @@ class Trainer:
                 f"(processes x --grad-accum, --batch-size); this run has {self.shards_per_step} "
                 f"({self.ranks.world_size} x {self.config.grad_accum}) of {self.config.batch_size}"
             )
+
+
+def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole tensors: FSDP's sharded ones gathered from every rank (a collective), the others
+    as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return {n: t.full_tensor() if isinstance(t, DTensor) else t for n, t in tensors.items()}
 
 
 def portable_base_path(base_model: str, out_dir: Path) -> str:
