@@ -72,6 +72,7 @@ def two_processes(setup) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(setup, two_processes):
     """2 processes x 4 sequences x 1 accumulation against 1 x 4 x 2: each micro-batch holds the
     same rows and draws the same selections (seeded by seed, step, shard), so the runs compute
@@ -90,6 +91,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(setup, two_processes
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow
 def test_two_processes_stopped_and_resumed_equal_an_uninterrupted_run(setup, two_processes):
     out = setup["root"] / "resumed"
     torchrun([*setup["args"], "--out", str(out), "--stop-at-step", "2"])
@@ -107,6 +109,7 @@ def test_resume_refuses_another_global_batch(setup, two_processes, capsys):
     assert "saved with 2 micro-batches of 4 per step" in err and "this run has 1 (1 x 1)" in err
 
 
+@pytest.mark.slow
 def test_fsdp_over_two_processes_trains_the_ddp_model_and_saves_a_loadable_checkpoint(
     setup, two_processes
 ):
