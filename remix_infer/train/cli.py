@@ -1,5 +1,5 @@
 """`remix-train`: fine-tune ReMix checkpoints, compose or import PEFT LoRAs, or build the demo
-checkpoint. `train` and `compose` also run as N data-parallel processes under
+checkpoint. `train` also runs as N data-parallel processes under
 `torchrun --nproc-per-node N -m remix_infer.train.cli ...` (or `accelerate launch`)."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from remix_infer.train.parallel import init_distributed, shutdown_distributed  #
 from remix_infer.train.trainer import TrainConfig  # noqa: E402
 
 # Commands that run as one process or under a launcher (parallel.py).
-DATA_PARALLEL_COMMANDS = ("train", "compose")
+DATA_PARALLEL_COMMANDS = ("train",)
 
 # TrainConfig fields that a composed pool takes from its experts, not from flags.
 POOL_FIELDS = {"method", "num_loras", "rank", "lora_rank", "alpha", "omega_rule", "target_modules"}
