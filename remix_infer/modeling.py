@@ -112,6 +112,10 @@ class RemixLinear(nn.Module):
         # Routing outside training (INFERENCE_ROUTINGS; `inference_routing` sets it for a model):
         # the serving layer's deterministic top-k unless a study compares it with the others.
         self.inference_routing = "top_k"
+        # The seed of training's Gumbel-top-k draws (`sampling_with` sets it for a model):
+        # every forward draws afresh from it, so a recomputed forward (gradient checkpointing)
+        # draws the same; None: torch's global RNG.
+        self.sampling_seed: int | None = None
         self.last_routing: Routing | None = None
         self.reset_adapter_parameters()
 
@@ -162,7 +166,7 @@ class RemixLinear(nn.Module):
         elif (self.training and self.sample_in_training) or (
             not self.training and self.inference_routing == "sampled"
         ):
-            selected = gumbel_topk_sample(logits, self.top_k)
+            selected = gumbel_topk_sample(logits, self.top_k, self._sampling_generator(logits))
             log_prob = plackett_luce_log_prob(logits, selected)
         elif not self.training and self.inference_routing == "random":
             # k distinct LoRAs uniformly at random: Gumbel-top-k over equal logits
@@ -171,6 +175,11 @@ class RemixLinear(nn.Module):
             selected, log_prob = topk_select(logits, self.top_k), None
         weights = selection_weights(logits, selected, self.omega, self.weighting)
         return Routing(logits, selected, weights, log_prob)
+
+    def _sampling_generator(self, logits: torch.Tensor) -> torch.Generator | None:
+        if self.sampling_seed is None:
+            return None
+        return torch.Generator(logits.device).manual_seed(self.sampling_seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.route(x)
@@ -205,6 +214,20 @@ def inference_routing(model: nn.Module, routing: str) -> Iterator[None]:
     finally:
         for m in modules:
             m.inference_routing = "top_k"
+
+
+@contextmanager
+def sampling_with(model: nn.Module, seed: int) -> Iterator[None]:
+    """Inside the block, each module of the model draws its sampled selections from its own
+    generator seeded by `seed` and its place in the model: the draws depend on `seed` alone."""
+    modules = remix_modules(model).values()
+    for i, m in enumerate(modules):
+        m.sampling_seed = (seed + i) % 2**63
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.sampling_seed = None
 
 
 def init_router(router: nn.Linear, generator: torch.Generator | None = None) -> None:
@@ -250,25 +273,30 @@ def inject_remix(model: nn.Module, config: RemixConfig) -> dict[str, RemixLinear
     return remix_modules(model)
 
 
-def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors of an injected model, named as in the checkpoint file."""
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapter parameters of an injected model, named as in the checkpoint file."""
     out = {}
     shared = getattr(model, "remix_shared_router", None)
     if shared is not None:
-        out[SHARED_ROUTER_WEIGHT] = shared.router.weight.data
+        out[SHARED_ROUTER_WEIGHT] = shared.router.weight
         if shared.router.bias is not None:
-            out[SHARED_ROUTER_BIAS] = shared.router.bias.data
+            out[SHARED_ROUTER_BIAS] = shared.router.bias
     for name, m in remix_modules(model).items():
-        out[tensor_name(name, LORA_A)] = m.lora_a.data
-        out[tensor_name(name, LORA_B)] = m.lora_b.data
+        out[tensor_name(name, LORA_A)] = m.lora_a
+        out[tensor_name(name, LORA_B)] = m.lora_b
         if m.router is not None:
-            out[tensor_name(name, ROUTER_WEIGHT)] = m.router.weight.data
+            out[tensor_name(name, ROUTER_WEIGHT)] = m.router.weight
         if m.router is not None and m.router.bias is not None:
-            out[tensor_name(name, ROUTER_BIAS)] = m.router.bias.data
+            out[tensor_name(name, ROUTER_BIAS)] = m.router.bias
         if m.always_a is not None:
-            out[tensor_name(name, ALWAYS_A)] = m.always_a.data
-            out[tensor_name(name, ALWAYS_B)] = m.always_b.data
+            out[tensor_name(name, ALWAYS_A)] = m.always_a
+            out[tensor_name(name, ALWAYS_B)] = m.always_b
     return out
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors of an injected model, named as in the checkpoint file."""
+    return {name: p.data for name, p in adapter_parameters(model).items()}
 
 
 def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

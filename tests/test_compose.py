@@ -350,7 +350,7 @@ def initial_routers(base, experts, train_config) -> dict[str, torch.Tensor]:
     experts = read_experts(list(experts.values()), shape)
     scope = config.resolved_routing_scope()
     pool = build_pool("base", experts, shape, architecture, routing_scope=scope)
-    trainer = Trainer(config, str(base), None, frozen_pool=pool)
+    trainer = Trainer(config, str(base), None, remix_config=pool.config, frozen=pool.lora_tensors())
     routers = adapter_tensors(trainer.model).items()
     return {n: t.clone() for n, t in routers if n.endswith("router_weight")}
 

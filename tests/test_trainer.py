@@ -9,7 +9,7 @@ import torch
 from helpers.models import make_tiny_base, tiny_remix_config
 
 from remix_infer.checkpoint import load_checkpoint
-from remix_infer.modeling import RemixLinear, load_remix_model, remix_modules
+from remix_infer.modeling import RemixLinear, adapter_tensors, load_remix_model, remix_modules
 from remix_infer.train.cli import main
 from remix_infer.train.data import IGNORE_INDEX, TokenizedData
 from remix_infer.train.trainer import TrainConfig, Trainer
@@ -271,3 +271,44 @@ def test_demo_quick_builds_a_servable_checkpoint(tmp_path):
         [1.0] * len(remix_ess)
     )
     assert (out / "report.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_gradient_checkpointing_trains_the_same_model(tmp_path, grad_accum):
+    """The recomputed forward draws the same selections (one shard a step: checkpoint restores
+    torch's RNG; several: each module reseeds its generator every forward), so the runs do the
+    same float32 operations on the same operands and agree to the bit."""
+    runs = []
+    for checkpointing in (False, True):
+        trainer, _ = small_run(
+            tmp_path, max_steps=2, grad_accum=grad_accum, gradient_checkpointing=checkpointing
+        )
+        trainer.train(progress=False)
+        runs.append(trainer)
+    plain, checkpointed = runs
+    assert (
+        checkpointed.model.is_gradient_checkpointing and not plain.model.is_gradient_checkpointing
+    )
+    assert [h["loss"] for h in plain.history] == [h["loss"] for h in checkpointed.history]
+    for name, tensor in adapter_tensors(plain.model).items():
+        assert torch.equal(tensor, adapter_tensors(checkpointed.model)[name]), name
+
+
+def test_tensorboard_scalars_follow_the_run(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer, data = small_run(tmp_path, max_steps=2)
+    trainer.eval_data = data
+    trainer.train(progress=False, log_dir=tmp_path / "tb")
+    board = EventAccumulator(str(tmp_path / "tb"))
+    board.Reload()
+    scalars = {tag: [e.value for e in board.Scalars(tag)] for tag in board.Tags()["scalars"]}
+    assert scalars["train/loss"] == pytest.approx([h["loss"] for h in trainer.history])
+    assert scalars["lr/lora"] == pytest.approx([h["lr"] for h in trainer.history])
+    assert len(scalars["lr/router"]) == 2 and min(scalars["throughput/tokens_per_s"]) > 0
+    # step 1: B = 0, every selection gives the base model's loss; then the selections differ
+    assert scalars["train/reward_spread"][0] == 0 < scalars["train/reward_spread"][1]
+    for layer in (0, 1):  # ReMix's ESS is k = 2 by construction
+        assert scalars[f"routing/ess/layer{layer}"] == pytest.approx([2.0, 2.0])
+        assert 1.0 <= scalars[f"eval_routing/effective_loras/layer{layer}"][0] <= 4.0
+    assert scalars["eval/loss"] == pytest.approx([trainer.history[-1]["eval_loss"]])

@@ -1,5 +1,6 @@
 """`remix-train`: fine-tune ReMix checkpoints, compose or import PEFT LoRAs, or build the demo
-checkpoint."""
+checkpoint. `train` also runs as N data-parallel processes under
+`torchrun --nproc-per-node N -m remix_infer.train.cli ...` (or `accelerate launch`)."""
 
 from __future__ import annotations
 
@@ -18,24 +19,59 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pydantic import ValidationError  # noqa: E402
 
-from remix_infer.config import validation_problems  # noqa: E402
+from remix_infer.config import ALL_TARGET_MODULES, validation_problems  # noqa: E402
 from remix_infer.train.compose import COMPOSE_METHODS  # noqa: E402
 from remix_infer.train.data import TokenizedData  # noqa: E402
+from remix_infer.train.parallel import init_distributed, shutdown_distributed  # noqa: E402
 from remix_infer.train.trainer import TrainConfig  # noqa: E402
+
+# Commands that run as one process or under a launcher (parallel.py).
+DATA_PARALLEL_COMMANDS = ("train",)
 
 # TrainConfig fields that a composed pool takes from its experts, not from flags.
 POOL_FIELDS = {"method", "num_loras", "rank", "lora_rank", "alpha", "omega_rule", "target_modules"}
 
+# `train --preset NAME`: TrainConfig defaults (flags given still win). remix-paper is the ReMix
+# paper's setup (n 8, k 4, r 8 on all seven projections, omega by the rsLoRA rule 2/sqrt(kr),
+# M 4); the paper trained with LLaMA-Factory and names no learning rate or schedule, so those
+# are LLaMA-Factory's Llama-3 LoRA SFT example's: lr 1e-4, warm-up 10%, cosine, per-device batch
+# 1 x 8 accumulation, cutoff 2048, bf16 (docs/training.md).
+PRESETS: dict[str, dict[str, object]] = {
+    "remix-paper": {
+        "method": "remix",
+        "num_loras": 8,
+        "top_k": 4,
+        "rank": 8,
+        "target_modules": list(ALL_TARGET_MODULES),
+        "alpha": 2.0,
+        "omega_rule": "rslora",
+        "num_samples": 4,
+        "learning_rate": 1e-4,
+        "router_learning_rate": 1e-4,
+        "warmup_steps": None,
+        "batch_size": 1,
+        "grad_accum": 8,
+        "max_length": 2048,
+        "dtype": "bfloat16",
+        "gradient_checkpointing": True,
+    }
+}
 
-def _add_train_config_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
-    """One flag per TrainConfig field (--max-steps, --num-samples, ...), defaults from the
-    dataclass; none for the fields in `skip`."""
+
+def _add_train_config_flags(
+    parser: argparse.ArgumentParser,
+    skip: set[str] = frozenset(),
+    defaults: dict[str, object] | None = None,
+) -> None:
+    """One flag per TrainConfig field (--max-steps, --num-samples, ...), defaults from
+    `defaults` (a preset), else the dataclass; none for the fields in `skip`."""
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = (defaults or {}).get(f.name, default)
         hint = hints[f.name]
         choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
         if f.name == "target_modules":
@@ -44,6 +80,17 @@ def _add_train_config_flags(parser: argparse.ArgumentParser, skip: set[str] = fr
             parser.add_argument(
                 flag, nargs="+", default=default,
                 help="projections with the always-on LoRA (default: all adapted; mor: q, k, v, o)",
+            )  # fmt: skip
+        elif f.name == "batch_size":
+            parser.add_argument(
+                flag, type=int, default=default,
+                help=f"sequences per process and micro-batch (default: {default}); the global "
+                "batch is this x processes x --grad-accum",
+            )  # fmt: skip
+        elif f.name == "warmup_steps":
+            parser.add_argument(
+                flag, type=int, default=default,
+                help=f"default: {'10%% of --max-steps' if default is None else default}",
             )  # fmt: skip
         elif hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
@@ -54,7 +101,22 @@ def _add_train_config_flags(parser: argparse.ArgumentParser, skip: set[str] = fr
             parser.add_argument(flag, type=kind, default=default, help=f"default: {default}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", required=True,
+        help='records {"prompt", "completion"} or chat {"messages"}: a JSONL or Parquet file, a '
+        "datasets save_to_disk folder, or a hub dataset name in the local cache",
+    )  # fmt: skip
+    parser.add_argument("--eval-data", help="the same forms as --data")
+    parser.add_argument(
+        "--data-split", default="train",
+        help="split of a save_to_disk DatasetDict or hub dataset for --data (default: train)",
+    )  # fmt: skip
+    parser.add_argument("--eval-split", default="validation", help="the same for --eval-data")
+
+
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    """The CLI; `preset`: the train command's defaults come from PRESETS[preset]."""
     parser = argparse.ArgumentParser(prog="remix-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="build the demo base model and ReMix checkpoint in DIR")
@@ -62,13 +124,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a seconds-long run (tests)")
 
-    train = sub.add_parser("train", help="fine-tune a base model on prompt/completion JSONL")
+    train = sub.add_parser("train", help="fine-tune a base model on prompt/completion or chat data")
     train.add_argument("--base-model", required=True, help="local model dir (or a cached hub id)")
-    train.add_argument("--data", required=True, type=Path, help='JSONL of {"prompt", "completion"}')
-    train.add_argument("--eval-data", type=Path)
+    _add_data_flags(train)
     train.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
     train.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    _add_train_config_flags(train)
+    train.add_argument("--log-dir", type=Path, help="write TensorBoard scalars here")
+    train.add_argument(
+        "--stop-at-step", type=int,
+        help="save and exit after this step (the schedule still spans --max-steps; --resume "
+        "continues)",
+    )  # fmt: skip
+    train.add_argument(
+        "--preset", choices=sorted(PRESETS),
+        help="defaults of a recipe (flags given still win): remix-paper, the ReMix paper's "
+        "(docs/training.md)",
+    )  # fmt: skip
+    _add_train_config_flags(train, defaults=PRESETS.get(preset))
 
     imp = sub.add_parser("import-peft", help="one PEFT LoRA folder as a checkpoint (n=1, k=1)")
     imp.add_argument("adapter", type=Path, help="PEFT LoRA folder (adapter_config.json, ...)")
@@ -84,8 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_argument(
         "--pool", type=Path, help="or a ReMix checkpoint whose LoRA pools are the experts"
     )
-    comp.add_argument("--data", required=True, type=Path, help="router training JSONL")
-    comp.add_argument("--eval-data", type=Path)
+    _add_data_flags(comp)
     comp.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
     comp.add_argument("--method", choices=COMPOSE_METHODS, default="remix")
     comp.add_argument(
@@ -145,21 +216,42 @@ def claim_numbers(text: str) -> tuple[int, ...]:
     return claims
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with a --preset's defaults under the flags given."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS))
+    known, _ = pre.parse_known_args(argv)
+    return build_parser(known.preset).parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    ranks = init_distributed() if args.command in DATA_PARALLEL_COMMANDS else None
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO if ranks is None or ranks.is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    code = 1
     try:
-        commands = {
-            "demo": run_demo_command,
-            "train": run_train_command,
-            "import-peft": run_import_command,
-            "compose": run_compose_command,
-            "distill": run_distill_command,
-            "analyze": run_analyze_command,
-            "study": run_study_command,
-        }
+        code = run_command(args)
+    finally:
+        if ranks is not None:
+            shutdown_distributed(wait=code == 0)
+    return code
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """The command's exit status; bad input is a message naming what is wrong, status 2."""
+    commands = {
+        "demo": run_demo_command,
+        "train": run_train_command,
+        "import-peft": run_import_command,
+        "compose": run_compose_command,
+        "distill": run_distill_command,
+        "analyze": run_analyze_command,
+        "study": run_study_command,
+    }
+    try:
         return commands[args.command](args)
     except ValidationError as e:  # a checkpoint config that the flags describe
         print(
@@ -191,14 +283,14 @@ def _train_inputs(
     """The TrainConfig of the flags, and the tokenized --data and --eval-data."""
     from transformers import AutoTokenizer
 
-    from remix_infer.train.data import read_jsonl, tokenize
+    from remix_infer.train.data import read_examples, tokenize
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
-    train_data = tokenize(tokenizer, read_jsonl(args.data), config.max_length)
+    train_data = tokenize(tokenizer, read_examples(args.data, args.data_split), config.max_length)
     eval_data = (
-        tokenize(tokenizer, read_jsonl(args.eval_data), config.max_length)
+        tokenize(tokenizer, read_examples(args.eval_data, args.eval_split), config.max_length)
         if args.eval_data
         else None
     )
@@ -245,8 +337,9 @@ def run_train_command(args: argparse.Namespace) -> int:
     trainer = Trainer(config, args.base_model, train_data, eval_data)
     if args.resume:
         trainer.resume(args.out)
-    trainer.train(args.out)
-    print(f"checkpoint: {args.out}")
+    trainer.train(args.out, stop_at_step=args.stop_at_step, log_dir=args.log_dir)
+    if trainer.ranks.is_main:
+        print(f"checkpoint: {args.out} (step {trainer.step})")
     return 0
 
 

@@ -4,7 +4,7 @@ Each PEFT LoRA (remix_infer.peft_adapter) becomes one LoRA of every module's poo
 is folded into B (so weight 1 reproduces it), ranks are zero-padded to the largest, and a module
 it does not adapt gets a zero LoRA. import-peft writes one LoRA as a checkpoint of n = 1, k = 1,
 omega = 1; compose freezes n of them (or a checkpoint's pools, --pool) and trains only the
-routers (FrozenPool, trainer.py); distill has each expert answer its domain's prompts, the
+routers (the trainer's `frozen` tensors); distill has each expert answer its domain's prompts, the
 routers' training data when the experts' own data is gone.
 """
 
@@ -15,7 +15,6 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -36,10 +35,14 @@ from remix_infer.peft_adapter import (
     read_adapter_config,
     read_peft_lora,
 )
-
-if TYPE_CHECKING:
-    from remix_infer.train.data import TokenizedData
-    from remix_infer.train.trainer import TrainConfig
+from remix_infer.train.data import TokenizedData
+from remix_infer.train.trainer import (
+    TrainConfig,
+    Trainer,
+    default_device,
+    load_base_model,
+    portable_base_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,10 @@ class FrozenPool:
 
     config: RemixConfig
     tensors: dict[str, torch.Tensor]
+
+    def lora_tensors(self) -> dict[str, torch.Tensor]:
+        """The pools' A and B: what stays frozen while the routers train."""
+        return {n: t for n, t in self.tensors.items() if n.endswith((LORA_A, LORA_B))}
 
 
 def read_base_model(base_model: str | os.PathLike) -> tuple[BaseModelShape, str]:
@@ -153,8 +160,6 @@ def import_peft(
     folder: str | os.PathLike, out: str | os.PathLike, base_model: str | None = None
 ) -> Path:
     """Write one PEFT LoRA as a ReMix checkpoint (n = 1, k = 1, weight 1) in `out`."""
-    from remix_infer.train.trainer import portable_base_path
-
     folder, out = Path(folder), Path(out)
     base_model = base_model or recorded_base_model(folder)
     shape, architecture = read_base_model(base_model)
@@ -192,8 +197,6 @@ def compose(
     """Freeze the experts (PEFT folders), or the pool of a ReMix checkpoint (e.g. one trained
     with --domain-routing), as one pool and train only its routers with `train_config.method`;
     writes the checkpoint (and the trainer's state and log) to `out`."""
-    from remix_infer.train.trainer import Trainer, portable_base_path
-
     if train_config.method not in COMPOSE_METHODS:
         raise ValueError(f"--method {train_config.method}: compose trains {list(COMPOSE_METHODS)}")
     out = Path(out)
@@ -220,7 +223,10 @@ def compose(
         pool.config.num_loras, pool.config.rank, pool.config.target_modules,
         train_config.method, train_config.max_steps,
     )  # fmt: skip
-    trainer = Trainer(train_config, base_model, train_data, eval_data, frozen_pool=pool)
+    trainer = Trainer(
+        train_config, base_model, train_data, eval_data,
+        remix_config=pool.config, frozen=pool.lora_tensors(),
+    )  # fmt: skip
     trainer.train(out, base_reference=pool.config.base_model)
     return out
 
@@ -270,7 +276,6 @@ def distill(
 
     from remix_infer.modeling import inject_remix, load_adapter_tensors
     from remix_infer.train.evaluate import greedy_complete
-    from remix_infer.train.trainer import default_device, load_base_model
 
     shape, architecture = read_base_model(base_model)
     tokenizer = AutoTokenizer.from_pretrained(base_model)

@@ -31,6 +31,7 @@ from remix_infer.train.tasks import (
     task_of,
 )
 from remix_infer.train.trainer import TrainConfig, Trainer, default_device, warmup_cosine
+from remix_infer.train.watch import per_layer
 
 log = logging.getLogger(__name__)
 CHAT_TEMPLATE = (
@@ -190,22 +191,6 @@ def accuracy_by_task(
         hits = [c for c, e in zip(correct, examples, strict=True) if task_of(e) == task]
         out[task] = sum(hits) / max(len(hits), 1)
     out["all"] = sum(correct) / len(correct)
-    return out
-
-
-def per_layer(routing: dict, num_layers: int) -> dict[str, list[float]]:
-    """Mean over each layer's modules of the routing figures, plus summed usage counts."""
-    out: dict[str, list] = {
-        "mean_ess": [],
-        "effective_loras": [],
-        "mean_router_entropy": [],
-        "counts": [],
-    }
-    for layer in range(num_layers):
-        mods = [v for k, v in routing.items() if k.startswith(f"model.layers.{layer}.")]
-        for key in ("mean_ess", "effective_loras", "mean_router_entropy"):
-            out[key].append(sum(m[key] for m in mods) / len(mods))
-        out["counts"].append([sum(c) for c in zip(*(m["counts"] for m in mods), strict=True)])
     return out
 
 

@@ -203,3 +203,24 @@ def build_peft_lora(out: Path, base: Path, rank: int = 32, seed: int = 0) -> Pat
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=1))
     return out
+
+
+def save_chat_tokenizer(out: Path) -> None:
+    """A word-level tokenizer whose words are the roles, ':', and w0..w9, with a chat template
+    that renders each turn as `<s> ROLE : CONTENT </s>` and the generation prompt as
+    `<s> assistant :`: one token per word, so a test can check labels token by token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "system", "user", "assistant", ":"]
+    words += [f"w{i}" for i in range(10)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}<s> assistant : {% endif %}"
+    )
+    fast.save_pretrained(out)
