@@ -8,9 +8,9 @@ stages are the pool's own calls, in the order its forward makes them:
     top-k             routing.topk_select       deterministic top-k (stable sort)
     gates             routing.routing_gates     constant omega on the k chosen
     counters          stats.record_routing      routing statistics and the per-step selections
-    gating            _gate_hidden              the hidden states times their gates
-    B GEMM            _add_pool_outputs         B product, added to the base
-    numba routing     _route_numba              top-k, gates, gating, statistics in one call:
+    gating            path.gate_hidden          the hidden states times their gates
+    B GEMM            path.add_pool_outputs     B product, added to the base
+    numba routing     paths.base.numba_route    top-k, gates, gating, statistics in one call:
                                                 what the CPU engine runs instead of the four
                                                 torch stages above (not part of "other")
 
@@ -26,6 +26,7 @@ import torch
 from bench_layer import make_layer, time_interleaved
 from common import machine, save_results
 
+from remix_infer.ops.paths.base import numba_route
 from remix_infer.ops.stats import record_routing
 from remix_infer.routing import routing_gates, topk_select
 
@@ -40,7 +41,7 @@ def profile(d: int, tokens: int, n: int, k: int, r: int, repeats: int) -> dict[s
         logits = y[:, d + n * r :].unflatten(-1, (1, n))
         selected = topk_select(logits, k)
         gates = routing_gates(logits, selected, pool.layout.omega, pool.layout.weighting)
-        hidden = pool._gate_hidden(lora_h, gates)
+        hidden = pool.path.gate_hidden(lora_h, gates)
     stages = {
         "base GEMM": lambda x: base(x),
         "adapter (whole)": lambda x: pool(x, gemm),
@@ -48,9 +49,9 @@ def profile(d: int, tokens: int, n: int, k: int, r: int, repeats: int) -> dict[s
         "top-k": lambda x: topk_select(logits, k),
         "gates": lambda x: routing_gates(logits, selected, pool.layout.omega, "constant"),
         "counters": lambda x: record_routing(pool.stats, pool.step_selected, logits, gates, k),
-        "gating": lambda x: pool._gate_hidden(lora_h, gates),
-        "B GEMM": lambda x: pool._add_pool_outputs(base_out, hidden),
-        "numba routing": lambda x: pool._route_numba(logits, lora_h),
+        "gating": lambda x: pool.path.gate_hidden(lora_h, gates),
+        "B GEMM": lambda x: pool.path.add_pool_outputs(base_out, hidden),
+        "numba routing": lambda x: numba_route(pool, logits, lora_h, None),
     }
     t = {name: s * 1e6 for name, s in time_interleaved(stages, x, repeats).items()}
     parts = ["stacked GEMM", "numba routing", "B GEMM"]
