@@ -16,26 +16,13 @@ import sys
 import httpx
 import pytest
 import torch
+from helpers.blocked import blocked_command
 from helpers.models import save_word_tokenizer
 from helpers.servers import ROOT, SMALL_ENGINE, free_port, running_server, server_env
 
 from remix_infer.ops import PoolLayout, check, set_padding_provider, triton_route
 from remix_infer.ops.stats import padding_mask
 
-BLOCKED = ("pydantic", "vllm", "transformers")
-# Runs a module with BLOCKED unimportable (a meta-path finder ahead of every other).
-RUN_BLOCKED = f"""
-import runpy, sys
-
-class Blocker:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {BLOCKED!r}:
-            raise ModuleNotFoundError("blocked for this test: " + name)
-        return None
-
-sys.meta_path.insert(0, Blocker())
-runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
-"""
 # Imported at start by every Python process of the server: the routing kernel with omega doubled.
 BROKEN_KERNEL = """
 from remix_infer.ops import triton_route
@@ -57,7 +44,7 @@ def test_gpu_check_runs_with_torch_and_triton_only():
     """The whole check from the checkout root, with pydantic, vLLM and transformers blocked:
     a table, then one JSON verdict line that passes."""
     proc = subprocess.run(
-        [sys.executable, "-c", RUN_BLOCKED, "remix_infer.ops.check"],
+        blocked_command("remix_infer.ops.check"),
         cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
