@@ -18,10 +18,12 @@ from server.protocol import (
     ChatLogprobs,
     ChatResponseMessage,
     ChatStreamChoice,
+    NamedToolChoice,
     RemixInfo,
     Usage,
 )
 from server.serving import Job, ServingBase
+from server.tools import answer_tool_calls
 
 
 class ServingChat(ServingBase[ChatCompletionRequest]):
@@ -70,13 +72,21 @@ class ServingChat(ServingBase[ChatCompletionRequest]):
         usage: Usage,
         remix: RemixInfo | None,
     ) -> BaseModel:
-        choices = [
-            ChatChoice(
-                index=j,
-                message=ChatResponseMessage(content=out.outputs[0].text),
-                logprobs=self.logprobs(out.outputs[0]),
-                finish_reason=out.outputs[0].finish_reason,
-            )
-            for j, out in enumerate(finals)
-        ]
+        choices = [self.choice(job.req, j, out.outputs[0]) for j, out in enumerate(finals)]
         return ChatCompletionResponse(**job.header(), choices=choices, usage=usage, remix=remix)
+
+    def choice(self, req: ChatCompletionRequest, j: int, o: Any) -> ChatChoice:
+        """Choice j: text, or (tool_choice forcing calls) the tool calls its text holds; as
+        OpenAI answers, finish_reason "tool_calls" for "required", "stop" for a named function,
+        and text that is not a complete call (cut off: "length") stays content."""
+        message = ChatResponseMessage(content=o.text)
+        finish = o.finish_reason
+        forced = req.forced_tools()
+        named = (
+            req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
+        )
+        calls = answer_tool_calls(o.text, named) if forced is not None else None
+        if calls is not None:
+            message = ChatResponseMessage(content=None, tool_calls=calls)
+            finish = "tool_calls" if named is None and finish == "stop" else finish
+        return ChatChoice(index=j, message=message, logprobs=self.logprobs(o), finish_reason=finish)
