@@ -317,8 +317,9 @@ class RemixEngine:
             await asyncio.sleep(interval_s)
         on_failure()
 
-    async def tokenize(self, text: str) -> list[int]:
-        return list(await asyncio.to_thread(self.tokenizer.encode, text))
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        encode = self.tokenizer.encode
+        return list(await asyncio.to_thread(encode, text, add_special_tokens=add_special_tokens))
 
     async def detokenize(self, token_ids: list[int]) -> str:
         return await asyncio.to_thread(self.tokenizer.decode, token_ids)
@@ -331,10 +332,16 @@ class RemixEngine:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
-    async def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        """The vocabulary's strings of these tokens (vLLM's /tokenize `token_strs`)."""
+        return list(self.tokenizer.convert_ids_to_tokens(token_ids))
+
+    async def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
         def render() -> list[int]:
             ids = self.tokenizer.apply_chat_template(
-                messages, tokenize=True, add_generation_prompt=True
+                messages, tokenize=True, add_generation_prompt=add_generation_prompt
             )
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from server.engine_client import RemixEngine
 from server.errors import APIError
 from server.logprobs import chat_logprobs, walk
 from server.protocol import (
@@ -16,6 +17,7 @@ from server.protocol import (
     ChatCompletionStreamChunk,
     ChatDelta,
     ChatLogprobs,
+    ChatMessage,
     ChatResponseMessage,
     ChatStreamChoice,
     NamedToolChoice,
@@ -26,24 +28,32 @@ from server.serving import Job, ServingBase
 from server.tools import answer_tool_calls
 
 
+async def render_chat(
+    engine: RemixEngine, messages: list[ChatMessage], add_generation_prompt: bool = True
+) -> list[int]:
+    """The prompt token ids of `messages` through the model's chat template (a 400 naming
+    `messages` when there is none or it fails)."""
+    if not engine.has_chat_template:
+        raise APIError(
+            400,
+            "This model has no chat template; use /v1/completions",
+            param="messages",
+            code="no_chat_template",
+        )
+    dicts = [m.model_dump(exclude_none=True) for m in messages]
+    try:
+        return await engine.apply_chat_template(dicts, add_generation_prompt)
+    except Exception as e:
+        raise APIError(400, f"messages: chat template failed: {e}", param="messages") from None
+
+
 class ServingChat(ServingBase[ChatCompletionRequest]):
     endpoint = "/v1/chat/completions"
     id_prefix = "chatcmpl"
     chunk_class = ChatCompletionStreamChunk
 
     async def prompt_token_ids(self, req: ChatCompletionRequest) -> list[list[int]]:
-        if not self.engine.has_chat_template:
-            raise APIError(
-                400,
-                "This model has no chat template; use /v1/completions",
-                param="messages",
-                code="no_chat_template",
-            )
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        try:
-            ids = await self.engine.apply_chat_template(messages)
-        except Exception as e:
-            raise APIError(400, f"messages: chat template failed: {e}", param="messages") from None
+        ids = await render_chat(self.engine, req.messages)
         if not ids:
             raise APIError(400, "messages render to an empty prompt", param="messages")
         return [ids]

@@ -119,7 +119,7 @@ async def check_chat(server: Server) -> None:
     r = await server.post("/v1/chat/completions", {**body, "logprobs": True, "top_logprobs": 1})
     assert r.status == 200, r.body
     choice = r.json()["choices"][0]
-    assert choice["message"] == {"role": "assistant", "content": "stu"}
+    assert choice["message"] == {"role": "assistant", "content": "stu", "tool_calls": []}
     first = choice["logprobs"]["content"][0]
     assert first["token"] == "s" and first["bytes"] == [115] and len(first["top_logprobs"]) == 2
     s = await server.post("/v1/chat/completions", {**body, "stream": True})
@@ -283,6 +283,32 @@ async def check_constrained_requests_are_accepted(server: Server) -> None:
 
 def test_constrained_requests_are_accepted():
     check_constrained_requests_are_accepted()
+
+
+@serve
+async def check_tokenize_and_detokenize(server: Server) -> None:
+    """vLLM's shapes (the fake model's tokens are bytes)."""
+    r = await server.post("/tokenize", {"model": MODEL, "prompt": "ab", "return_token_strs": True})
+    assert r.json() == {
+        "count": 2,
+        "max_model_len": 128,
+        "tokens": [97, 98],
+        "token_strs": ["a", "b"],
+    }
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    r = await server.post("/tokenize", chat)
+    assert r.json()["tokens"] == list(b"<user>hi<a>") and r.json()["token_strs"] is None
+    r = await server.post("/detokenize", {"model": MODEL, "tokens": [104, 105]})
+    assert r.json() == {"prompt": "hi"}
+    assert_error(await server.post("/detokenize", {"tokens": [256]}), 400, "tokens")
+    assert_error(await server.post("/tokenize", {"model": "other", "prompt": "x"}), 404)
+    assert_error(await server.post("/tokenize", {"prompt": "x", "messages": []}), 400)
+    spec = (await server.get("/openapi.json")).json()
+    assert {"/tokenize", "/detokenize"} <= set(spec["paths"])
+
+
+def test_tokenize_and_detokenize():
+    check_tokenize_and_detokenize()
 
 
 @serve

@@ -1,0 +1,187 @@
+"""What applications build on, against one real `remix-serve` (vLLM engine, quick demo
+checkpoint), with the official `openai` client: structured outputs (response_format, vLLM's
+structured_outputs), forced tool calls, logit_bias / allowed_token_ids / bad_words. The tiny
+model prefers none of these formats: the constraints must hold whatever it would say."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Literal
+
+import openai
+import pytest
+from helpers.servers import SMALL_ENGINE, running_server
+from pydantic import BaseModel, Field
+
+pytestmark = pytest.mark.slow
+
+MODEL = "remix-demo"
+PROMPT = "sort 3921 ="
+
+
+@pytest.fixture(scope="module")
+def server(demo_checkpoint, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("api-log") / "server.log"
+    args = ["--served-model-name", MODEL, *SMALL_ENGINE, "--max-model-len", "128", "--max-n", "8"]
+    with running_server(demo_checkpoint, log_path, args) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server["base"] + "/v1", api_key="unused", max_retries=0)
+
+
+def complete(client, max_tokens=8, **extra):
+    return client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=max_tokens, temperature=0, extra_body=extra
+    )
+
+
+class Answer(BaseModel):
+    task: Literal["sort", "add", "upper", "reverse"]
+    digits: list[int] = Field(max_length=4)
+    done: bool
+
+
+def test_parse_returns_valid_instances(client):
+    """The openai client's chat.completions.parse (response_format from a pydantic model, a
+    strict JSON schema): a valid instance on every sample at temperature 1."""
+    for seed in range(4):
+        r = client.chat.completions.parse(
+            model=MODEL,
+            messages=[{"role": "user", "content": PROMPT}],
+            response_format=Answer,
+            max_tokens=100,
+            temperature=1.0,
+            seed=seed,
+        )
+        assert isinstance(r.choices[0].message.parsed, Answer), r.choices[0].message.content
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": PROMPT}],
+        response_format={"type": "json_object"},
+        max_tokens=100,
+        temperature=0,
+    )
+    assert r.choices[0].finish_reason == "length" or isinstance(
+        json.loads(r.choices[0].message.content), dict
+    )
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_regex_and_choice_hold_on_every_sample(client, endpoint):
+    constraints = [({"regex": "[0-9]{4}"}, re.compile("[0-9]{4}").fullmatch),
+                   ({"choice": ["yes", "no", "1239"]}, {"yes", "no", "1239"}.__contains__)]  # fmt: skip
+    for so, holds in constraints:
+        extra = {"structured_outputs": so}
+        if endpoint == "completions":
+            r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, n=8,
+                                          temperature=1.0, seed=1, extra_body=extra)  # fmt: skip
+            texts = [c.text for c in r.choices]
+        else:
+            r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPT}],
+                                               max_tokens=8, n=8, temperature=1.0, seed=1,
+                                               extra_body=extra)  # fmt: skip
+            texts = [c.message.content for c in r.choices]
+        assert len(texts) == 8 and all(holds(t) for t in texts), (so, texts)
+
+
+class Sort(BaseModel):
+    digits: str = Field(pattern="^[0-9]{1,4}$")
+    descending: bool
+
+
+def test_named_tool_call_arguments_follow_the_schema(client):
+    tools = [openai.pydantic_function_tool(Sort, name="sort"),
+             {"type": "function", "function": {"name": "noop"}}]  # fmt: skip
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": PROMPT}],
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "sort"}},
+        max_tokens=60,
+        temperature=1.0,
+        seed=3,
+    )
+    (choice,) = r.choices
+    assert choice.message.content is None and choice.finish_reason == "stop"
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "sort" and call.id
+    Sort.model_validate_json(call.function.arguments)
+    # "required": one or more calls, each to one of the tools
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": PROMPT}],
+        tools=tools,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=100,
+        temperature=0,
+    )
+    (choice,) = r.choices
+    assert choice.finish_reason == "tool_calls", choice
+    (call,) = choice.message.tool_calls
+    assert call.function.name in ("sort", "noop")
+    if call.function.name == "sort":
+        Sort.model_validate_json(call.function.arguments)
+    # "none" and no tool_choice: text, as without tools
+    plain = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=8, temperature=0
+    )
+    for choice_arg in ({"tool_choice": "none"}, {}):
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPT}],
+                                           tools=tools, max_tokens=8, temperature=0, **choice_arg)  # fmt: skip
+        assert r.choices[0].message.content == plain.choices[0].message.content
+        assert not r.choices[0].message.tool_calls
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPT}],
+                                       tools=tools, tool_choice="auto")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def token_id(demo_checkpoint):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_checkpoint / "base")
+
+    def one(text: str) -> int:
+        (i,) = tokenizer.encode(text, add_special_tokens=False)
+        return i
+
+    return one
+
+
+def test_logit_bias_allowed_token_ids_and_bad_words(client, token_id):
+    greedy = complete(client, ignore_eos=True)
+    text = greedy.choices[0].text
+    banned = complete(client, logit_bias={str(token_id(text[0])): -100}, ignore_eos=True)
+    assert banned.choices[0].text[0] != text[0], (text, banned.choices[0].text)
+    forced = complete(client, max_tokens=4, logit_bias={str(token_id("x")): 100}, ignore_eos=True)
+    assert forced.choices[0].text == "xxxx"
+    only = complete(
+        client, max_tokens=6, allowed_token_ids=[token_id("a"), token_id("b")], ignore_eos=True
+    )
+    assert set(only.choices[0].text) <= {"a", "b"} and len(only.choices[0].text) == 6
+    without = complete(client, bad_words=[text[:2]], ignore_eos=True)
+    assert text[:2] not in without.choices[0].text
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=4,
+        temperature=0, logit_bias={str(token_id("x")): 100}, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert chat.choices[0].message.content == "xxxx"
+    for field, value in [("logit_bias", {"100000": 1}), ("allowed_token_ids", [100000])]:
+        with pytest.raises(openai.BadRequestError, match=field):
+            complete(client, **{field: value})
+
+
+def test_constraints_leave_routing_unchanged(client):
+    """Constrained decoding masks logits only: a regex that admits exactly the greedy answer
+    gives the same tokens and the same per-request routing counts as no constraint."""
+    routing = {"remix": {"return_routing": True}}
+    plain = complete(client, **routing)
+    text = plain.choices[0].text
+    constrained = complete(client, structured_outputs={"regex": re.escape(text)}, **routing)
+    assert constrained.choices[0].text == text
+    assert constrained.model_extra["remix"] == plain.model_extra["remix"]
