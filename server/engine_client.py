@@ -30,6 +30,11 @@ from remix_infer.vllm_plugin.engine import (
 from server.models import ModelTable, ServedModel
 from server.settings import EngineSettings, SettingsError
 
+# Constrained decoding (structured outputs, forced tool calls) with xgrammar, which is what the
+# server validates requests with (serving.check_constraint). JSON is compact: with whitespace
+# allowed between any two tokens, small models spend max_tokens on it (seen with the demo).
+STRUCTURED_OUTPUTS: dict[str, Any] = {"backend": "xgrammar", "disable_any_whitespace": True}
+
 log = logging.getLogger("remix_serve.engine")
 
 
@@ -208,6 +213,7 @@ class RemixEngine:
         )
 
     def _engine_args(self) -> Any:
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         s = self.settings
@@ -217,6 +223,7 @@ class RemixEngine:
             # "auto": the checkpoint's own dtype (vLLM's auto picks bfloat16 on CPU)
             dtype=self.remix_config.dtype if s.dtype == "auto" and self.remix_config else s.dtype,
             disable_log_stats=False,
+            structured_outputs_config=StructuredOutputsConfig(**STRUCTURED_OUTPUTS),
         )
         if _on_cpu():
             # The CPU backend checks against one NUMA node's free memory: stay well below it.

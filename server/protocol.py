@@ -88,7 +88,6 @@ class StructuredOutputs(BaseModel):
         default=None, description="an EBNF (GBNF) or Lark grammar the answer follows"
     )
     json_object: Literal[True] | None = Field(default=None, description="any JSON object")
-    disable_any_whitespace: StrictBool = False  # JSON: no whitespace between tokens
 
     @model_validator(mode="after")
     def _one_constraint(self) -> StructuredOutputs:
@@ -110,7 +109,6 @@ class StructuredOutputs(BaseModel):
             choice=self.choice,
             grammar=self.grammar,
             json_object=self.json_object,
-            disable_any_whitespace=self.disable_any_whitespace,
         )
 
 
