@@ -238,3 +238,31 @@ def test_batch_file_equals_the_online_answers(client, demo_checkpoint, tmp_path)
         else:
             online = client.chat.completions.create(**line["body"]).choices[0].message.content
             assert body["choices"][0]["message"]["content"] == online, line
+
+
+def test_readme_structured_outputs_example_runs(client):
+    """The README's example runs as shown (`client` is the test server's)."""
+    from helpers.servers import ROOT
+
+    text = (ROOT / "README.md").read_text().split("### Structured outputs", 1)[1]
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    scope = {"client": client}
+    exec(compile(code, "README.md", "exec", dont_inherit=True), scope)  # noqa: S102
+    assert isinstance(scope["r"].choices[0].text, str) and scope["r"].choices[0].text == "xxxx"
+
+
+def test_tokenize_and_detokenize(server, client):
+    """vLLM's shapes; messages render as a chat request's prompt (the same usage count)."""
+    import httpx
+
+    base = server["base"]
+    r = httpx.post(base + "/tokenize", json={"model": MODEL, "prompt": PROMPT, "return_token_strs": True}).json()  # fmt: skip
+    assert r["count"] == len(PROMPT) == len(r["tokens"]) and r["max_model_len"] == 128
+    assert "".join(r["token_strs"]).replace("Ġ", " ") == PROMPT  # byte-level: Ġ is the space
+    chat = httpx.post(base + "/tokenize", json={"messages": [{"role": "user", "content": PROMPT}]}).json()  # fmt: skip
+    answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=1)  # fmt: skip
+    assert chat["count"] == answer.usage.prompt_tokens
+    back = httpx.post(base + "/detokenize", json={"model": MODEL, "tokens": r["tokens"]}).json()
+    assert back == {"prompt": PROMPT}
+    bad = httpx.post(base + "/detokenize", json={"tokens": [10**6]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
