@@ -176,10 +176,13 @@ class ServingBase(Generic[RequestT]):
         max_tokens = self.max_tokens(req, prompts)
         self.check_token_ids(req)
         rid = new_id(self.id_prefix)
+        from vllm.exceptions import VLLMClientError
+
         try:
             params = req.to_sampling_params(max_tokens, routing_key=rid, slot=model.slot)
-        except (ValueError, TypeError) as e:  # vLLM's own checks (VLLMClientError is one)
-            raise APIError(400, str(e), code="invalid_value") from None
+        except (ValueError, TypeError, VLLMClientError) as e:  # vLLM's own checks
+            param = getattr(e, "parameter", None)
+            raise APIError(400, str(e), param=param, code="invalid_value") from None
         check_constraint(req)
         ticket.record.prompt_tokens = sum(len(p) for p in prompts)
         job = Job(
