@@ -4,6 +4,7 @@ middleware. Everything it assembles lives in its own module:
     routes.py               the endpoints, thin functions over the serving objects
     serving.py              the pipeline shared by completions and chat
     serving_completion.py   /v1/completions        serving_chat.py   /v1/chat/completions
+    serving_tokenize.py     /tokenize, /detokenize tools.py          forced tool calls
     admission.py            in-flight bound (429) and one observation per request
     models.py               the served models: checkpoint name -> engine slot, base model
     admin.py                /v1/load_checkpoint, /v1/unload_checkpoint
@@ -32,6 +33,7 @@ from server.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from server.routes import Services, router
 from server.serving_chat import ServingChat
 from server.serving_completion import ServingCompletion
+from server.serving_tokenize import ServingTokenize
 from server.settings import ServerSettings
 
 log = logging.getLogger("remix_serve.app")
@@ -48,6 +50,7 @@ def build_services(engine: RemixEngine, settings: ServerSettings) -> Services:
         metrics=metrics,
         completion=ServingCompletion(engine, settings, admission),
         chat=ServingChat(engine, settings, admission),
+        tokenize=ServingTokenize(engine),
         admin=CheckpointAdmin(engine, settings),
     )
 

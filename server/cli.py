@@ -164,8 +164,22 @@ def build_engine(args: argparse.Namespace) -> RemixEngine:
     return RemixEngine(checkpoints, settings, base_model_name=args.serve_base_model)
 
 
+def build_batch_parser() -> argparse.ArgumentParser:
+    p = build_parser()
+    p.prog = "remix-serve batch"
+    p.description = (
+        "Answer a file of requests in OpenAI's Batch format (JSONL lines of custom_id, method, "
+        "url, body) offline, with the same engine and request handling as the server."
+    )
+    p.add_argument("--input", required=True, type=Path, help="requests, one JSON line each")
+    p.add_argument("--output", required=True, type=Path, help="answers, in the input's order")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    batch = argv[:1] == ["batch"]
+    args = (build_batch_parser() if batch else build_parser()).parse_args(argv[batch:])
     checkpoints_from_environment(args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -177,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # SettingsError, CheckpointError, incompatible checkpoints
         print(f"remix-serve: {e}", file=sys.stderr)
         return 2
+    if batch:
+        return run_batch_command(engine, from_args(ServerSettings, args), args)
     if engine.settings.headless:
         log.info("loaded %s; headless: this host runs workers only", engine.describe())
         engine.run_headless()
@@ -191,6 +207,24 @@ def main(argv: list[str] | None = None) -> int:
         "required" if args.api_key else "not required",
     )
     return serve(engine, from_args(ServerSettings, args), args)
+
+
+def run_batch_command(
+    engine: RemixEngine, settings: ServerSettings, args: argparse.Namespace
+) -> int:
+    from server.batch import run_batch
+
+    if not args.input.is_file():
+        print(f"remix-serve batch: --input {args.input}: no such file", file=sys.stderr)
+        return 2
+    log.info("loaded %s; answering %s", engine.describe(), args.input)
+    try:
+        failed = asyncio.run(run_batch(engine, settings, args.input, args.output))
+    except RuntimeError as e:  # the engine failed
+        print(f"remix-serve batch: {e}", file=sys.stderr)
+        return 1
+    log.info("wrote %s (%d line(s) answered with an error)", args.output, failed)
+    return 0
 
 
 # After the engine fails: /health and /ready answer 503 "failed" for FAILURE_REPORT_S (so a

@@ -30,6 +30,11 @@ from remix_infer.vllm_plugin.engine import (
 from server.models import ModelTable, ServedModel
 from server.settings import EngineSettings, SettingsError
 
+# Constrained decoding (structured outputs, forced tool calls) with xgrammar, which is what the
+# server validates requests with (serving.check_constraint). JSON is compact: with whitespace
+# allowed between any two tokens, small models spend max_tokens on it (seen with the demo).
+STRUCTURED_OUTPUTS: dict[str, Any] = {"backend": "xgrammar", "disable_any_whitespace": True}
+
 log = logging.getLogger("remix_serve.engine")
 
 
@@ -208,6 +213,7 @@ class RemixEngine:
         )
 
     def _engine_args(self) -> Any:
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         s = self.settings
@@ -217,6 +223,7 @@ class RemixEngine:
             # "auto": the checkpoint's own dtype (vLLM's auto picks bfloat16 on CPU)
             dtype=self.remix_config.dtype if s.dtype == "auto" and self.remix_config else s.dtype,
             disable_log_stats=False,
+            structured_outputs_config=StructuredOutputsConfig(**STRUCTURED_OUTPUTS),
         )
         if _on_cpu():
             # The CPU backend checks against one NUMA node's free memory: stay well below it.
@@ -317,8 +324,9 @@ class RemixEngine:
             await asyncio.sleep(interval_s)
         on_failure()
 
-    async def tokenize(self, text: str) -> list[int]:
-        return list(await asyncio.to_thread(self.tokenizer.encode, text))
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        encode = self.tokenizer.encode
+        return list(await asyncio.to_thread(encode, text, add_special_tokens=add_special_tokens))
 
     async def detokenize(self, token_ids: list[int]) -> str:
         return await asyncio.to_thread(self.tokenizer.decode, token_ids)
@@ -331,10 +339,16 @@ class RemixEngine:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
-    async def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        """The vocabulary's strings of these tokens (vLLM's /tokenize `token_strs`)."""
+        return list(self.tokenizer.convert_ids_to_tokens(token_ids))
+
+    async def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
         def render() -> list[int]:
             ids = self.tokenizer.apply_chat_template(
-                messages, tokenize=True, add_generation_prompt=True
+                messages, tokenize=True, add_generation_prompt=add_generation_prompt
             )
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]

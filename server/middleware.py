@@ -18,14 +18,17 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class APIKeyMiddleware:
-    """401 for /v1 requests without `Authorization: Bearer <key>`."""
+    """401 for requests to /v1, /tokenize and /detokenize without `Authorization: Bearer <key>`
+    (what vLLM's server protects too)."""
+
+    protected = ("/v1", "/tokenize", "/detokenize")
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
         self.expected = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and scope["path"].startswith(self.protected):
             header = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.expected):

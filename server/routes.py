@@ -20,13 +20,19 @@ from server.protocol import (
     CheckpointInfo,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     LoadCheckpointRequest,
     ModelCard,
     ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
     UnloadCheckpointRequest,
 )
 from server.serving_chat import ServingChat
 from server.serving_completion import ServingCompletion
+from server.serving_tokenize import ServingTokenize
 from server.settings import ServerSettings
 
 
@@ -40,6 +46,7 @@ class Services:
     metrics: Metrics
     completion: ServingCompletion
     chat: ServingChat
+    tokenize: ServingTokenize
     admin: CheckpointAdmin
 
 
@@ -75,6 +82,25 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     return await services(request).chat.handle(request, body)
+
+
+def _tokenize_documented() -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)}
+
+
+@router.post("/tokenize", responses=_tokenize_documented())
+async def tokenize(
+    body: TokenizeCompletionRequest | TokenizeChatRequest, request: Request
+) -> TokenizeResponse:
+    """vLLM's /tokenize: `prompt` (with `add_special_tokens`) or `messages` (through the chat
+    template, with `add_generation_prompt`) to token ids."""
+    return await services(request).tokenize.tokenize(body)
+
+
+@router.post("/detokenize", responses=_tokenize_documented())
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    """vLLM's /detokenize: token ids to text."""
+    return await services(request).tokenize.detokenize(body)
 
 
 @router.get("/v1/models")

@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Generic, TypeVar
 
 from fastapi import Request
@@ -100,6 +101,22 @@ async def cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, Any])
     return task.result()
 
 
+def check_constraint(req: SamplingFields) -> None:
+    """A 400 naming the field for a schema, regex, grammar or choice list that xgrammar (the
+    backend vLLM picks for every constraint that passes this) cannot compile: checked here,
+    before the engine sees the request and before a stream starts."""
+    from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
+
+    constraint = req.constraint()
+    if constraint is None:
+        return
+    name, params = constraint
+    try:  # it reads only .structured_outputs (and turns a choice list into a grammar)
+        validate_xgrammar_grammar(SimpleNamespace(structured_outputs=params))  # type: ignore[arg-type]
+    except Exception as e:
+        raise APIError(400, f"{name}: {e}", param=name, code="invalid_value") from None
+
+
 class ServingBase(Generic[RequestT]):
     endpoint: str
     id_prefix: str
@@ -157,11 +174,16 @@ class ServingBase(Generic[RequestT]):
     async def make_job(self, req: RequestT, model: ServedModel, ticket: Ticket) -> Job[RequestT]:
         prompts = await self.prompt_token_ids(req)
         max_tokens = self.max_tokens(req, prompts)
+        self.check_token_ids(req)
         rid = new_id(self.id_prefix)
+        from vllm.exceptions import VLLMClientError
+
         try:
             params = req.to_sampling_params(max_tokens, routing_key=rid, slot=model.slot)
-        except (ValueError, TypeError) as e:  # vLLM's own checks (VLLMClientError is one)
-            raise APIError(400, str(e), code="invalid_value") from None
+        except (ValueError, TypeError, VLLMClientError) as e:  # vLLM's own checks
+            param = getattr(e, "parameter", None)
+            raise APIError(400, str(e), param=param, code="invalid_value") from None
+        check_constraint(req)
         ticket.record.prompt_tokens = sum(len(p) for p in prompts)
         job = Job(
             req=req, id=rid, model=model, prompts=prompts, calls=fan_out(prompts, params, req.n)
@@ -196,6 +218,18 @@ class ServingBase(Generic[RequestT]):
                 param="remix.return_routing",
                 code="invalid_value",
             )
+
+    def check_token_ids(self, req: SamplingFields) -> None:
+        vocab = self.engine.vocab_size
+        for name, ids in req.token_ids().items():
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise APIError(
+                    400,
+                    f"{name}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                    param=name,
+                    code="invalid_value",
+                )
 
     def max_tokens(self, req: SamplingFields, prompts: list[list[int]]) -> int:
         limit = self.engine.max_model_len

@@ -119,7 +119,7 @@ async def check_chat(server: Server) -> None:
     r = await server.post("/v1/chat/completions", {**body, "logprobs": True, "top_logprobs": 1})
     assert r.status == 200, r.body
     choice = r.json()["choices"][0]
-    assert choice["message"] == {"role": "assistant", "content": "stu"}
+    assert choice["message"] == {"role": "assistant", "content": "stu", "tool_calls": []}
     first = choice["logprobs"]["content"][0]
     assert first["token"] == "s" and first["bytes"] == [115] and len(first["top_logprobs"]) == 2
     s = await server.post("/v1/chat/completions", {**body, "stream": True})
@@ -181,7 +181,25 @@ BAD_BODIES = [
     (b'{"prompt": "x", "max_tokens": 100000000000000000000000}', "max_tokens"),
     (b'{"prompt": "x", "suffix": "y"}', "suffix"),
     (b'{"prompt": "x", "best_of": 3}', "best_of"),
-    (b'{"prompt": "x", "logit_bias": {"5": 1.0}}', "logit_bias"),
+    (b'{"prompt": "x", "logit_bias": {"five": 1.0}}', "logit_bias"),
+    (b'{"prompt": "x", "logit_bias": {"5": 101}}', "logit_bias.5"),
+    (b'{"prompt": "x", "logit_bias": {"256": 1}}', "logit_bias"),  # the fake vocabulary: 256
+    (b'{"prompt": "x", "allowed_token_ids": [3, 999]}', "allowed_token_ids"),
+    (b'{"prompt": "x", "allowed_token_ids": []}', "allowed_token_ids"),
+    (b'{"prompt": "x", "stop_token_ids": [256]}', "stop_token_ids"),
+    (b'{"prompt": "x", "structured_outputs": {}}', "structured_outputs"),
+    (
+        b'{"prompt": "x", "structured_outputs": {"regex": "a", "choice": ["b"]}}',
+        "structured_outputs",
+    ),
+    (b'{"prompt": "x", "structured_outputs": {"regex": "(a"}}', "structured_outputs"),
+    (b'{"prompt": "x", "structured_outputs": {"choice": []}}', "structured_outputs.choice"),
+    (b'{"prompt": "x", "structured_outputs": {"grammar": "root ::= "}}', "structured_outputs"),
+    (b'{"prompt": "x", "structured_outputs": {"json": "{not json"}}', "structured_outputs"),
+    (
+        b'{"prompt": "x", "structured_outputs": {"json": {"type": "nonsense"}}}',
+        "structured_outputs",
+    ),
     (b'{"prompt": "x", "stream_options": {"include_usage": true}}', None),
 ]
 
@@ -214,6 +232,83 @@ def test_bad_chat_bodies_are_400(messages):
         assert_error(await server.post("/v1/chat/completions", None, raw=raw), 400)
 
     check()
+
+
+TOOL = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
+BAD_CHAT_FIELDS = [
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}}, "response_format"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "response_format"),
+    ({"tools": [TOOL], "tool_choice": "auto"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "mul"}}}, "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": "required", "stream": True}, "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "wrong"}}}}}], "tool_choice": "required"}, "tools"),
+    ({"logit_bias": {"300": -100}}, "logit_bias"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("fields", "param"), BAD_CHAT_FIELDS)
+def test_bad_chat_fields_are_400(fields, param):
+    @serve
+    async def check(server: Server) -> None:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], **fields}
+        error = assert_error(await server.post("/v1/chat/completions", body), 400, param)
+        assert param in error["message"]
+        assert server.statuses() == [400] and server.admission.in_flight == 0
+
+    check()
+
+
+@serve
+async def check_constrained_requests_are_accepted(server: Server) -> None:
+    """Valid constraints and biases pass the server's checks (the fake engine ignores them; the
+    real engine's answers under them: test_api.py)."""
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    for fields in [
+        {"response_format": {"type": "json_object"}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer"}}}},
+        {"structured_outputs": {"grammar": 'root ::= "a" | "b"'}},
+        {"tools": [TOOL], "tool_choice": "none"},
+        {"tools": [TOOL]},
+        {"logit_bias": {"255": 100, "0": -100}, "allowed_token_ids": [0, 255], "bad_words": ["ab"]},
+    ]:  # fmt: skip
+        r = await server.post("/v1/chat/completions", {**chat, **fields})
+        assert r.status == 200, (fields, r.body)
+    for so in [{"regex": "[0-9]+"}, {"choice": ["a", "b"]}, {"json": {"type": "object"}}]:
+        r = await server.post("/v1/completions", completion(structured_outputs=so))
+        assert r.status == 200, (so, r.body)
+
+
+def test_constrained_requests_are_accepted():
+    check_constrained_requests_are_accepted()
+
+
+@serve
+async def check_tokenize_and_detokenize(server: Server) -> None:
+    """vLLM's shapes (the fake model's tokens are bytes)."""
+    r = await server.post("/tokenize", {"model": MODEL, "prompt": "ab", "return_token_strs": True})
+    assert r.json() == {
+        "count": 2,
+        "max_model_len": 128,
+        "tokens": [97, 98],
+        "token_strs": ["a", "b"],
+    }
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    r = await server.post("/tokenize", chat)
+    assert r.json()["tokens"] == list(b"<user>hi<a>") and r.json()["token_strs"] is None
+    r = await server.post("/detokenize", {"model": MODEL, "tokens": [104, 105]})
+    assert r.json() == {"prompt": "hi"}
+    assert_error(await server.post("/detokenize", {"tokens": [256]}), 400, "tokens")
+    assert_error(await server.post("/tokenize", {"model": "other", "prompt": "x"}), 404)
+    assert_error(await server.post("/tokenize", {"prompt": "x", "messages": []}), 400)
+    spec = (await server.get("/openapi.json")).json()
+    assert {"/tokenize", "/detokenize"} <= set(spec["paths"])
+
+
+def test_tokenize_and_detokenize():
+    check_tokenize_and_detokenize()
 
 
 @serve

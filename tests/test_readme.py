@@ -22,6 +22,7 @@ from remix_infer.train.tasks import TASKS
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 PYTHON_EXCHANGE = re.compile(r"^# ('[^']*') -> ('[^']*')$", re.MULTILINE)
+CHAT_EXCHANGE = re.compile(r"^# chat ('[^']*') -> ('[^']*')$", re.MULTILINE)
 CURL_PROMPT = re.compile(r'"prompt": "([^"]*)"')
 CURL_REPLY = re.compile(r'^\{"id":"cmpl-.*$', re.MULTILINE)
 
@@ -37,8 +38,17 @@ def readme_exchanges() -> list[tuple[str, str]]:
     return pairs
 
 
+def readme_chat_exchanges() -> list[tuple[str, str]]:
+    """(user message, assistant content) pairs of the README's chat example."""
+    text = README.read_text().split("\n## ", 1)[0]
+    return [(ast.literal_eval(p), ast.literal_eval(a)) for p, a in CHAT_EXCHANGE.findall(text)]
+
+
 def test_readme_answers_are_correct():
     """Every shown answer is the task's true answer (checked by the task generators' rules)."""
+    assert len(readme_chat_exchanges()) == 1
+    for prompt, answer in readme_chat_exchanges():
+        assert answer == " " + true_answer(prompt), prompt
     pairs = readme_exchanges()
     assert len(pairs) >= 4 and {task_of_prompt(p) for p, _ in pairs} <= set(TASKS)
     for prompt, answer in pairs:
@@ -83,3 +93,11 @@ def test_served_demo_gives_the_readme_answers(full_demo_checkpoint, tmp_path):
                 model="remix-demo", prompt=prompt, max_tokens=8, temperature=0
             )
             assert out.choices[0].text == answer, prompt
+        for prompt, answer in readme_chat_exchanges():
+            chat = client.chat.completions.create(
+                model="remix-demo",
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=8,
+                temperature=0,
+            )
+            assert chat.choices[0].message.content == answer, prompt

@@ -34,6 +34,9 @@ from remix_infer.train.trainer import TrainConfig, Trainer, default_device, warm
 from remix_infer.train.watch import per_layer
 
 log = logging.getLogger(__name__)
+# Chat on the demo: the messages' contents, one per line, and no role markers, so a single user
+# message renders to exactly the `TASK ARGS =` prompt the fine-tunes were trained on and chat
+# answers as completions do. Every demo checkpoint has carried it since the first.
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['content'] }}"
     "{% if not loop.last %}\n{% endif %}{% endfor %}"

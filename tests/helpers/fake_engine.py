@@ -116,8 +116,11 @@ class FakeEngine:
 
     # -- tokenizer ----------------------------------------------------------------------------
 
-    async def tokenize(self, text: str) -> list[int]:
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return await asyncio.to_thread(self.tokenizer.encode, text)
+
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        return [chr(t) for t in token_ids]
 
     async def detokenize(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids)
@@ -129,7 +132,9 @@ class FakeEngine:
     def has_chat_template(self) -> bool:
         return True
 
-    async def apply_chat_template(self, messages: list[dict]) -> list[int]:
+    async def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True
+    ) -> list[int]:
         return self.tokenizer.apply_chat_template(messages)
 
     # -- generation ---------------------------------------------------------------------------
