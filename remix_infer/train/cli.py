@@ -218,10 +218,14 @@ def claim_numbers(text: str) -> tuple[int, ...]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line, with a --preset's defaults under the flags given."""
+    # only train's --preset names a recipe (study has presets of its own); the full parser
+    # checks the choice and prints the usage
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", choices=sorted(PRESETS))
+    pre.add_argument("command", nargs="?")
+    pre.add_argument("--preset")
     known, _ = pre.parse_known_args(argv)
-    return build_parser(known.preset).parse_args(argv)
+    recipe = known.preset if known.command == "train" and known.preset in PRESETS else None
+    return build_parser(recipe).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
