@@ -125,3 +125,38 @@ def test_bad_prompt_file_names_file_line_and_field(tmp_path, checkpoint_dir, cap
     good = write_prompts(tmp_path / "good.jsonl")
     code = main(["analyze", str(tmp_path / "nope"), "--data", str(good)])
     assert code == 2 and "checkpoint directory not found" in capsys.readouterr().err
+
+
+def test_a_run_saved_along_the_way_is_analyzed_step_by_step(tmp_path, tiny_base, capsys):
+    """--save-every 2 over 4 steps keeps steps/step-000002 and step-000004 beside the final
+    checkpoint; analyze of the run's folder reports each, and the last is the final checkpoint."""
+    from remix_infer.checkpoint import load_checkpoint
+
+    save_word_tokenizer(tiny_base, VOCAB)
+    data = tmp_path / "train.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": p, "completion": " w5 w6"}) + "\n" for p in PROMPTS)
+    )
+    run = tmp_path / "run"
+    steps = ["--max-steps", "4", "--save-every", "2", "--batch-size", "4", "--eval-every", "0"]
+    small = ["--num-loras", "4", "--top-k", "2", "--rank", "4", "--learning-rate", "0.05"]
+    train = ["train", "--base-model", str(tiny_base), "--data", str(data), "--out", str(run)]
+    assert main([*train, *steps, *small]) == 0
+    saved = sorted(p.name for p in (run / "steps").iterdir())
+    assert saved == ["step-000002", "step-000004"]
+    final, last, first = (
+        load_checkpoint(p).tensors for p in (run, *(run / "steps" / s for s in saved[::-1]))
+    )
+    assert all(torch.equal(final[name], last[name]) for name in final)
+    assert any(not torch.equal(first[name], last[name]) for name in final)  # it trained between
+
+    capsys.readouterr()
+    out = tmp_path / "analysis"
+    assert main(["analyze", str(run), "--data", str(data), "--out", str(out)]) == 0
+    report = json.loads((out / "analysis_steps.json").read_text())
+    assert [s["step"] for s in report["steps"]] == [2, 4]
+    whole = json.loads((out / "analysis.json").read_text())["modules"]
+    for name, fig in report["steps"][1]["modules"].items():
+        assert fig["effective_loras"] == whole[name]["effective_loras"]
+    assert (out / "analysis_steps.png").stat().st_size > 5_000
+    assert "step 2: effective LoRAs" in capsys.readouterr().out

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.engines import greedy, remix_llm
 from helpers.models import make_tiny_base, save_word_tokenizer
+from reference import reference_run
 
 from remix_infer.checkpoint import load_checkpoint
 from remix_infer.modeling import load_remix_model, remix_modules
@@ -116,7 +118,7 @@ def test_fsdp_over_two_processes_trains_the_ddp_model_and_saves_a_loadable_check
     """--fsdp shards the base and the adapters over the 2 processes (FSDP2 fully_shard, gloo).
     Its gradients are the same two addends, reduce-scattered instead of all-reduced, so it
     trains the DDP run's model (the tolerance as above), and rank 0 writes a checkpoint that
-    validates and loads into the reference model."""
+    the engine serves with the reference model's greedy tokens."""
     out = setup["root"] / "fsdp"
     torchrun([*setup["args"], "--out", str(out), "--fsdp"])
     torch.testing.assert_close(losses(out), losses(two_processes), rtol=1e-6, atol=0)
@@ -126,6 +128,10 @@ def test_fsdp_over_two_processes_trains_the_ddp_model_and_saves_a_loadable_check
         torch.testing.assert_close(ckpt.tensors[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
     model, _ = load_remix_model(ckpt)
     assert len(remix_modules(model)) == 2 * 7
+    prompts = [[5, 9, 12], [40, 3, 3, 17, 8], [22], [60, 61, 7, 30, 11, 4, 19]]
+    with remix_llm(out, in_process=False) as llm:  # its own process: one engine per process
+        served = [list(o.outputs[0].token_ids) for o in greedy(llm, prompts, max_tokens=6)]
+    assert served == [reference_run(model, p, max_tokens=6).tokens for p in prompts]
 
 
 def test_fsdp_needs_several_processes(setup, capsys):

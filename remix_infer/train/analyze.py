@@ -10,6 +10,7 @@ use, mean router entropy, mean ESS of the routing weights.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -96,6 +97,54 @@ def analyze_checkpoint(
         "modules": modules,
         "collapsed_modules": [name for name, m in modules.items() if m["collapsed"]],
     }
+
+
+def run_snapshots(run_dir: str | os.PathLike) -> dict[int, Path]:
+    """step -> checkpoint of each save a run with --save-every kept (out/steps/step-NNNNNN)."""
+    from remix_infer.train.trainer import SNAPSHOTS_DIR
+
+    folders = Path(run_dir, SNAPSHOTS_DIR).glob("step-*")
+    return {int(f.name.removeprefix("step-")): f for f in sorted(folders) if f.is_dir()}
+
+
+def analyze_run(snapshots: dict[int, Path], texts: list[str], batch_size: int = 16) -> dict:
+    """Per saved step, each module's effective LoRAs, ESS and collapse verdict over `texts`:
+    whether routing spread or collapsed while the run trained."""
+    steps = []
+    for step, checkpoint in snapshots.items():
+        report = analyze_checkpoint(checkpoint, texts, batch_size)
+        modules = {
+            name: {key: m[key] for key in ("layer", "effective_loras", "ess", "collapsed")}
+            for name, m in report["modules"].items()
+        }
+        steps.append({"step": step, "checkpoint": str(checkpoint), "modules": modules})
+    return {"num_loras": report["num_loras"], "top_k": report["top_k"], "steps": steps}
+
+
+def plot_run(run: dict, path: str | os.PathLike) -> None:
+    """Effective LoRAs in use per layer (the mean over its modules) against the training step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    layers = sorted({m["layer"] for m in run["steps"][0]["modules"].values()})
+    for layer in layers:
+        means = [
+            sum(in_layer) / len(in_layer)
+            for in_layer in (
+                [m["effective_loras"] for m in s["modules"].values() if m["layer"] == layer]
+                for s in run["steps"]
+            )
+        ]
+        ax.plot([s["step"] for s in run["steps"]], means, marker="o", label=f"layer {layer}")
+    ax.axhline(run["top_k"], color="grey", linestyle="--", label="k (below: collapsed)")
+    ax.set(xlabel="step", ylabel="effective LoRAs in use", ylim=(0, run["num_loras"] + 0.5))
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_shares(report: dict, path: str | os.PathLike) -> None:

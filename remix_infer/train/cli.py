@@ -181,7 +181,10 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     analyze = sub.add_parser(
         "analyze", help="routing of a checkpoint over prompts, per layer and module"
     )
-    analyze.add_argument("checkpoint", type=Path, help="ReMix checkpoint directory")
+    analyze.add_argument(
+        "checkpoint", type=Path,
+        help="ReMix checkpoint directory (a run's --out: also each save it kept, --save-every)",
+    )  # fmt: skip
     analyze.add_argument(
         "--data", required=True, type=Path, help='JSONL of {"prompt"} (+ optional "completion")'
     )
@@ -348,9 +351,17 @@ def run_train_command(args: argparse.Namespace) -> int:
 
 
 def run_analyze_command(args: argparse.Namespace) -> int:
-    from remix_infer.train.analyze import analyze_checkpoint, plot_shares, read_prompts
+    from remix_infer.train.analyze import (
+        analyze_checkpoint,
+        analyze_run,
+        plot_run,
+        plot_shares,
+        read_prompts,
+        run_snapshots,
+    )
 
-    report = analyze_checkpoint(args.checkpoint, read_prompts(args.data), args.batch_size)
+    texts = read_prompts(args.data)
+    report = analyze_checkpoint(args.checkpoint, texts, args.batch_size)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "analysis.json").write_text(json.dumps(report, indent=1) + "\n")
     plot_shares(report, args.out / "analysis.png")
@@ -364,6 +375,18 @@ def run_analyze_command(args: argparse.Namespace) -> int:
     for name in report["collapsed_modules"]:
         print(f"  collapsed: {name}")
     print(f"report: {args.out / 'analysis.json'}, {args.out / 'analysis.png'}")
+    snapshots = run_snapshots(args.checkpoint)
+    if snapshots:
+        run = analyze_run(snapshots, texts, args.batch_size)
+        (args.out / "analysis_steps.json").write_text(json.dumps(run, indent=1) + "\n")
+        plot_run(run, args.out / "analysis_steps.png")
+        for s in run["steps"]:
+            in_use = [m["effective_loras"] for m in s["modules"].values()]
+            collapsed = sum(m["collapsed"] for m in s["modules"].values())
+            print(f"  step {s['step']}: effective LoRAs {min(in_use):.2f} to {max(in_use):.2f}, "
+                  f"{collapsed} collapsed")  # fmt: skip
+        print(f"over the run's saves: {args.out / 'analysis_steps.json'}, "
+              f"{args.out / 'analysis_steps.png'}")  # fmt: skip
     return 0
 
 

@@ -63,6 +63,7 @@ from remix_infer.train.watch import TensorBoardLog
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
+SNAPSHOTS_DIR = "steps"  # the checkpoints of a run with save_every, one folder per save
 ARCHITECTURES = {family.hf_model_type for family in FAMILIES.values()}  # base model_types
 SOFTMAX_METHODS = ("mixlora", "mixer")  # trained with softmax_topk gates
 
@@ -94,7 +95,8 @@ class TrainConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
     eval_every: int = 50  # 0: only at the end
-    save_every: int = 0  # 0: only at the end
+    # 0: only at the end; N: also every N steps, each save kept in out/steps/step-NNNNNN
+    save_every: int = 0
     balance_coef: float = 0.01  # mixlora load-balance loss weight
     # route each training sequence to LoRA `domain` (its data's field) and train the pools only:
     # LoRA-Mixer's joint expert training; then `compose --pool` trains the routers
@@ -566,6 +568,8 @@ class Trainer:
         base = base_reference or portable_base_path(self.base_model, out)
         config = self.remix_config.model_copy(update={"base_model": base})
         save_checkpoint(out, config, adapters)
+        if self.config.save_every:
+            self._save_snapshot(out, adapters, base)
         state = {
             "step": self.step,
             "adapters": adapters,  # float32 masters; the checkpoint may be bf16
@@ -582,6 +586,17 @@ class Trainer:
         with open(out / LOG_FILE, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.history)
         return out
+
+    def _save_snapshot(self, out: Path, adapters: dict[str, torch.Tensor], base: str) -> None:
+        """This step's checkpoint (no training state) in out/steps/, which the next save does
+        not overwrite: `remix-train analyze OUT` follows the routing over the run.
+        base: how out's checkpoint names its base model (a path relative to out is re-rooted)."""
+        snapshot = out / SNAPSHOTS_DIR / f"step-{self.step:06d}"
+        snapshot.mkdir(parents=True, exist_ok=True)
+        if not Path(base).is_absolute() and (out / base).is_dir():
+            base = os.path.relpath(out / base, snapshot)
+        config = self.remix_config.model_copy(update={"base_model": base})
+        save_checkpoint(snapshot, config, adapters)
 
     def resume(self, out_dir: str | os.PathLike) -> None:
         """Continue from a directory written by save(): same adapters, optimizer, schedule and RNG."""
