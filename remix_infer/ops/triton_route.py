@@ -153,24 +153,48 @@ def _route_block(
 
 
 @triton.jit
+def _part_columns(WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, PARTS: tl.constexpr, parts):
+    """Columns of PARTS parts' products side by side, each part padded to WIDTH_PAD: each
+    column's part, its index within the part, and whether it holds a product (within WIDTH, of
+    one of the `parts` that exist)."""
+    cols = tl.arange(0, PARTS * WIDTH_PAD)
+    part, within = cols // WIDTH_PAD, cols % WIDTH_PAD
+    return part, within, (within < WIDTH) & (part < parts)
+
+
+@triton.jit
+def _one_part(acc, j, PARTS: tl.constexpr, WIDTH_PAD: tl.constexpr):
+    """Part j's columns [BLOCK_T, WIDTH_PAD] of products laid out by `_part_columns`: a sum
+    with zeros, exact (only a zero's sign may change)."""
+    one = acc
+    if PARTS > 1:
+        by_part = tl.reshape(acc, (acc.shape[0], PARTS, WIDTH_PAD))
+        index = tl.arange(0, PARTS)[None, :, None]
+        one = tl.sum(tl.where(index == j, by_part, 0.0), axis=1)
+    return one
+
+
+@triton.jit
 def _pool_products(
     x_ptr, a_ptr, router_ptr, a0_ptr, rows, row_ok, a_row0, p_row0, a0_row0,
     d_start, d_span, D, stride_x, copy_ptr, stride_copy, copy_x,
     N: tl.constexpr, R: tl.constexpr, R0: tl.constexpr,
     N_PAD: tl.constexpr, NR_PAD: tl.constexpr, R0_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_A: tl.constexpr, COPY_X: tl.constexpr,
-    ROUTER_PRECISION: tl.constexpr,
+    ROUTER_PRECISION: tl.constexpr, parts=1, PARTS: tl.constexpr = 1,
 ):  # fmt: skip
     """One block of tokens (rows: their rows of x) times one pool's rows, over d_in columns
     [d_start, d_start + d_span): the n*r LoRA A rows from a_row0 (serving dtype, or float32
     IEEE), the n router rows from p_row0 (float32, IEEE) and, with R0 > 0, the r0 always-on
-    rows from a0_row0, reading x once for all. COPY_X: also copy the x tile to copy_ptr where
-    copy_x. Returns the float32 products [BLOCK_T, NR_PAD], [BLOCK_T, N_PAD], [BLOCK_T, R0_PAD]."""
-    hcols = tl.arange(0, NR_PAD)
-    lcols = tl.arange(0, N_PAD)
+    rows from a0_row0, reading x once for all. With PARTS > 1, the next `parts` (at most PARTS)
+    parts' A and router rows too, from the same x tiles (`_part_columns`' layout). COPY_X: also
+    copy the x tile to copy_ptr where copy_x. Returns the float32 products
+    [BLOCK_T, PARTS * NR_PAD], [BLOCK_T, PARTS * N_PAD], [BLOCK_T, R0_PAD]."""
+    h_part, hcols, h_ok = _part_columns(N * R, NR_PAD, PARTS, parts)
+    l_part, lcols, l_ok = _part_columns(N, N_PAD, PARTS, parts)
     ocols = tl.arange(0, R0_PAD)
-    acc_h = tl.zeros([BLOCK_T, NR_PAD], dtype=tl.float32)
-    acc_l = tl.zeros([BLOCK_T, N_PAD], dtype=tl.float32)
+    acc_h = tl.zeros([BLOCK_T, PARTS * NR_PAD], dtype=tl.float32)
+    acc_l = tl.zeros([BLOCK_T, PARTS * N_PAD], dtype=tl.float32)
     acc_0 = tl.zeros([BLOCK_T, R0_PAD], dtype=tl.float32)
     for d0 in range(0, d_span, BLOCK_D):
         dcols = d_start + d0 + tl.arange(0, BLOCK_D)
@@ -187,14 +211,14 @@ def _pool_products(
                 mask=copy_x[:, None] & d_ok[None, :],
             )
         a = tl.load(
-            a_ptr + (a_row0 + hcols)[:, None] * D + dcols[None, :],
-            mask=(hcols < N * R)[:, None] & d_ok[None, :],
+            a_ptr + (a_row0 + h_part * (N * R) + hcols)[:, None] * D + dcols[None, :],
+            mask=h_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
         acc_h += _dot(x, tl.trans(a), IEEE_A)
         p = tl.load(
-            router_ptr + (p_row0 + lcols)[:, None] * D + dcols[None, :],
-            mask=(lcols < N)[:, None] & d_ok[None, :],
+            router_ptr + (p_row0 + l_part * N + lcols)[:, None] * D + dcols[None, :],
+            mask=l_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
         acc_l += tl.dot(x.to(tl.float32), tl.trans(p), input_precision=ROUTER_PRECISION)
@@ -211,16 +235,16 @@ def _pool_products(
 @triton.jit
 def _product_slots(
     rows, row_ok, part, N: tl.constexpr, R: tl.constexpr, S,
-    N_PAD: tl.constexpr, NR_PAD: tl.constexpr,
+    N_PAD: tl.constexpr, NR_PAD: tl.constexpr, PARTS: tl.constexpr = 1,
 ):  # fmt: skip
-    """Where one block's products of one part lie in the products [T, S*n*r] and logits
-    [T, S*n] that a caller gives (summed over a row-parallel group): offsets and masks."""
-    hcols = tl.arange(0, NR_PAD)
-    lcols = tl.arange(0, N_PAD)
-    h_at = rows[:, None] * (S * N * R) + part * N * R + hcols[None, :]
-    l_at = rows[:, None] * (S * N) + part * N + lcols[None, :]
-    h_ok = row_ok[:, None] & (hcols < N * R)[None, :]
-    return h_at, h_ok, l_at, row_ok[:, None] & (lcols < N)[None, :]
+    """Where one block's products of parts part.. part + PARTS - 1 (those below S) lie in the
+    products [T, S*n*r] and logits [T, S*n] that a caller gives (summed over a row-parallel
+    group), in `_part_columns`' layout: offsets and masks."""
+    h_part, hcols, h_ok = _part_columns(N * R, NR_PAD, PARTS, S - part)
+    l_part, lcols, l_ok = _part_columns(N, N_PAD, PARTS, S - part)
+    h_at = rows[:, None] * (S * N * R) + ((part + h_part) * (N * R) + hcols)[None, :]
+    l_at = rows[:, None] * (S * N) + ((part + l_part) * N + lcols)[None, :]
+    return h_at, row_ok[:, None] & h_ok[None, :], l_at, row_ok[:, None] & l_ok[None, :]
 
 
 @triton.jit
@@ -243,17 +267,21 @@ def _remix_route_kernel(
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_K: tl.constexpr,
     FUSED: tl.constexpr, IEEE_A: tl.constexpr, ROUTER_PRECISION: tl.constexpr,
     softmax_gates, has_bias, has_padding,
-    has_slots, MULTI_SLOT: tl.constexpr,
+    has_slots, MULTI_SLOT: tl.constexpr, PARTS: tl.constexpr,
 ):  # fmt: skip
-    block, part, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Grid (token blocks, ceil(S / PARTS), splits): each program takes PARTS parts (1, or
+    every part with x_once) of its block, so x is read once per PARTS parts."""
+    block, group, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    part = group * PARTS  # this program's first part
     rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
-    copy_x = rows < tl.where(part == 0, T, 0)  # part 0 copies x into the GEMM's input
+    copy_x = rows < tl.where(part == 0, T, 0)  # part 0's program copies x into the GEMM's input
     if FUSED:
         acc_h, acc_l, _ = _pool_products(
             x_ptr, a_ptr, router_ptr, a_ptr, rows, row_ok, part * N * R, part * N, 0,
             split * D_PER_SPLIT, D_PER_SPLIT, D, stride_x, out_ptr, stride_out, copy_x,
             N, R, 0, N_PAD, NR_PAD, 16, BLOCK_T, BLOCK_D, IEEE_A, True, ROUTER_PRECISION,
+            S - part, PARTS,
         )  # fmt: skip
     else:  # products given (summed over a row-parallel group): copy this split's columns of
         for d0 in range(0, D_PER_SPLIT, BLOCK_D):  # x; split 0 alone holds the products
@@ -261,29 +289,30 @@ def _remix_route_kernel(
             mask = copy_x[:, None] & (dcols < D)[None, :]
             x = tl.load(x_ptr + rows[:, None] * stride_x + dcols[None, :], mask=mask)
             tl.store(out_ptr + rows[:, None] * stride_out + dcols[None, :], x, mask=mask)
-        h_at, h_ok, l_at, l_ok = _product_slots(rows, row_ok, part, N, R, S, N_PAD, NR_PAD)
+        h_at, h_ok, l_at, l_ok = _product_slots(
+            rows, row_ok, part, N, R, S, N_PAD, NR_PAD, PARTS
+        )
         acc_h = tl.where(split == 0, tl.load(h_ptr + h_at, mask=h_ok, other=0.0), 0.0)
         acc_l = tl.where(split == 0, tl.load(logits_ptr + l_at, mask=l_ok, other=0.0), 0.0)
 
-    if not SPLIT_K:
-        _route_block(
-            acc_h, acc_l, rows, row_ok, part, bias_ptr, out_ptr, stats_ptr, step_ptr, pad_ptr,
-            slots_ptr, stride_out, D, omega, max_step_rows, N, R, K, S, N_PAD, NR_PAD,
-            softmax_gates, has_bias, has_padding, has_slots, MULTI_SLOT,
-        )  # fmt: skip
-    else:  # the workspace [num_splits, S, blocks * BLOCK_T, NR_PAD + N_PAD]: the partials
-        blocks = tl.num_programs(0)
+    last = True
+    if SPLIT_K:  # the workspace [num_splits, groups * blocks * BLOCK_T, PARTS * (NR_PAD +
+        blocks, groups = tl.num_programs(0), tl.num_programs(1)  # N_PAD)]: the partials
         last, acc_h, acc_l, _ = _sum_splits(
-            acc_h, acc_l, acc_h, ws_ptr, sem_ptr, block * S + part,
-            part * blocks * BLOCK_T + rows, row_ok, split, num_splits, S * blocks * BLOCK_T,
-            NR_PAD, N_PAD, 16, 0, NR_PAD + N_PAD,
+            acc_h, acc_l, acc_h, ws_ptr, sem_ptr, block * groups + group,
+            group * blocks * BLOCK_T + rows, row_ok, split, num_splits,
+            groups * blocks * BLOCK_T, PARTS * NR_PAD, PARTS * N_PAD, 16, 0,
+            PARTS * (NR_PAD + N_PAD),
         )  # fmt: skip
-        if last:
-            _route_block(
-                acc_h, acc_l, rows, row_ok, part, bias_ptr, out_ptr, stats_ptr, step_ptr,
-                pad_ptr, slots_ptr, stride_out, D, omega, max_step_rows, N, R, K, S, N_PAD,
-                NR_PAD, softmax_gates, has_bias, has_padding, has_slots, MULTI_SLOT,
-            )  # fmt: skip
+    if last:
+        for j in tl.static_range(PARTS):
+            if part + j < S:
+                _route_block(
+                    _one_part(acc_h, j, PARTS, NR_PAD), _one_part(acc_l, j, PARTS, N_PAD),
+                    rows, row_ok, part + j, bias_ptr, out_ptr, stats_ptr, step_ptr, pad_ptr,
+                    slots_ptr, stride_out, D, omega, max_step_rows, N, R, K, S, N_PAD, NR_PAD,
+                    softmax_gates, has_bias, has_padding, has_slots, MULTI_SLOT,
+                )  # fmt: skip
 
 
 @triton.jit
@@ -372,6 +401,7 @@ CONFIGURATIONS: dict[str, dict[str, int | str]] = {
     # tf32x3 holds three pieces of each float32 tile: 128 columns spill at decode and 64 take
     # 215-247 registers (make aot-compile); 32 take 122-168
     "router tf32x3, block_d 32": {"router_precision": "tf32x3", "block_d": 32},
+    "x once": {"x_once": True},
 }
 
 
@@ -407,6 +437,7 @@ def route(
     max_split: int = 16,
     block_d: int = 0,
     router_precision: str = "ieee",
+    x_once: bool = False,
 ) -> None:
     """Launch the kernel (see the module docstring). lora_h [T, S*n*r] and logits [T, S*n],
     float32, when the products are given (each token's own slot's; always given with several
@@ -417,7 +448,10 @@ def route(
     originals): max_split, the most programs that share a block's reduction when the split is
     chosen here (more fill the GPU at few tokens); block_d, columns of d_in per step (0: 128,
     64 in float32; smaller gives more blocks to split); router_precision "ieee" (float32 on
-    FMA units) or "tf32x3" (three TF32 products on tensor cores, float32-equivalent)."""
+    FMA units) or "tf32x3" (three TF32 products on tensor cores, float32-equivalent); x_once,
+    one program per token block for all S parts, reading each x tile once for every part's
+    products (S padded to a power of two: S accumulators in registers), instead of one per
+    part (x read S times)."""
     tokens, d_in = x.shape
     num_parts = stats.shape[0] // num_slots
     if tokens == 0:
@@ -430,14 +464,16 @@ def route(
         raise ValueError(f"router_precision {router_precision!r}: one of {ROUTER_PRECISIONS}")
     block_t, block_d = _block_t(tokens), block_width(x.dtype, block_d)
     blocks = triton.cdiv(tokens, block_t)
+    parts = triton.next_power_of_2(num_parts) if x_once else 1  # parts per program
+    groups = triton.cdiv(num_parts, parts)  # programs per token block and split
     fused = lora_h is None
-    split = split or (choose_split(blocks, num_parts, d_in, block_d, max_split) if fused else 1)
+    split = split or (choose_split(blocks, groups, d_in, block_d, max_split) if fused else 1)
     d_per_split = triton.cdiv(triton.cdiv(d_in, block_d), split) * block_d
     workspace, tickets = split_workspace(
-        x, split, (num_parts * blocks * block_t, nr_pad + n_pad), blocks * num_parts
+        x, split, (groups * blocks * block_t, parts * (nr_pad + n_pad)), blocks * groups
     )
     padding = padding_mask(tokens)
-    _remix_route_kernel[(blocks, num_parts, split)](
+    _remix_route_kernel[(blocks, groups, split)](
         x, lora_a, router, router_bias if router_bias is not None else router,
         lora_h if lora_h is not None else x, logits if logits is not None else x,
         out, workspace, tickets, stats, step_selected,
@@ -451,4 +487,5 @@ def route(
         IEEE_A=x.dtype == torch.float32 or INTERPRETED, ROUTER_PRECISION=router_precision,
         softmax_gates=softmax_gates, has_bias=router_bias is not None,
         has_padding=padding is not None, has_slots=slots is not None, MULTI_SLOT=num_slots > 1,
+        PARTS=parts,
     )  # fmt: skip
