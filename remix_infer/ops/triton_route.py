@@ -289,9 +289,7 @@ def _remix_route_kernel(
             mask = copy_x[:, None] & (dcols < D)[None, :]
             x = tl.load(x_ptr + rows[:, None] * stride_x + dcols[None, :], mask=mask)
             tl.store(out_ptr + rows[:, None] * stride_out + dcols[None, :], x, mask=mask)
-        h_at, h_ok, l_at, l_ok = _product_slots(
-            rows, row_ok, part, N, R, S, N_PAD, NR_PAD, PARTS
-        )
+        h_at, h_ok, l_at, l_ok = _product_slots(rows, row_ok, part, N, R, S, N_PAD, NR_PAD, PARTS)
         acc_h = tl.where(split == 0, tl.load(h_ptr + h_at, mask=h_ok, other=0.0), 0.0)
         acc_l = tl.where(split == 0, tl.load(logits_ptr + l_at, mask=l_ok, other=0.0), 0.0)
 
