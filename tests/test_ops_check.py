@@ -55,6 +55,8 @@ def test_gpu_check_runs_with_torch_and_triton_only():
         assert f"\n{name} " in proc.stderr, name
     assert "FAIL" not in proc.stderr
     assert "slots=8 grouped" in proc.stderr  # the grouped kernels ran
+    for name in triton_route.CONFIGURATIONS:  # and each configuration of the routing kernel
+        assert name == "default" or f"dense [{name}]" in proc.stderr, name
 
 
 def broken_route(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -40,7 +40,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,7 @@ if not torch.cuda.is_available():  # chosen when a kernel is defined: before tri
 from remix_infer.ops.pool import FusedRemixLinear, PoolLayout, RemixPool  # noqa: E402
 from remix_infer.ops.slots import TokenSlots, pick_slot  # noqa: E402
 from remix_infer.ops.stats import padding_rows  # noqa: E402
+from remix_infer.ops.triton_route import CONFIGURATIONS  # noqa: E402
 
 N, K, R = 8, 4, 8  # the pool of `make bench-gpu`
 OMEGA = 2.0 / (K * R)
@@ -73,14 +74,16 @@ class Geometry:
     layout: PoolLayout
     dtype: torch.dtype
     grouped: bool = False
+    config: str = "default"  # the routing kernel's (triton_route.CONFIGURATIONS; dense path)
 
     def label(self) -> str:
         lay = self.layout
         path = "grouped" if self.grouped else "dense"
         dtype = str(self.dtype).removeprefix("torch.")
+        config = "" if self.config == "default" else f" [{self.config}]"
         return (
             f"{self.name} {dtype} d_in={lay.in_features} parts={list(lay.part_widths)} "
-            f"n={lay.num_loras} k={lay.top_k} r={lay.rank} slots={lay.num_slots} {path}"
+            f"n={lay.num_loras} k={lay.top_k} r={lay.rank} slots={lay.num_slots} {path}{config}"
         )
 
 
@@ -157,6 +160,8 @@ def build_pair(geometry: Geometry, device: str, max_tokens: int, seed: int = 7) 
                       slots=token_slots, grouped=grouped)
         )  # fmt: skip
     fast, oracle = pools
+    if not fast.grouped:
+        fast.path.route_config = CONFIGURATIONS[geometry.config]
     with torch.no_grad():
         fast.lora_a.copy_(rand(*fast.lora_a.shape, scale=d_in**-0.5))
         fast.router.copy_(rand(*fast.router.shape, scale=d_in**-0.5))
@@ -291,7 +296,7 @@ def launch_split(pool: RemixPool, x: torch.Tensor, split: int) -> tuple[torch.Te
         out = x.new_zeros(x.shape[0], layout.in_features + layout.pool_width)
         route(
             x, pool.lora_a, pool.router, pool.router_bias, out, pool.stats, pool.step_selected,
-            pool.path.semaphore, None, None, *args, split=split,
+            pool.path.semaphore, None, None, *args, split=split, **pool.path.route_config,
         )  # fmt: skip
     return out.clone(), pool.stats.clone(), pool.step_selected[: x.shape[0]].clone()
 
@@ -418,9 +423,36 @@ def full_check(device: str) -> list[Outcome]:
     """The whole check: GPU widths on a GPU; elsewhere the interpreter, which runs each program
     in Python, at the small shape: every path and dtype, fewer projections and token counts."""
     if device == "cuda":
-        return plan_check(device, ("llama3-8b", "llama3.2-1b"), ("qkv", "o", "gate_up", "down"),
-                          GPU_TOKENS, (33, 300), SPLITS, 50, (16,))  # fmt: skip
-    return plan_check(device, ("small",), ("qkv",), (1, 33), (33,), (1, 2, 3), 2, ())
+        shapes, projections = ("llama3-8b", "llama3.2-1b"), ("qkv", "o", "gate_up", "down")
+        return plan_check(
+            device, shapes, projections, GPU_TOKENS, (33, 300), SPLITS, 50, (16,)
+        ) + check_configurations(device, shapes, projections, (1, 33, 300), SPLITS, 50)
+    return plan_check(
+        device, ("small",), ("qkv",), (1, 33), (33,), (1, 2, 3), 2, ()
+    ) + check_configurations(device, ("small",), ("qkv",), (1, 33), (1, 2, 3), 2)
+
+
+def check_configurations(
+    device: str,
+    shapes: tuple[str, ...],
+    projections: tuple[str, ...],
+    tokens: tuple[int, ...],
+    splits: tuple[int, ...],
+    relaunches: int,
+) -> list[Outcome]:
+    """The routing kernel's other configurations (triton_route.CONFIGURATIONS: what `make
+    bench-gpu` sweeps) through the one-slot dense pool, bf16: the same checks as the default's
+    (selections, outputs, counters; forced splits at 33 tokens), no graphs."""
+    outcomes = []
+    for shape in shapes:
+        for geometry in llama_geometries(shape, torch.bfloat16, 1, projections):
+            for name in CONFIGURATIONS:
+                if name != "default":
+                    outcomes += check_geometry(
+                        replace(geometry, config=name), device, tokens, relaunches, (33,),
+                        (), splits,
+                    )  # fmt: skip
+    return outcomes
 
 
 def plan_check(

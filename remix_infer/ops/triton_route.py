@@ -392,7 +392,7 @@ def choose_split(
 
 ROUTER_PRECISIONS = ("ieee", "tf32x3")  # float32 (FMA units), float32-equivalent on tensor cores
 # `route`'s configurations that `make bench-gpu` sweeps (the first: the defaults)
-CONFIGURATIONS: dict[str, dict[str, int | str]] = {
+CONFIGURATIONS: dict[str, dict[str, int | str | bool]] = {
     "default": {},
     "max_split 64": {"max_split": 64},
     "block_d 64, max_split 64": {"block_d": 64, "max_split": 64},

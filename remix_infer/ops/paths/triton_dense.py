@@ -38,6 +38,9 @@ class TritonDensePath(PoolPath):
     def __init__(self, pool: RemixPool, max_step_tokens: int) -> None:
         super().__init__(pool)
         new_semaphore(self, max_step_tokens, 1)
+        # `route`'s keywords (a triton_route.CONFIGURATIONS entry; {}: the defaults), set by
+        # `make gpu-check` to verify each configuration through the pool
+        self.route_config: dict[str, int | str | bool] = {}
 
     def fold_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return torch.cat([weight, self._b_columns(weight)], dim=1)
@@ -92,7 +95,7 @@ class TritonDensePath(PoolPath):
             x, pool.lora_a, pool.router, bias, x_cat, pool.stats,
             pool.step_selected, self.semaphore, lora_h, logits,
             layout.num_loras, layout.rank, layout.top_k, layout.omega,
-            layout.weighting == "softmax_topk", slots, c,
+            layout.weighting == "softmax_topk", slots, c, **self.route_config,
         )  # fmt: skip
         return x_cat
 
