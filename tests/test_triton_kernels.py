@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.tolerances import float32_products_atol, routing_stats_rtol
 
 from remix_infer.ops import triton_route
 from remix_infer.ops.slots import TokenSlots
@@ -19,7 +20,7 @@ TOKENS, D_IN, PARTS = 20, 200, 2  # d_in 200: four blocks of 64 (float32), so up
 N, R, K, OMEGA = 6, 4, 2, 0.7
 
 
-def tensors(seed: int = 0, slots: int = 1) -> dict[str, torch.Tensor]:
+def tensors(seed: int = 0, slots: int = 1, parts: int = PARTS) -> dict[str, torch.Tensor]:
     """x and one pool's tensors (every slot's, slot-major), float32."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -28,25 +29,33 @@ def tensors(seed: int = 0, slots: int = 1) -> dict[str, torch.Tensor]:
 
     return {
         "x": randn(TOKENS, D_IN),
-        "lora_a": randn(slots * PARTS * N * R, D_IN, scale=D_IN**-0.5),
-        "router": randn(slots * PARTS * N, D_IN, scale=D_IN**-0.5),
-        "bias": randn(slots * PARTS, N),
+        "lora_a": randn(slots * parts * N * R, D_IN, scale=D_IN**-0.5),
+        "router": randn(slots * parts * N, D_IN, scale=D_IN**-0.5),
+        "bias": randn(slots * parts, N),
     }
 
 
-def run_route(t: dict, split: int, given: bool, semaphore: torch.Tensor | None = None, **kw):
-    """One launch of the dense routing kernel: ([x | gated h], stats, selections)."""
-    x = t["x"]
-    out = x.new_zeros(TOKENS, D_IN + PARTS * N * R)
-    stats = torch.zeros(PARTS, N + 3, dtype=torch.float64, device=DEVICE)
-    selected = torch.zeros(TOKENS, PARTS, N, dtype=torch.uint8, device=DEVICE)
+def run_route(
+    t: dict,
+    split: int,
+    given: bool,
+    semaphore: torch.Tensor | None = None,
+    softmax: bool = True,
+    **kw,
+):
+    """One launch of the dense routing kernel (one slot; t's parts): ([x | gated h], stats,
+    selections)."""
+    x, parts = t["x"], t["bias"].shape[0]
+    out = x.new_zeros(TOKENS, D_IN + parts * N * R)
+    stats = torch.zeros(parts, N + 3, dtype=torch.float64, device=DEVICE)
+    selected = torch.zeros(TOKENS, parts, N, dtype=torch.uint8, device=DEVICE)
     if semaphore is None:
-        semaphore = torch.zeros(semaphore_size(TOKENS, PARTS), dtype=torch.int32, device=DEVICE)
+        semaphore = torch.zeros(semaphore_size(TOKENS, parts), dtype=torch.int32, device=DEVICE)
     lora_h = F.linear(x, t["lora_a"]) if given else None
     logits = F.linear(x, t["router"]) if given else None
     route(
         x, t["lora_a"], t["router"], t["bias"], out, stats, selected, semaphore, lora_h, logits,
-        N, R, K, OMEGA, True, split=split, **kw,
+        N, R, K, OMEGA, softmax, split=split, **kw,
     )  # fmt: skip
     return out, stats, selected
 
@@ -115,8 +124,30 @@ def test_each_configuration_routes_as_the_default(config, monkeypatch):
     got = run_route(t, 0, given=False, **config)
     assert torch.equal(got[2], want[2])  # selections
     assert torch.equal(got[1][:, : N + 1], want[1][:, : N + 1])  # counts and tokens
-    terms = F.linear(t["x"].abs(), t["lora_a"].abs())  # sum |x_i a_i| of each hidden column
-    bound = D_IN * torch.finfo(torch.float32).eps * terms * OMEGA
+    bound = float32_products_atol(t["x"], t["lora_a"], OMEGA)
+    assert bool(((got[0] - want[0])[:, D_IN:].abs() <= bound).all())
+    assert torch.equal(got[0][:, :D_IN], t["x"])
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+@pytest.mark.parametrize("split", [1, 3])
+def test_x_once_routes_every_part_as_one_program_per_part_does(parts, split):
+    """x_once: one program per token block takes every part (3 padded to 4: a part of masked
+    rows), reading each x tile once. Against one program per part at the same split, base-model
+    tokens (slot -1) among them: given products bit for bit (a part's columns taken out of the
+    side-by-side layout exactly); computed products with the same selections and counts, and
+    products and entropy within float32's reassociation bounds (helpers/tolerances.py: a wider
+    tile may sum d_in in another order); constant gates (omega on both sides: no error of their
+    own)."""
+    t = tensors(4, parts=parts)
+    kw = {"slots": (torch.arange(TOKENS) % 4 - 1).to(DEVICE), "softmax": False}
+    given = [run_route(t, split, True, x_once=x_once, **kw) for x_once in (False, True)]
+    assert_equal_results(given[1], given[0])
+    want, got = (run_route(t, split, False, x_once=x_once, **kw) for x_once in (False, True))
+    assert torch.equal(got[2], want[2])  # selections
+    assert torch.equal(got[1][:, : N + 1], want[1][:, : N + 1])  # counts and tokens
+    torch.testing.assert_close(got[1], want[1], rtol=routing_stats_rtol(D_IN, TOKENS), atol=0)
+    bound = float32_products_atol(t["x"], t["lora_a"], OMEGA)
     assert bool(((got[0] - want[0])[:, D_IN:].abs() <= bound).all())
     assert torch.equal(got[0][:, :D_IN], t["x"])
 

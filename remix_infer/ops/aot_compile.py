@@ -205,7 +205,7 @@ def specialisations(target: Target) -> dict[str, tuple[ASTSource, dict, list[str
     return found
 
 
-SHOWN = ("BLOCK_D", "ROUTER_PRECISION", "BLOCK_T", "SPLIT_K", "FUSED", "MULTI_SLOT", "NR")
+SHOWN = ("BLOCK_D", "ROUTER_PRECISION", "BLOCK_T", "SPLIT_K", "FUSED", "MULTI_SLOT", "PARTS", "NR")
 
 
 def describe(source: ASTSource) -> tuple[str, bool]:

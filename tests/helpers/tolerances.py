@@ -27,3 +27,15 @@ def routing_stats_rtol(d_in: int, tokens: int) -> float:
     factor 2 over u also covers exp and log's own last-bit errors. Selection and token counts
     are integers below 2**10, so any miscount is still far outside this bound."""
     return float32_sum_rtol(d_in + tokens)
+
+
+def float32_products_atol(
+    x: torch.Tensor, weight: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
+    """Elementwise bound between two float32 computations of scale * (x @ weight^T) whose d_in
+    terms are summed in other orders (another split of d_in, another tile width for BLAS or
+    the tensor cores): each sum is within (d_in - 1) u sum_i |x_i w_i| of the exact one, and
+    the product by scale adds u of it on each side, so the two differ by at most
+    d_in eps |scale| sum_i |x_i w_i|."""
+    terms = torch.nn.functional.linear(x.abs(), weight.abs())
+    return float32_sum_rtol(x.shape[-1]) * abs(scale) * terms
