@@ -175,8 +175,8 @@ def launch(
 
 
 def specialisations(target: Target) -> dict[str, tuple[ASTSource, dict, list[str]]]:
-    """Every distinct specialisation the LAUNCHES launch on the target: its hash -> (source,
-    compile options, the launches that use it)."""
+    """Every distinct specialisation the LAUNCHES launch on the target: its hash and warps ->
+    (source, compile options, the launches that use it)."""
     backend = make_backend(GPUTarget("cuda", target.capability, 32))
     found: dict[str, tuple[ASTSource, dict, list[str]]] = {}
     binders: dict[str, Callable] = {}
@@ -199,22 +199,26 @@ def specialisations(target: Target) -> dict[str, tuple[ASTSource, dict, list[str
                 backend, kwargs, bound, spec_values, options
             )
             source = ASTSource(kernel, signature, constexprs, attrs)
-            entry = found.setdefault(source.hash(), (source, options.__dict__, []))
+            key = f"{source.hash()} {options.num_warps}"  # the source's hash has no options
+            entry = found.setdefault(key, (source, options.__dict__, []))
             if spec.use not in entry[2]:
                 entry[2].append(spec.use)
     return found
 
 
-SHOWN = ("BLOCK_D", "ROUTER_PRECISION", "BLOCK_T", "SPLIT_K", "FUSED", "MULTI_SLOT", "PARTS", "NR")
+SHOWN = ("BLOCK_D", "ROUTER_PRECISION", "BLOCK_T", "SPLIT_K", "FUSED", "MULTI_SLOT", "NR")
 
 
-def describe(source: ASTSource) -> tuple[str, bool]:
-    """The constexprs that tell this kernel's specialisations apart, its pointer dtype, and
-    whether it is a decode configuration (blocks of 16 tokens)."""
+def describe(source: ASTSource, options: dict) -> tuple[str, bool]:
+    """The constexprs that tell this kernel's specialisations apart (PARTS and the warps where
+    not 1 and 4), its pointer dtype, and whether it is a decode configuration (blocks of 16
+    tokens)."""
     names = source.fn.arg_names
     values = {names[i[0]]: v for i, v in source.constants.items()}
     dtype = source.signature[names[0]].lstrip("*")  # x (or out): the serving dtype
     shown = [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in values.items() if k in SHOWN]
+    shown += [f"PARTS={values['PARTS']}"] if values.get("PARTS", 1) > 1 else []
+    shown += [f"warps={options['num_warps']}"] if options["num_warps"] != 4 else []
     return f"{dtype} " + " ".join(shown), values["BLOCK_T"] == triton_route.MIN_BLOCK_T
 
 
@@ -242,7 +246,7 @@ def compile_all(targets: tuple[Target, ...] = TARGETS) -> list[Compiled]:
     for target in targets:
         for source, options, uses in specialisations(target).values():
             registers, spills, shared = compile_one(source, options, target)
-            config, decode = describe(source)
+            config, decode = describe(source, options)
             rows.append(
                 Compiled(
                     target.name, source.fn.__name__.strip("_"), config, registers, spills,

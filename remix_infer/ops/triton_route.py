@@ -399,7 +399,9 @@ CONFIGURATIONS: dict[str, dict[str, int | str | bool]] = {
     # tf32x3 holds three pieces of each float32 tile: 128 columns spill at decode and 64 take
     # 215-247 registers (make aot-compile); 32 take 122-168
     "router tf32x3, block_d 32": {"router_precision": "tf32x3", "block_d": 32},
-    "x once": {"x_once": True},
+    # x read once for all parts: S padded to a power of two of accumulators; 128 columns
+    # spill at decode with 4 parts (make aot-compile), 64 do not
+    "x once, block_d 64": {"x_once": True, "block_d": 64},
 }
 
 
@@ -463,6 +465,9 @@ def route(
     block_t, block_d = _block_t(tokens), block_width(x.dtype, block_d)
     blocks = triton.cdiv(tokens, block_t)
     parts = triton.next_power_of_2(num_parts) if x_once else 1  # parts per program
+    # blocks of 64 tokens: PARTS times the warps keep each thread's share of the accumulators
+    # the default's (4 warps spill 8-768 B at 2 and 4 parts: make aot-compile)
+    warps = 4 * parts if block_t > MIN_BLOCK_T else 4
     groups = triton.cdiv(num_parts, parts)  # programs per token block and split
     fused = lora_h is None
     split = split or (choose_split(blocks, groups, d_in, block_d, max_split) if fused else 1)
@@ -485,5 +490,5 @@ def route(
         IEEE_A=x.dtype == torch.float32 or INTERPRETED, ROUTER_PRECISION=router_precision,
         softmax_gates=softmax_gates, has_bias=router_bias is not None,
         has_padding=padding is not None, has_slots=slots is not None, MULTI_SLOT=num_slots > 1,
-        PARTS=parts,
+        PARTS=parts, num_warps=warps,
     )  # fmt: skip
