@@ -18,7 +18,7 @@ outputs agree within bf16 tolerance, and the same for the grouped path of 8-slot
 of every slot and the base model; it stops with an error if not: there is no other GPU test.
 
 Then the routing kernel's configurations (triton_route.CONFIGURATIONS: more splits, narrower
-d_in blocks, the router on tensor cores in tf32x3) on one layer's four projections, the kernel
+d_in blocks, the router on tensor cores in tf32x3, x read once for all parts) on one layer's four projections, the kernel
 alone in a CUDA graph, at each token count (`--sweep-tokens`), printing the fastest per count.
 `--quick` (`make bench-gpu QUICK=1`) sizes the run for one short GPU call: compiled + graph
 only, QUICK's token counts and repeats, one slot token count, and a time budget after which

@@ -1,9 +1,10 @@
 """The routing kernel: one launch per adapted projection on the GPU (see pool.py for the math).
 
-Each program takes a block of tokens and one adapted part, reads x once for both of the part's
-products (the n*r LoRA A rows in the serving dtype; the n router rows in float32, IEEE or tf32x3
-(`route`'s configurations), so bf16 and fp16 serving choose what the float32 reference
-chooses), then
+Each program takes a block of tokens and one adapted part (with `x_once`, every part: S padded to
+a power of two, the parts' products side by side in one set of accumulators), reads x once for
+all of its products (the n*r LoRA A rows in the serving dtype; the n router rows in float32,
+IEEE or tf32x3 (`route`'s configurations), so bf16 and fp16 serving choose what the float32
+reference chooses), then, for each of its parts,
 
     top-k of the logits, ties to the lower index (k rounds of argmax; argmax keeps the first)
     gates: omega on the chosen, or omega * softmax over the chosen logits
@@ -21,7 +22,8 @@ allocation and memset are stream-ordered, so CUDA-graph capture keeps them.
 The token and split counts, the number of parts, the padding, slot and bias buffers' presence
 and the gate rule are runtime arguments that Triton does not specialise on (NOT_SPECIALIZED):
 one compiled kernel serves every step of a block size and every checkpoint's routing rule, so
-few specialisations reach the GPU (tests/test_aot_compile.py compiles them all).
+few specialisations reach the GPU (tests/test_aot_compile.py compiles them all). x_once
+specialises on the parts per program (S rounded up to a power of two: its accumulators' width).
 
 Registered as the custom op `torch.ops.remix.route` so torch.compile and graph capture keep it.
 Runs on CPU under the Triton interpreter (TRITON_INTERPRET=1), which the tests use.
