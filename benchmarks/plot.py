@@ -22,7 +22,14 @@ def plot_layer(rows: list[dict], path: Path) -> None:
             [r["base_over_remix"] for r in sub],
             "o-",
             color=color,
-            label=f"ReMix layer, d={d}",
+            label=f"ReMix layer (grouped, the engine's), d={d}",
+        )
+        ax.plot(
+            tokens,
+            [r["base_over_stacked"] for r in sub],
+            "s--",
+            color=color,
+            label=f"stacked, d={d}",
         )
         ax.plot(
             tokens,
