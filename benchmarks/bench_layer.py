@@ -105,32 +105,46 @@ def run(
     k: int = 4,
     r: int = 8,
     budget_s: float = 0.4,
+    threads: int = 1,
 ) -> list[dict]:
+    """threads: torch's threads while timing (one, as in vLLM's CPU worker; with two on a
+    2-core machine that another job shares, OpenMP's barriers wait on the other job)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return [row for d in dims for row in run_width(d, token_counts, n, k, r, budget_s)]
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_width(
+    d: int, token_counts: tuple[int, ...], n: int, k: int, r: int, budget_s: float
+) -> list[dict]:
+    """The rows of one width d (run's)."""
     rows = []
-    for d in dims:
-        base, stacked, stacked_gemm = make_layer(d, d, n, k, r, max(token_counts))
-        _, grouped, grouped_gemm = make_layer(d, d, n, k, r, max(token_counts), grouped=True)
-        floor = n * r * (d + d) / (d * d)
-        for tokens in token_counts:
-            x = torch.randn(tokens, d)
-            fill_slots(grouped, tokens)
-            fns = {
-                "base": base,
-                "remix": lambda x, pool=grouped, gemm=grouped_gemm: pool(x, gemm),
-                "stacked": lambda x, pool=stacked, gemm=stacked_gemm: pool(x, gemm),
-                "naive": lambda x, base=base, pool=stacked: naive_remix(base, pool, x),
-            }
-            probe = time_interleaved(fns, x, 1)
-            repeats = max(5, min(50, int(budget_s / max(sum(probe.values()), 1e-6))))
-            row = layer_row(d, tokens, time_repeats(fns, x, repeats), 1 / (1 + floor))
-            rows.append(row)
-            print(
-                f"d={d:5d} tokens={tokens:5d}  base {row['base_ms']:8.3f} ms"
-                f"  remix {row['remix_ms']:8.3f} ms  stacked {row['stacked_ms']:8.3f} ms"
-                f"  naive {row['naive_ms']:8.3f} ms  base/remix {row['base_over_remix']:.3f}"
-                f"  base/stacked {row['base_over_stacked']:.3f}  floor {row['floor_ratio']:.3f}",
-                flush=True,
-            )
+    base, stacked, stacked_gemm = make_layer(d, d, n, k, r, max(token_counts))
+    _, grouped, grouped_gemm = make_layer(d, d, n, k, r, max(token_counts), grouped=True)
+    floor = n * r * (d + d) / (d * d)
+    for tokens in token_counts:
+        x = torch.randn(tokens, d)
+        fill_slots(grouped, tokens)
+        fns = {
+            "base": base,
+            "remix": lambda x, pool=grouped, gemm=grouped_gemm: pool(x, gemm),
+            "stacked": lambda x, pool=stacked, gemm=stacked_gemm: pool(x, gemm),
+            "naive": lambda x, base=base, pool=stacked: naive_remix(base, pool, x),
+        }
+        probe = time_interleaved(fns, x, 1)
+        repeats = max(5, min(200, int(budget_s / max(sum(probe.values()), 1e-6))))
+        row = layer_row(d, tokens, time_repeats(fns, x, repeats), 1 / (1 + floor))
+        rows.append(row)
+        print(
+            f"d={d:5d} tokens={tokens:5d}  base {row['base_ms']:8.3f} ms"
+            f"  remix {row['remix_ms']:8.3f} ms  stacked {row['stacked_ms']:8.3f} ms"
+            f"  naive {row['naive_ms']:8.3f} ms  base/remix {row['base_over_remix']:.3f}"
+            f"  base/stacked {row['base_over_stacked']:.3f}  floor {row['floor_ratio']:.3f}",
+            flush=True,
+        )
     return rows
 
 
