@@ -25,7 +25,7 @@ from common import paired_ratio
 from remix_infer.config import RemixConfig
 from remix_infer.ops import PoolLayout, RemixPool, TokenSlots
 from remix_infer.routing import topk_select
-from remix_infer.vllm_plugin.layer import linear_kernel
+from remix_infer.vllm_plugin.layer import PrepackedCpuGemm, linear_kernel
 
 
 def make_layer(
@@ -54,8 +54,9 @@ def make_layer(
         pool.lora_a.normal_(0, d_in**-0.5)
         pool.router.normal_(0, d_in**-0.5)
         pool.lora_b[0].normal_(0, 0.02)
-    pool.prepare(linear_kernel)
-    return linear_kernel(weight), pool, linear_kernel(pool.fold_base_weight(weight))
+    folded = pool.fold_base_weight(weight)  # before prepare: the products prepack its rows
+    pool.prepare(PrepackedCpuGemm if grouped else linear_kernel)  # as RemixLinearMethod does
+    return linear_kernel(weight), pool, linear_kernel(folded)
 
 
 def fill_slots(pool: RemixPool, tokens: int) -> None:
