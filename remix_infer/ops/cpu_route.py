@@ -2,8 +2,9 @@
 
 At decode batch sizes the torch path's routing (sort, gates, gating, the statistics) costs
 about 10 us per eager operation, more than the arithmetic. This numba kernel does the same per
-token and part in one pass over the stacked GEMM's output: top-k (largest first, ties to the
-lower index), gates, the gated hidden states part-major ([S, T, n*r], where each B product
+token and part in one pass over the pool's products (the stacked GEMM's columns, or the grouped
+path's narrow product, whose router bias it adds in float32 as torch would): top-k (largest
+first, ties to the lower index), gates, the gated hidden states part-major ([S, T, n*r], where each B product
 reads them), the statistics row (selections, tokens, entropy, ESS; padding rows excluded) and
 the step's per-token selections. The plain-torch path (pool.py) stays the oracle it is tested
 against. Registered as `torch.ops.remix.route_cpu` (custom_op.py) so vLLM's compiled graphs keep it.
