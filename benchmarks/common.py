@@ -8,9 +8,10 @@ import importlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
-from datetime import date
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -36,17 +37,49 @@ def __getattr__(name: str) -> object:
     return getattr(importlib.import_module(HELPERS[name]), name)
 
 
-def machine() -> str:
-    """A short description of where the numbers came from."""
-    cpu = platform.processor() or platform.machine()
+def cpu_info() -> dict:
+    """The processor as /proc/cpuinfo names it, and the vector units its GEMM kernels can use
+    (oneDNN picks AVX2, AVX-512 or AMX code at run time, so timings differ by family)."""
+    info = {"model": platform.processor() or platform.machine(), "flags": []}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        return info
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            info["model"] = value.strip()
+        elif key.strip() == "flags":
+            present = set(value.split())
+            info["flags"] = [
+                f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in present
+            ]
+            break
+    return info
+
+
+def vector_isa() -> str:
+    """The widest of the GEMM kernels' vector units here: amx, avx512, avx2 or base."""
+    flags = cpu_info()["flags"]
+    for isa, flag in (("amx", "amx_tile"), ("avx512", "avx512f"), ("avx2", "avx2")):
+        if flag in flags:
+            return isa
+    return "base"
+
+
+def machine() -> str:
+    """A short description of where the numbers came from: the processor, its vector units
+    (avx2 / avx512f / amx), threads and torch."""
+    cpu = cpu_info()
+    flags = ", ".join(cpu["flags"]) or "no avx2"
+    return f"{cpu['model']} ({flags}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def paired_ratio(runs: list[float], reference_runs: list[float]) -> float:
+    """The median of each repeat's own ratio runs[i] / reference_runs[i]: the cases of one
+    repeat run back to back, so the machine's drift between repeats (up to 20% on a shared
+    machine) cancels out."""
+    return statistics.median(a / b for a, b in zip(runs, reference_runs, strict=True))
 
 
 def git_revision() -> str:
@@ -59,15 +92,21 @@ def git_revision() -> str:
 
 
 def machine_tag() -> str:
-    """Short name for result files: the GPU's name, else the CPU architecture and core count."""
+    """Short name for result files: the GPU's name, else the CPU architecture, core count and
+    widest vector unit (x86_64-2cpu-avx512), so runs on different CPU families stay apart."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name().replace(" ", "-").lower()
-    return f"{platform.machine()}-{os.cpu_count()}cpu"
+    return f"{platform.machine()}-{os.cpu_count()}cpu-{vector_isa()}"
 
 
 def save_results(name: str, results: dict, directory: Path = RESULTS) -> Path:
-    """<directory, default benchmarks/results>/<date>-<machine>-<name>.json"""
+    """<directory, default benchmarks/results>/<UTC date and time>-<machine>-<name>.json, never
+    over an earlier run's file (a suffix -2, -3, ... if one was written the same second)."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{date.today().isoformat()}-{machine_tag()}-{name}.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%SZ")
+    stem = f"{stamp}-{machine_tag()}-{name}"
+    path, again = directory / f"{stem}.json", 2
+    while path.exists():
+        path, again = directory / f"{stem}-{again}.json", again + 1
+    path.write_text(json.dumps({"cpu": cpu_info(), **results}, indent=1) + "\n")
     return path

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# the layer's curves: result key, line style, legend
+SERIES = (
+    ("base_over_remix", "o-", "ReMix layer (grouped, the engine's)"),
+    ("base_over_stacked", "s--", "stacked"),
+    ("base_over_naive", "x:", "naive loop"),
+)
+
 
 def plot_layer(rows: list[dict], path: Path) -> None:
     """Layer speed relative to the base linear, per model width, against token count."""
@@ -17,20 +24,8 @@ def plot_layer(rows: list[dict], path: Path) -> None:
         sub = [r for r in rows if r["d"] == d]
         color = f"C{i}"
         tokens = [r["tokens"] for r in sub]
-        ax.plot(
-            tokens,
-            [r["base_over_remix"] for r in sub],
-            "o-",
-            color=color,
-            label=f"ReMix layer, d={d}",
-        )
-        ax.plot(
-            tokens,
-            [r["base_over_naive"] for r in sub],
-            "x:",
-            color=color,
-            label=f"naive loop, d={d}",
-        )
+        for key, style, name in SERIES:
+            ax.plot(tokens, [r[key] for r in sub], style, color=color, label=f"{name}, d={d}")
         ax.axhline(
             sub[0]["floor_ratio"],
             color=color,

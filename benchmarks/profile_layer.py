@@ -1,8 +1,18 @@
-"""Where a ReMix layer's time goes: each stage of RemixPool's torch forward timed on its own.
+"""Where a ReMix layer's time goes: each stage of a pool's forward timed on its own.
 
 One d x d projection with a pool of n = 8 LoRAs, k = 4, r = 8 (the serving benchmark's
-configuration), float32, one torch thread (as in vLLM's CPU worker), interleaved medians. The
-stages are the pool's own calls, in the order its forward makes them:
+configuration), float32, one torch thread (as in vLLM's CPU worker), interleaved medians.
+
+`--path grouped` (the default: the path a float32 engine takes, one checkpoint slot holding
+every token; ops/paths/numba_grouped.py), its stages in the order its forward makes them:
+
+    base GEMM         gemm(x)                   the base product alone (vLLM's oneDNN kernel)
+    narrow products   slots.own_slot_products   the slot's [A ; P] product (prepacked oneDNN)
+    numba routing     paths.base.numba_route    top-k, gates, gating, statistics in one call
+    B products        slots.add_slot_b_products the slot's B product, added to the base
+
+`--path stacked` (the one-slot engine's path before revision c1f9363), the stages of its torch
+forward (the oracle's) and the numba routing that the stacked CPU path runs instead of them:
 
     stacked GEMM      gemm(x)                   one GEMM for the base rows, all A's and the router
     top-k             routing.topk_select       deterministic top-k (stable sort)
@@ -23,10 +33,11 @@ import argparse
 import json
 
 import torch
-from bench_layer import make_layer, time_interleaved
+from bench_layer import fill_slots, make_layer, time_interleaved
 from common import machine, save_results
 
 from remix_infer.ops.paths.base import numba_route
+from remix_infer.ops.slots import add_slot_b_products, own_slot_products
 from remix_infer.ops.stats import record_routing
 from remix_infer.routing import routing_gates, topk_select
 
@@ -59,30 +70,60 @@ def profile(d: int, tokens: int, n: int, k: int, r: int, repeats: int) -> dict[s
     return t
 
 
+def profile_grouped(d: int, tokens: int, n: int, k: int, r: int, repeats: int) -> dict:
+    """Microseconds per call of the grouped path's stages, its whole forward, the stacked
+    path's whole forward and the base GEMM alone."""
+    base, pool, gemm = make_layer(d, d, n, k, r, max_tokens=tokens, grouped=True)
+    _, stacked, stacked_gemm = make_layer(d, d, n, k, r, max_tokens=tokens)
+    fill_slots(pool, tokens)
+    path, groups = pool.path, pool.slots
+    x = torch.randn(tokens, d)
+    narrow = x.new_empty(tokens, path.slot_narrow.shape[1])
+    with torch.no_grad():
+        own_slot_products(x, groups.order, groups.counts, path.products, narrow)
+        lora_h, logits = narrow[:, : n * r], narrow[:, n * r :]
+        hidden, _ = numba_route(pool, logits, lora_h, groups.current(tokens))
+        out = base(x)
+    stages = {
+        "base GEMM": lambda x: base(x),
+        "adapter (whole)": lambda x: pool(x, gemm),
+        "stacked (whole)": lambda x: stacked(x, stacked_gemm),
+        "narrow products": lambda x: own_slot_products(
+            x, groups.order, groups.counts, path.products, narrow
+        ),
+        "numba routing": lambda x: numba_route(pool, logits, lora_h, groups.current(tokens)),
+        "B products": lambda x: add_slot_b_products(
+            out, groups.order, groups.counts, hidden, path.products, path._b_bounds
+        ),
+    }
+    t = {name: s * 1e6 for name, s in time_interleaved(stages, x, repeats).items()}
+    parts = ["base GEMM", "narrow products", "numba routing", "B products"]
+    t["other"] = max(0.0, t["adapter (whole)"] - sum(t[p] for p in parts))
+    return t
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--tokens", type=int, nargs="+", default=(1, 16, 64, 512))
     parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--path", choices=("grouped", "stacked"), default="grouped")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = {}
-    for tokens in args.tokens:
-        rows[tokens] = profile(args.hidden, tokens, n=8, k=4, r=8, repeats=args.repeats)
+    run = profile_grouped if args.path == "grouped" else profile
+    rows = {tokens: run(args.hidden, tokens, 8, 4, 8, args.repeats) for tokens in args.tokens}
     names = list(rows[args.tokens[0]])
-    print(f"d={args.hidden}, n=8 k=4 r=8, one thread; microseconds per call (share of adapter)")
+    print(f"d={args.hidden}, {args.path} path, n=8 k=4 r=8, one thread; microseconds per call")
     print(f"{'stage':<17}" + "".join(f"{f'{t} tokens':>22}" for t in args.tokens))
+    whole = ("base GEMM", "adapter (whole)", "stacked (whole)")
     for name in names:
         cells = ""
         for tokens in args.tokens:
-            us, whole = rows[tokens][name], rows[tokens]["adapter (whole)"]
-            share = "" if name in ("base GEMM", "adapter (whole)") else f"({us / whole:4.0%})"
-            cells += f"{us:14.1f} {share:>7}"
+            us, of = rows[tokens][name], rows[tokens]["adapter (whole)"]
+            cells += f"{us:14.1f} {'' if name in whole else f'({us / of:4.0%})':>7}"
         print(f"{name:<17}{cells}")
-    path = save_results(
-        "profile", {"machine": machine(), "hidden": args.hidden, "microseconds": rows}
-    )
-    print(f"results: {path}")
+    results = {"machine": machine(), "hidden": args.hidden, "path": args.path, "microseconds": rows}
+    print(f"results: {save_results('profile', results)}")
     print(
         json.dumps(
             {

@@ -21,7 +21,8 @@ GEMM's weight and `forward` runs the path.
         routing (plain torch ops, or ONE numba call: cpu_route.py) and one B product per part.
     NumbaGroupedPath (CPU engine, the numba kernel with token slots, one slot or several): the
         GEMM is the base product alone; each slot's A, router and B products run on that slot's
-        tokens only (the adapter FLOPs of one checkpoint, none for base-model tokens).
+        tokens only (the adapter FLOPs of one checkpoint, none for base-model tokens), each one
+        GEMM of the kernel `prepare` was given (in vLLM: oneDNN, prepacked, as the base GEMM).
     TritonDensePath (GPU):  columns stacked, y = [x | gated h] [W | block-diagonal B]^T; before
         it ONE Triton kernel does the A and router products, routes and writes [x | gated h].
     TritonGroupedPath (GPU, several slots, grouped=True): the grouped scheme in two Triton

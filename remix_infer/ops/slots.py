@@ -9,11 +9,17 @@ forward; every pool reads it in place, so compiled graphs and CUDA graphs see ea
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from remix_infer.ops.custom_op import remix_op
+
+Gemm = Callable[[torch.Tensor], torch.Tensor]
 
 BASE_MODEL_SLOT = -1
 
@@ -66,64 +72,70 @@ def spread_to_slots(values: torch.Tensor, slots: torch.Tensor, num_slots: int) -
     return (values[:, :, None, :] * owner[None, :, :, None]).flatten(2)
 
 
-# --- grouped products (CPU, several slots): each slot's products on its own tokens only --------
+# --- grouped products (CPU): each slot's products on its own tokens only ------------------------
 # The dense path above runs every slot's A and B for every token (C times the adapter FLOPs, paid
 # by base-model tokens too). These two ops gather each slot's tokens and run that slot's products
 # on them alone: the adapter FLOPs of one checkpoint, and none for base-model tokens. The groups'
-# sizes change every step, so they are custom ops (opaque to torch.compile).
+# sizes change every step, so they are custom ops (opaque to torch.compile). The products are the
+# binding's GEMM kernel (oneDNN with prepacked weights in vLLM, as the base GEMM): callables, which
+# a custom op's schema cannot carry, so the ops find them by an index (`register_products`).
+
+
+class SlotProducts(Protocol):
+    """A grouped path's prepared products: narrow[c] (x -> x [A ; A0 ; P]_c^T) and b[c][j]
+    (each part j's [B | B0] of slot c, h -> h [B | B0]_cj^T), each x' -> a new tensor."""
+
+    narrow: list[Gemm]
+    b: list[list[Gemm]]
+
+
+_PRODUCTS: list[weakref.ref] = []  # index -> a path's SlotProducts (weak: pools come and go)
+
+
+def register_products(products: SlotProducts) -> int:
+    """The index by which the grouped ops find `products` (kept alive by their owner)."""
+    _PRODUCTS.append(weakref.ref(products))
+    return len(_PRODUCTS) - 1
 
 
 def slot_groups(order: torch.Tensor, counts: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
     """(slot, its tokens' rows) for every slot with tokens this step, from TokenSlots' order and
-    counts; base-model tokens left out; rows None: the slot has every token (no gather)."""
+    counts; base-model tokens left out; rows None: the slot has every token (no gather). Found
+    once per step, not once per projection: kept on the counts tensor with its version, which
+    TokenSlots.fill bumps."""
+    cached = getattr(counts, "_remix_groups", None)
+    if cached is not None and cached[0] == counts._version:
+        return cached[1]
     counts_of = counts.tolist()  # [0]: base-model tokens
     tokens = sum(counts_of)
     groups, start = [], counts_of[0]
     for slot, count in enumerate(counts_of[1:]):
         if count == tokens:
-            return [(slot, None)]
+            groups = [(slot, None)]
+            break
         if count:
             groups.append((slot, order[start : start + count]))
         start += count
+    counts._remix_groups = (counts._version, groups)
     return groups
-
-
-def _product(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None, out: torch.Tensor):
-    """out[rows] = x[rows] @ weight.T (every row when rows is None, with no copy)."""
-    if rows is None:
-        torch.mm(x, weight.t(), out=out)
-    else:
-        out.index_copy_(0, rows, F.linear(x.index_select(0, rows), weight))
-
-
-def _add_product(
-    x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None, out: torch.Tensor
-):
-    """out[rows] += x[rows] @ weight.T, in place (out may be a strided view)."""
-    if rows is None:
-        out.addmm_(x, weight.t())
-        return
-    gathered = out.index_select(0, rows)
-    gathered.addmm_(x.index_select(0, rows), weight.t())
-    out.index_copy_(0, rows, gathered)
 
 
 @remix_op("own_slot_products", mutates_args=("out",))
 def own_slot_products(
-    x: torch.Tensor,
-    order: torch.Tensor,
-    counts: torch.Tensor,
-    slot_narrow: torch.Tensor,
-    out: torch.Tensor,
+    x: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, products: int, out: torch.Tensor
 ) -> None:
     """x [T, d_in] -> out [T, w]: each token's product with its own slot's narrow rows
-    slot_narrow [C, w, d_in] ([A ; A0 ; P] of that slot); zero for base-model tokens. order,
-    counts: the step's tokens grouped by slot (TokenSlots)."""
+    ([A ; A0 ; P] of that slot: the registered products' `narrow`); zero for base-model
+    tokens. order, counts: the step's tokens grouped by slot (TokenSlots)."""
+    narrow = _PRODUCTS[products]().narrow
     groups = slot_groups(order, counts)
     if not (len(groups) == 1 and groups[0][1] is None):  # not every row written below
         out.zero_()
     for slot, rows in groups:
-        _product(x, slot_narrow[slot], rows, out)
+        if rows is None:
+            out.copy_(narrow[slot](x))
+        else:
+            out.index_copy_(0, rows, narrow[slot](x.index_select(0, rows)))
 
 
 @remix_op("add_slot_b_products", mutates_args=("out",))
@@ -132,21 +144,18 @@ def add_slot_b_products(
     order: torch.Tensor,
     counts: torch.Tensor,
     hidden: torch.Tensor,
-    lora_b: list[torch.Tensor],
-    always_h: torch.Tensor | None,
-    always_b: list[torch.Tensor],
+    products: int,
     part_columns: list[int],
 ) -> None:
-    """out [T, d_out] += each token's gated hidden states hidden [S, T, n*r] (and always-on
-    ones always_h [S, T, r0]) times its own slot's B of each part; base-model tokens untouched.
-    lora_b[j] [d_out_j, C*n*r], always_b[j] [d_out_j, C*r0]: every slot's columns, slot-major;
-    part_columns: the first and past-the-last output column of each part, flattened."""
-    width = hidden.shape[2]
+    """out [T, d_out] += each token's hidden states hidden [S, T, n*r + r0] (gated, then the
+    always-on ones) times its own slot's [B | B0] of each part (the registered products' `b`);
+    base-model tokens untouched. part_columns: the first and past-the-last output column of
+    each part, flattened."""
+    b = _PRODUCTS[products]().b
     for slot, rows in slot_groups(order, counts):
-        for j, b in enumerate(lora_b):
+        for j, product in enumerate(b[slot]):
             columns = out[:, part_columns[2 * j] : part_columns[2 * j + 1]]
-            _add_product(hidden[j], b[:, slot * width : (slot + 1) * width], rows, columns)
-            if always_h is not None:
-                r0 = always_h.shape[2]
-                b0 = always_b[j][:, slot * r0 : (slot + 1) * r0]
-                _add_product(always_h[j], b0, rows, columns)
+            if rows is None:
+                columns.add_(product(hidden[j]))
+            else:
+                columns.index_add_(0, rows, product(hidden[j].index_select(0, rows)))

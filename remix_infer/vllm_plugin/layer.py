@@ -10,7 +10,8 @@ all-reduce, and only rank 0 adds B's term (vLLM's all-reduce of the output then 
 Loading a checkpoint slot while serving rewrites the pool's part of the folded weight in place
 (`refresh`), so compiled graphs and CUDA graphs keep their tensors. On CPU vLLM prepacks the
 folded weight for oneDNN and drops it. In float32 (the numba kernel) the pool is grouped, with
-one slot or several (its GEMM weight is the base weight alone, which a load leaves as it is);
+one slot or several (its GEMM weight is the base weight alone, which a load leaves as it is;
+its slots' A, router and B products run on oneDNN too, prepacked by PrepackedCpuGemm);
 otherwise an engine with several slots keeps the folded weight and prepacks it itself
 (PrepackedCpuGemm), so that it can prepack it again after a load.
 """
@@ -107,6 +108,10 @@ class RemixLinearMethod(LinearMethodBase):
             self.pool.prepare(PrepackedCpuGemm)
             return
         self.base_method.process_weights_after_loading(layer)  # CPU: prepacks the folded weight
+        if self.pool.grouped and layer.weight.device.type == "cpu":
+            # the slots' own products on oneDNN too, prepacked again after a load (refresh)
+            self.pool.prepare(PrepackedCpuGemm)
+            return
         self.pool.prepare(linear_kernel)
 
     def refresh(self, layer: torch.nn.Module, slot: int | None = None) -> None:

@@ -38,7 +38,7 @@ def make_path(pool: RemixPool, grouped: bool, max_step_tokens: int) -> PoolPath:
     if pool.kernel == "triton":
         path = TritonGroupedPath if grouped else TritonDensePath
         return path(pool, max_step_tokens)
-    fold_router = pool.lora_a.dtype == torch.float32 and pool.shared is None
     if grouped:
-        return NumbaGroupedPath(pool, fold_router)
+        return NumbaGroupedPath(pool)
+    fold_router = pool.lora_a.dtype == torch.float32 and pool.shared is None
     return (NumbaPath if pool.kernel == "numba" else TorchPath)(pool, fold_router)

@@ -9,7 +9,7 @@ after `refresh_fold` / `refresh_products`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -59,6 +59,14 @@ class PoolPath(nn.Module):
         raise NotImplementedError
 
 
+def refresh_prepacked(products: Iterable[Gemm]) -> None:
+    """Refresh the prepacked copies among `products` (a gemm with a `refresh()` method), after
+    the weights they were made from changed in place."""
+    for product in products:
+        if hasattr(product, "refresh"):
+            product.refresh()
+
+
 def narrow_rows(pool: RemixPool, with_router: bool) -> list[torch.Tensor]:
     """The pool's rows that ride on a product of x: [A ; A0 (; P)], every slot's."""
     rows = [pool.lora_a]
@@ -96,18 +104,25 @@ def always_hidden(
 
 
 def numba_route(
-    pool: RemixPool, logits: torch.Tensor, lora_h: torch.Tensor, slots: torch.Tensor | None
+    pool: RemixPool,
+    logits: torch.Tensor,
+    lora_h: torch.Tensor,
+    slots: torch.Tensor | None,
+    router_bias: torch.Tensor | None = None,
+    extra_columns: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gated hidden states [S, T, n*r] and top-k [T, S, k] from ONE compiled call (cpu_route.py;
-    numba is imported only by the paths that run it)."""
+    """Gated hidden states [S, T, n*r + extra_columns] (the gated ones first, the others left for
+    the caller to fill) and top-k [T, S, k] from ONE compiled call (cpu_route.py; numba is
+    imported only by the paths that run it). logits [T, S, n] or [T, S*n]; router_bias: added
+    to each token's own slot's logits there (None: none, or added already)."""
     from remix_infer.ops.cpu_route import route_cpu
 
     layout = pool.layout
     tokens, s = logits.shape[0], layout.num_parts
-    hidden = lora_h.new_empty(s, tokens, layout.num_loras * layout.rank)
+    hidden = lora_h.new_empty(s, tokens, layout.num_loras * layout.rank + extra_columns)
     selected = torch.empty(tokens, s, layout.top_k, dtype=torch.long)
     route_cpu(
-        logits, lora_h, hidden, selected, pool.stats, pool.step_selected, layout.top_k,
-        layout.omega, layout.weighting == "softmax_topk", slots,
+        logits, lora_h, router_bias, hidden, selected, pool.stats, pool.step_selected,
+        layout.top_k, layout.omega, layout.weighting == "softmax_topk", slots,
     )  # fmt: skip
     return hidden, selected

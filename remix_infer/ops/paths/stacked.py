@@ -23,6 +23,7 @@ from remix_infer.ops.paths.base import (
     always_hidden,
     narrow_rows,
     numba_route,
+    refresh_prepacked,
 )
 from remix_infer.ops.slots import pick_slot, spread_to_slots
 from remix_infer.ops.stats import record_routing
@@ -63,9 +64,7 @@ class TorchPath(PoolPath):
         if self.pool.layout.always_rank:
             for kept, fresh in zip(self._b_weights, self.part_b_weights(), strict=True):
                 kept.copy_(fresh)
-        for product in self._product_b:
-            if hasattr(product, "refresh"):
-                product.refresh()
+        refresh_prepacked(self._product_b)
 
     def part_b_weights(self) -> list[torch.Tensor]:
         """Each adapted part's B as its product reads the hidden states: [B_j | B0_j]."""
