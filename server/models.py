@@ -31,7 +31,11 @@ class ServedModel:
     config: RemixConfig | None  # None: no ReMix adapters, so no routing to report
     load_number: int
     created: int = field(default_factory=lambda: int(time.time()))
+    pinned: bool = True  # never evicted by the store (--checkpoint, admin loads, base model)
     in_flight: int = 0
+    # loaded for requests that have not taken it yet (server/store.py): not evictable meanwhile
+    pending: int = 0
+    last_used: float = field(default_factory=time.monotonic)  # the store evicts the oldest
     unloading: bool = False  # new requests are refused while an unload waits for in-flight ones
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -57,10 +61,12 @@ class ModelTable:
         self.models: dict[str, ServedModel] = {}  # in the order they were added
         self._load_numbers = itertools.count()
 
-    def add(self, name: str, slot: int, path: Path, config: RemixConfig | None) -> ServedModel:
+    def add(
+        self, name: str, slot: int, path: Path, config: RemixConfig | None, pinned: bool = True
+    ) -> ServedModel:
         """Register `name` (in `slot`, or BASE_MODEL_SLOT); the caller checked it is free."""
         assert name not in self.models and (slot == BASE_MODEL_SLOT or slot not in self.by_slot())
-        model = ServedModel(name, slot, path, config, next(self._load_numbers))
+        model = ServedModel(name, slot, path, config, next(self._load_numbers), pinned=pinned)
         self.models[name] = model
         return model
 
@@ -109,10 +115,12 @@ class ModelTable:
     def acquire(model: ServedModel) -> None:
         """Count one request in flight for `model` (released by `release`)."""
         model.in_flight += 1
+        model.last_used = time.monotonic()
         model.idle.clear()
 
     @staticmethod
     def release(model: ServedModel) -> None:
         model.in_flight -= 1
+        model.last_used = time.monotonic()
         if model.in_flight == 0:
             model.idle.set()
