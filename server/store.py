@@ -194,6 +194,13 @@ class CheckpointStore:
         for message in problems + [f.error for f in folders.values() if f.error]:
             self._log_once(message)
         self.folders = folders
+        for model in self.table.models.values():
+            if not model.pinned and self._removed(model):
+                model.unloading = True  # new requests: 404; unloaded once idle (reap)
+
+    def _removed(self, model: ServedModel) -> bool:
+        folder = self.folders.get(model.name)
+        return folder is None or folder.path != model.path
 
     def _log_once(self, message: str) -> None:
         if message not in self._logged:
@@ -233,8 +240,7 @@ class CheckpointStore:
         """Unload, once idle, the loaded models whose folder was removed (or now holds another
         checkpoint); new requests for them are refused meanwhile."""
         for model in list(self.table.models.values()):
-            folder = self.folders.get(model.name)
-            if model.pinned or (folder is not None and folder.path == model.path):
+            if model.pinned or not self._removed(model):
                 continue
             model.unloading = True
             if model.in_flight == 0 and model.pending == 0:
