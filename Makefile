@@ -8,7 +8,7 @@ VLLM_VERSION := 0.32.0
 DEMO_DIR ?= demo-checkpoint
 export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 
-.PHONY: setup test lint format demo clean bench-engine bench-serve bench-gpu gpu-check aot-compile serve
+.PHONY: setup test lint format demo clean bench-engine bench-serve bench-store bench-gpu gpu-check aot-compile serve
 
 setup: $(STAMP) $(TOOLS_STAMP)
 
@@ -91,5 +91,10 @@ gpu-check:
 	$(if $(wildcard $(PY)),$(PY),python3) -m remix_infer.ops.check
 
 # remix-serve (ReMix and base) against vLLM's own server (one rank-32 LoRA, and base), over HTTP.
+# The checkpoint store: 64 checkpoints over 8 slots and 32 host slots, Poisson arrivals with
+# Zipf(1.0) popularity, against 8 always-loaded checkpoints and one (docs/engine.md).
+bench-store: setup
+	cd benchmarks && ../$(PY) bench_store.py
+
 bench-serve: setup
 	cd benchmarks && ../$(PY) profile_layer.py && ../$(PY) bench_serve.py

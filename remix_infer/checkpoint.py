@@ -210,6 +210,22 @@ def check_against_base(file: Path, config: RemixConfig, shape: BaseModelShape) -
         )
 
 
+def _check_names(file: Path, names: set[str], expected: dict[str, tuple[int, ...]]) -> None:
+    missing = sorted(set(expected) - names)
+    extra = sorted(names - set(expected))
+    if missing:
+        raise CheckpointError(
+            f"{file}: missing tensor '{missing[0]}'"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
+    if extra:
+        raise CheckpointError(
+            f"{file}: unexpected tensor '{extra[0]}'"
+            + (f" and {len(extra) - 1} more" if len(extra) > 1 else "")
+            + " (not in the config's target modules and layers)"
+        )
+
+
 def read_adapter_tensors(
     file: Path, dtype: torch.dtype, expected: dict[str, tuple[int, ...]]
 ) -> dict:
@@ -218,20 +234,7 @@ def read_adapter_tensors(
         raise CheckpointError(f"{file}: missing (the adapter tensors of the checkpoint)")
     try:
         with safe_open(str(file), framework="pt") as f:
-            names = set(f.keys())
-            missing = sorted(set(expected) - names)
-            extra = sorted(names - set(expected))
-            if missing:
-                raise CheckpointError(
-                    f"{file}: missing tensor '{missing[0]}'"
-                    + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-                )
-            if extra:
-                raise CheckpointError(
-                    f"{file}: unexpected tensor '{extra[0]}'"
-                    + (f" and {len(extra) - 1} more" if len(extra) > 1 else "")
-                    + " (not in the config's target modules and layers)"
-                )
+            _check_names(file, set(f.keys()), expected)
             tensors = {name: f.get_tensor(name) for name in sorted(expected)}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
@@ -249,9 +252,35 @@ def read_adapter_tensors(
     return tensors
 
 
-def load_checkpoint(path: str | os.PathLike) -> RemixCheckpoint:
-    """Load and fully validate a checkpoint directory (tensors on the CPU)."""
-    path = Path(path)
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def check_tensor_header(
+    file: Path, dtype: torch.dtype, expected: dict[str, tuple[int, ...]]
+) -> None:
+    """The adapter file's names, shapes and dtypes, from its safetensors header only (no tensor
+    is read): CheckpointError naming the file and tensor, as read_adapter_tensors would."""
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing (the adapter tensors of the checkpoint)")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            _check_names(file, set(f.keys()), expected)
+            header = {n: (f.get_slice(n).get_shape(), f.get_slice(n).get_dtype()) for n in expected}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    for name, (shape, kind) in header.items():
+        if tuple(shape) != expected[name]:
+            raise CheckpointError(
+                f"{file}: tensor '{name}' has shape {list(shape)}, expected {list(expected[name])}"
+            )
+        if SAFETENSORS_DTYPES.get(kind) != dtype:
+            raise CheckpointError(
+                f"{file}: tensor '{name}' has dtype {kind}, the config's dtype is {dtype}"
+            )
+
+
+def _read_layout(path: Path) -> tuple[RemixConfig, str, BaseModelShape]:
+    """Config, base model location and shape of checkpoint `path`, checked against each other."""
     config = read_config(path)
     base_path, base_cfg = resolve_base_model(path, config)
     try:
@@ -262,6 +291,24 @@ def load_checkpoint(path: str | os.PathLike) -> RemixCheckpoint:
             f"lacks {e} (or is not a decoder-only model config)"
         ) from None
     check_against_base(path / CONFIG_FILE, config, shape)
+    return config, base_path, shape
+
+
+def read_checkpoint_header(path: str | os.PathLike) -> RemixCheckpoint:
+    """A checkpoint validated without reading its tensors (config, base model, the adapter
+    file's header): what a server checks before choosing to load a folder. `tensors` is empty;
+    values (non-finite ones) are checked only by load_checkpoint."""
+    path = Path(path)
+    config, base_path, shape = _read_layout(path)
+    expected = expected_tensor_shapes(config, shape)
+    check_tensor_header(path / ADAPTERS_FILE, TORCH_DTYPES[config.dtype], expected)
+    return RemixCheckpoint(path, config, base_path, shape, {})
+
+
+def load_checkpoint(path: str | os.PathLike) -> RemixCheckpoint:
+    """Load and fully validate a checkpoint directory (tensors on the CPU)."""
+    path = Path(path)
+    config, base_path, shape = _read_layout(path)
     expected = expected_tensor_shapes(config, shape)
     tensors = read_adapter_tensors(path / ADAPTERS_FILE, TORCH_DTYPES[config.dtype], expected)
     return RemixCheckpoint(path, config, base_path, shape, tensors)

@@ -5,7 +5,9 @@ Admin only: refused (403) unless the server requires an API key, as vLLM offers 
 /v1/load_lora_adapter only when runtime updates are enabled; without a key any client could
 change what the server serves, or read files by path. A checkpoint is fully validated on the
 host (its own files, and check_slot_compatible against the slots' template) before any engine
-call, so a bad one never touches a slot. One load or unload at a time.
+call, so a bad one never touches a slot. One load or unload at a time (the store's lock).
+Admin loads are pinned: the store never evicts them; a --checkpoint-dir folder can be pinned
+(loaded with its own name and path) and unpinned (unloaded: it stays servable).
 
 Unloading waits for the checkpoint's requests in flight, up to the request's `timeout_s`
 (default 30 s), refusing new requests for it meanwhile (404, "being unloaded"); past the
@@ -27,15 +29,18 @@ from server.errors import APIError
 from server.models import ServedModel
 from server.protocol import CheckpointInfo, LoadCheckpointRequest, UnloadCheckpointRequest
 from server.settings import ServerSettings
+from server.store import CheckpointStore, Folder
 
 log = logging.getLogger("remix_serve.admin")
 
 
 class CheckpointAdmin:
-    def __init__(self, engine: RemixEngine, settings: ServerSettings) -> None:
+    def __init__(
+        self, engine: RemixEngine, settings: ServerSettings, store: CheckpointStore
+    ) -> None:
         self.engine = engine
         self.settings = settings
-        self.lock = asyncio.Lock()  # one load or unload at a time
+        self.store = store
 
     def require_admin(self) -> None:
         if not self.settings.api_key:
@@ -73,11 +78,17 @@ class CheckpointAdmin:
         return checkpoint
 
     async def load(self, body: LoadCheckpointRequest) -> CheckpointInfo:
+        """Load a checkpoint pinned (never evicted) into a free slot, or the slot of the least
+        recently used idle folder checkpoint. A --checkpoint-dir folder named with its own path
+        is pinned where it is."""
         self.require_admin()
-        models = self.engine.models
-        async with self.lock:
+        models, store = self.engine.models, self.store
+        async with store.lock:
             t0 = time.perf_counter()
-            if body.name in models.models:
+            folder = store.folders.get(body.name)
+            if folder is not None and folder.path == Path(body.path).resolve():
+                return self._info(await self._pin(folder), "loaded", t0)
+            if body.name in models.models or folder is not None:
                 raise APIError(
                     409,
                     f"The model '{body.name}' is already served: unload it first, or pick "
@@ -85,29 +96,51 @@ class CheckpointAdmin:
                     param="name",
                     code="model_exists",
                 )
-            slot = models.free_slot()
-            if slot is None:
-                raise APIError(
-                    409,
-                    f"All {models.max_slots} checkpoint slots are in use (--max-checkpoints "
-                    f"{models.max_slots}): unload a checkpoint first",
-                    code="no_free_slot",
-                )
             checkpoint = await asyncio.to_thread(self.validate, body.path)
             path = Path(checkpoint.path).resolve()
             try:
-                await self.engine.load_slot(slot, path)
+                model = await store.place(body.name, path, checkpoint.config, pinned=True)
             except ValueError as e:  # the worker's own check
                 raise APIError(400, str(e), param="path", code="invalid_checkpoint") from None
-            model = models.add(body.name, slot, path, checkpoint.config)
+            if model is None:
+                raise self._no_slot()
         return self._info(model, "loaded", t0)
 
+    async def _pin(self, folder: Folder) -> ServedModel:
+        model = self.engine.models.models.get(folder.name)
+        if model is not None and model.unloading:
+            raise APIError(409, f"'{folder.name}' is being unloaded: retry", param="name",
+                           code="checkpoint_busy")  # fmt: skip
+        if model is None:
+            if folder.error is not None:
+                raise APIError(400, folder.error, param="path", code="invalid_checkpoint")
+            model = await self.store.place(folder.name, folder.path, folder.config, pinned=True)
+            if model is None:
+                raise self._no_slot()
+        model.pinned = True
+        return model
+
+    def _no_slot(self) -> APIError:
+        slots = self.engine.models.max_slots
+        return APIError(
+            409,
+            f"All {slots} checkpoint slots hold pinned checkpoints or ones with requests in "
+            f"flight (--max-checkpoints {slots}): unload a checkpoint first",
+            code="no_free_slot",
+        )
+
     async def unload(self, body: UnloadCheckpointRequest) -> CheckpointInfo:
+        """Empty a checkpoint's slot once its requests are done. A --checkpoint-dir folder stays
+        servable (unpinned: loaded again on its next request)."""
         self.require_admin()
         models = self.engine.models
-        async with self.lock:
+        async with self.store.lock:
             t0 = time.perf_counter()
-            model = models.resolve(body.name)  # 404 for a name not served
+            model = models.models.get(body.name)
+            if model is None or model.unloading:
+                await self.store.resolve(body.name)  # 404 (or 400) for a name not loaded
+                raise APIError(409, f"'{body.name}' is not in a slot", param="name",
+                               code="not_loaded")  # fmt: skip
             if model.is_base:
                 raise APIError(
                     400,

@@ -42,9 +42,8 @@ class Ticket:
         self.finished = False
         self.on_finish: list[Callable[[], None]] = []  # releases of what the request held
 
-    def hold(self, acquire: Callable[[], None], release: Callable[[], None]) -> None:
-        """Acquire something for this request, released once it finishes, however it ends."""
-        acquire()
+    def hold(self, release: Callable[[], None]) -> None:
+        """Release what this request acquired once it finishes, however it ends."""
         self.on_finish.append(release)
 
     def finish(self, status: int, completion_tokens: int | None = None) -> None:

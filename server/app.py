@@ -6,7 +6,8 @@ middleware. Everything it assembles lives in its own module:
     serving_completion.py   /v1/completions        serving_chat.py   /v1/chat/completions
     serving_tokenize.py     /tokenize, /detokenize tools.py          forced tool calls
     admission.py            in-flight bound (429) and one observation per request
-    models.py               the served models: checkpoint name -> engine slot, base model
+    store.py                what is servable and what is in a slot: folders, loads, eviction
+    models.py               the loaded models: checkpoint name -> engine slot, base model
     admin.py                /v1/load_checkpoint, /v1/unload_checkpoint
     errors.py               OpenAI error bodies for every failure
     middleware.py           API key, body size limit (413)
@@ -35,6 +36,7 @@ from server.serving_chat import ServingChat
 from server.serving_completion import ServingCompletion
 from server.serving_tokenize import ServingTokenize
 from server.settings import ServerSettings
+from server.store import CheckpointStore
 
 log = logging.getLogger("remix_serve.app")
 
@@ -43,23 +45,26 @@ def build_services(engine: RemixEngine, settings: ServerSettings) -> Services:
     admission = Admission(settings.max_queue, settings.retry_after_s)
     metrics = Metrics(engine)
     admission.observers.append(metrics.serving.observe)
+    store = CheckpointStore(engine, settings, metrics.store)
     return Services(
         engine=engine,
         settings=settings,
         admission=admission,
         metrics=metrics,
-        completion=ServingCompletion(engine, settings, admission),
-        chat=ServingChat(engine, settings, admission),
-        tokenize=ServingTokenize(engine),
-        admin=CheckpointAdmin(engine, settings),
+        store=store,
+        completion=ServingCompletion(engine, settings, admission, store),
+        chat=ServingChat(engine, settings, admission, store),
+        tokenize=ServingTokenize(engine, store),
+        admin=CheckpointAdmin(engine, settings, store),
     )
 
 
 def engine_lifespan(
-    engine: RemixEngine, on_engine_failure: Callable[[], None]
+    engine: RemixEngine, store: CheckpointStore, on_engine_failure: Callable[[], None]
 ) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
     """Start the engine in the background (/health answers and /ready says 503 while it loads),
-    then watch it; on_engine_failure runs if it cannot start or dies later."""
+    then watch it; on_engine_failure runs if it cannot start or dies later. The store rescans
+    its directories beside it."""
 
     async def run_engine() -> None:
         try:
@@ -73,13 +78,14 @@ def engine_lifespan(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(run_engine())
+        tasks = [asyncio.create_task(run_engine()), asyncio.create_task(store.run())]
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             engine.shutdown()
 
     return lifespan
@@ -94,7 +100,9 @@ def create_app(
     the process does when the engine cannot start or dies (remix-serve exits non-zero)."""
     settings = settings or ServerSettings()
     services = build_services(engine, settings)
-    app = FastAPI(title="remix-serve", lifespan=engine_lifespan(engine, on_engine_failure))
+    app = FastAPI(
+        title="remix-serve", lifespan=engine_lifespan(engine, services.store, on_engine_failure)
+    )
     app.state.services = services
     app.include_router(router)
 

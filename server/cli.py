@@ -49,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
         "adapters (the same server without ReMix, for comparisons)",
     )
     p.add_argument(
+        "--checkpoint-dir",
+        action="append",
+        metavar="DIR",
+        help="serve every checkpoint folder under DIR (a folder holding remix_config.json, "
+        "named after the folder), each loaded into a slot on its first request and evicted "
+        "least recently used; repeatable (env REMIX_CHECKPOINT_DIR, comma-separated)",
+    )
+    p.add_argument(
         "--serve-base-model",
         metavar="NAME",
         default=os.environ.get("REMIX_SERVE_BASE_MODEL") or None,
@@ -134,11 +142,62 @@ def named_checkpoints(
 
 
 def checkpoints_from_environment(args: argparse.Namespace) -> None:
-    """REMIX_CHECKPOINT (comma-separated) when no --checkpoint flag was given. Not an argparse
-    default: an `append` flag would add to it instead of replacing it."""
-    env = os.environ.get("REMIX_CHECKPOINT")
-    if args.checkpoint is None and args.base_model is None and env:
-        args.checkpoint = [spec.strip() for spec in env.split(",") if spec.strip()]
+    """REMIX_CHECKPOINT and REMIX_CHECKPOINT_DIR (comma-separated) for the flags not given. Not
+    argparse defaults: an `append` flag would add to them instead of replacing them."""
+    for flag, variable in (("checkpoint", "REMIX_CHECKPOINT"), ("checkpoint_dir", "REMIX_CHECKPOINT_DIR")):  # fmt: skip
+        env = os.environ.get(variable)
+        if getattr(args, flag) is None and args.base_model is None and env:
+            setattr(args, flag, [spec.strip() for spec in env.split(",") if spec.strip()])
+
+
+DIR_SLOTS = 4  # with --checkpoint-dir, --max-checkpoints defaults to the --checkpoint flags + this
+
+
+def first_folder_checkpoint(dirs: list[Path]) -> tuple[str, Path]:
+    """The first valid checkpoint folder of the directories (by name): it sizes the slots when
+    no --checkpoint is given. SettingsError if there is none."""
+    from remix_infer.checkpoint import load_checkpoint
+    from server.store import folders_under
+
+    problems = []
+    for root in dirs:
+        found, refused = folders_under(root)
+        problems += refused.values()
+        for name, path in found.items():
+            try:
+                load_checkpoint(path)
+                return name, path
+            except ValueError as e:
+                problems.append(str(e))
+    raise SettingsError(
+        f"--checkpoint-dir {', '.join(map(str, dirs))}: no valid checkpoint folder to size the "
+        "slots from (give one with --checkpoint)" + "".join(f"\n  {p}" for p in problems)
+    )
+
+
+def store_engine(args: argparse.Namespace, settings: EngineSettings) -> RemixEngine | None:
+    """The engine for --checkpoint-dir without --checkpoint (its first folder sizes the slots
+    and starts loaded, unpinned); None when there is a --checkpoint (or no --checkpoint-dir).
+    Sets --max-checkpoints' default."""
+    from server.engine_client import RemixEngine
+
+    dirs = [Path(d) for d in args.checkpoint_dir or []]
+    for d in dirs:
+        if not d.is_dir():
+            raise SettingsError(f"--checkpoint-dir {d}: not a directory")
+    if not dirs:
+        return None
+    if settings.max_checkpoints is None:
+        settings.max_checkpoints = len(args.checkpoint or []) + DIR_SLOTS
+    if args.checkpoint:
+        return None
+    name, path = first_folder_checkpoint(dirs)
+    return RemixEngine({name: path}, settings, base_model_name=args.serve_base_model, pinned=False)
+
+
+def server_settings(args: argparse.Namespace) -> ServerSettings:
+    dirs = [Path(d).resolve() for d in args.checkpoint_dir or []]
+    return from_args(ServerSettings, args, checkpoint_dirs=dirs)
 
 
 def build_engine(args: argparse.Namespace) -> RemixEngine:
@@ -147,6 +206,11 @@ def build_engine(args: argparse.Namespace) -> RemixEngine:
     from server.engine_client import RemixEngine
 
     settings = from_args(EngineSettings, args)
+    if args.base_model and args.checkpoint_dir:
+        raise SettingsError("--checkpoint-dir serves checkpoints: it does not go with --base-model")
+    engine = store_engine(args, settings)
+    if engine is not None:
+        return engine
     if args.base_model:
         if not (Path(args.base_model) / "config.json").is_file():
             raise SettingsError(
@@ -192,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"remix-serve: {e}", file=sys.stderr)
         return 2
     if batch:
-        return run_batch_command(engine, from_args(ServerSettings, args), args)
+        return run_batch_command(engine, server_settings(args), args)
     if engine.settings.headless:
         log.info("loaded %s; headless: this host runs workers only", engine.describe())
         engine.run_headless()
@@ -206,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         args.port,
         "required" if args.api_key else "not required",
     )
-    return serve(engine, from_args(ServerSettings, args), args)
+    return serve(engine, server_settings(args), args)
 
 
 def run_batch_command(

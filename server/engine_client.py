@@ -115,11 +115,13 @@ class RemixEngine:
         settings: EngineSettings | None = None,
         base_model: str | os.PathLike | None = None,
         base_model_name: str | None = None,
+        pinned: bool = True,
     ) -> None:
         """Serve `checkpoints` (model name -> directory; slot i is the i-th), and the base model
         alone as `base_model_name` if given; or (checkpoints None) the plain Hugging Face model
         `base_model` with no adapters, as `base_model_name`: the same server without ReMix, to
-        compare against. Raises CheckpointError, or SettingsError (a ValueError) for
+        compare against. pinned: False when the checkpoints came from a --checkpoint-dir (the
+        store may evict them). Raises CheckpointError, or SettingsError (a ValueError) for
         checkpoints that cannot share the engine."""
         if (not checkpoints) == (base_model is None):
             raise ValueError("give either ReMix checkpoints or a base model")
@@ -129,7 +131,7 @@ class RemixEngine:
             raise SettingsError(RAY_ON_CPU)
         self.template: RemixCheckpoint | None = None  # the first checkpoint: slots sized from it
         if checkpoints:
-            self.models = self._load_checkpoints(checkpoints, base_model_name)
+            self.models = self._load_checkpoints(checkpoints, base_model_name, pinned)
         else:
             self.path = Path(base_model)
             self.models = ModelTable(max_slots=0)
@@ -148,7 +150,10 @@ class RemixEngine:
         self.stat_loggers: list[Any] = []  # vLLM StatLoggerFactory's, given to the engine at start
 
     def _load_checkpoints(
-        self, checkpoints: Mapping[str, str | os.PathLike], base_model_name: str | None
+        self,
+        checkpoints: Mapping[str, str | os.PathLike],
+        base_model_name: str | None,
+        pinned: bool,
     ) -> ModelTable:
         slots = self.settings.max_checkpoints or len(checkpoints)
         if len(checkpoints) > slots:
@@ -174,7 +179,7 @@ class RemixEngine:
         )  # raises ValueError naming both checkpoints for a pair that cannot share the engine
         table = ModelTable(max_slots=slots)
         for slot, (name, ckpt) in enumerate(loaded.items()):
-            table.add(name, slot, Path(ckpt.path), ckpt.config)
+            table.add(name, slot, Path(ckpt.path), ckpt.config, pinned=pinned)
         if base_model_name is not None:
             table.add(base_model_name, BASE_MODEL_SLOT, self.base_model_path, None)
         return table
@@ -387,11 +392,12 @@ class RemixEngine:
         by_slot = self.models.by_slot()
         return [(by_slot[s], stats) for s, stats in enumerate(per_slot) if s in by_slot]
 
-    async def load_slot(self, slot: int, path: Path) -> None:
+    async def load_slot(self, slot: int, path: Path, host_key: str | None = None) -> None:
         """Copy the (validated) checkpoint at `path` into `slot` on every worker of every
         engine; no request for the slot may be in flight. The workers read it first beside
-        their steps (staged), so the engine pauses only for the copy."""
-        await self._rpc_every_engine("remix_stage_checkpoint", slot, str(path))
+        their steps (staged), so the engine pauses only for the copy. host_key: the workers'
+        host-tier copy to load from (if they hold it) or to keep (server/store.py decides)."""
+        await self._rpc_every_engine("remix_stage_checkpoint", slot, str(path), host_key)
         while not all(
             done
             for per_engine in await self._rpc_every_engine("remix_staged_checkpoint", slot)
@@ -399,6 +405,10 @@ class RemixEngine:
         ):
             await asyncio.sleep(STAGE_POLL_S)
         await self._rpc_every_engine("remix_load_checkpoint", slot, str(path))
+
+    async def drop_host_checkpoint(self, host_key: str) -> None:
+        """Free the workers' host-tier copy named `host_key`."""
+        await self._rpc_every_engine("remix_drop_host_checkpoint", host_key)
 
     async def unload_slot(self, slot: int) -> None:
         """Empty `slot` (and zero its routing statistics) on every worker of every engine."""

@@ -123,6 +123,53 @@ class ServingMetrics:
             self.generation_tokens.labels(record.model).inc(record.completion_tokens)
 
 
+LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class StoreMetrics:
+    """The checkpoint store's figures (server/store.py). `model` label values are checkpoint
+    folders and names this server serves, never a client's string."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.loads = Counter(
+            "remix_checkpoint_loads",
+            "Checkpoints loaded into a slot; source: disk, or host (the host tier's copy)",
+            ["model", "source"],
+            registry=registry,
+        )
+        self.evictions = Counter(
+            "remix_checkpoint_evictions",
+            "Checkpoints evicted from their slot (least recently used, idle)",
+            ["model"],
+            registry=registry,
+        )
+        self.load_seconds = Histogram(
+            "remix_checkpoint_load_seconds",
+            "Time to load a checkpoint into a slot (staged read and the engine's pause)",
+            buckets=LOAD_BUCKETS,
+            registry=registry,
+        )
+        self.waiting = Gauge(
+            "remix_checkpoint_requests_waiting_for_load",
+            "Requests waiting for their checkpoint to be loaded",
+            registry=registry,
+        )
+        self.hits = Counter(
+            "remix_checkpoint_hits",
+            "Requests for a checkpoint that was in a slot when they arrived",
+            registry=registry,
+        )
+        self.misses = Counter(
+            "remix_checkpoint_misses",
+            "Requests for a checkpoint that had to be loaded (or waited for a load) first",
+            registry=registry,
+        )
+
+    def loaded(self, model: str, source: str, seconds: float) -> None:
+        self.loads.labels(model, source).inc()
+        self.load_seconds.observe(seconds)
+
+
 def stat_logger_factory(metrics: ServingMetrics) -> type:
     """A vLLM stat logger class (a StatLoggerFactory) that feeds `metrics` with the engine's
     per-step figures: time to first token, inter-token latency, running / waiting, KV cache.
@@ -227,6 +274,7 @@ class Metrics:
         self.engine = engine
         self.registry = CollectorRegistry()
         self.serving = ServingMetrics(self.registry)
+        self.store = StoreMetrics(self.registry)
         self.routing = RoutingCollector() if engine.remix_config is not None else None
         if self.routing is not None:
             self.registry.register(self.routing)

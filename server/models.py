@@ -1,6 +1,7 @@
 """The models one server serves: its ReMix checkpoints, each in an engine slot, and optionally
-the base model alone (no adapters). One table, so that a request's `model`, /v1/models, the
-routing metrics' `checkpoint` label and the admin load/unload endpoints all agree.
+the base model alone (no adapters). One table of what is in a slot, so that the routing metrics'
+`checkpoint` label and the admin load/unload endpoints agree; server/store.py decides what is
+servable and what a request's `model` names.
 
 Each entry counts its requests in flight (an unload waits for them) and carries a load
 number: its prefix-cache salt is its name plus that number, so the KV cached under one
@@ -18,7 +19,6 @@ from pathlib import Path
 
 from remix_infer.config import RemixConfig
 from remix_infer.vllm_plugin.engine import BASE_MODEL_SLOT
-from server.errors import APIError
 
 
 @dataclass(eq=False)
@@ -31,7 +31,11 @@ class ServedModel:
     config: RemixConfig | None  # None: no ReMix adapters, so no routing to report
     load_number: int
     created: int = field(default_factory=lambda: int(time.time()))
+    pinned: bool = True  # never evicted by the store (--checkpoint, admin loads, base model)
     in_flight: int = 0
+    # loaded for requests that have not taken it yet (server/store.py): not evictable meanwhile
+    pending: int = 0
+    last_used: float = field(default_factory=time.monotonic)  # the store evicts the oldest
     unloading: bool = False  # new requests are refused while an unload waits for in-flight ones
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -57,10 +61,12 @@ class ModelTable:
         self.models: dict[str, ServedModel] = {}  # in the order they were added
         self._load_numbers = itertools.count()
 
-    def add(self, name: str, slot: int, path: Path, config: RemixConfig | None) -> ServedModel:
+    def add(
+        self, name: str, slot: int, path: Path, config: RemixConfig | None, pinned: bool = True
+    ) -> ServedModel:
         """Register `name` (in `slot`, or BASE_MODEL_SLOT); the caller checked it is free."""
         assert name not in self.models and (slot == BASE_MODEL_SLOT or slot not in self.by_slot())
-        model = ServedModel(name, slot, path, config, next(self._load_numbers))
+        model = ServedModel(name, slot, path, config, next(self._load_numbers), pinned=pinned)
         self.models[name] = model
         return model
 
@@ -78,41 +84,16 @@ class ModelTable:
         used = self.by_slot()
         return next((s for s in range(self.max_slots) if s not in used), None)
 
-    def resolve(self, name: str | None) -> ServedModel:
-        """The model a request names; with no name, the only model served. 404 for a name this
-        server does not serve (or is unloading)."""
-        if name is None:
-            if len(self.models) == 1:
-                return next(iter(self.models.values()))
-            raise APIError(
-                400,
-                f"model is required: this server serves {self._names()}",
-                param="model",
-                code="model_required",
-            )
-        model = self.models.get(name)
-        if model is None or model.unloading:
-            why = "is being unloaded" if model is not None else "does not exist"
-            raise APIError(
-                404,
-                f"The model '{name}' {why} (this server serves {self._names()})",
-                param="model",
-                code="model_not_found",
-            )
-        return model
-
-    def _names(self) -> str:
-        names = [f"'{m.name}'" for m in self.listed() if not m.unloading]
-        return ", ".join(names) if names else "no model right now"
-
     @staticmethod
     def acquire(model: ServedModel) -> None:
         """Count one request in flight for `model` (released by `release`)."""
         model.in_flight += 1
+        model.last_used = time.monotonic()
         model.idle.clear()
 
     @staticmethod
     def release(model: ServedModel) -> None:
         model.in_flight -= 1
+        model.last_used = time.monotonic()
         if model.in_flight == 0:
             model.idle.set()

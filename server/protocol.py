@@ -635,6 +635,10 @@ class ModelCard(BaseModel):
     root: str | None = None  # the checkpoint's directory (the base model's, for the base model)
     parent: str | None = None  # the base model's directory, for a checkpoint
     max_model_len: int | None = None
+    # where the model is (server/store.py): loaded (in a slot), host (its tensors in host
+    # memory), available (a checkpoint folder, loaded on first use)
+    status: Literal["loaded", "host", "available"] | None = None
+    slot: int | None = None  # the engine's checkpoint slot, when loaded (none for the base model)
 
 
 class ModelList(BaseModel):

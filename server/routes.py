@@ -34,6 +34,7 @@ from server.serving_chat import ServingChat
 from server.serving_completion import ServingCompletion
 from server.serving_tokenize import ServingTokenize
 from server.settings import ServerSettings
+from server.store import CheckpointStore
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Services:
     settings: ServerSettings
     admission: Admission
     metrics: Metrics
+    store: CheckpointStore
     completion: ServingCompletion
     chat: ServingChat
     tokenize: ServingTokenize
@@ -105,18 +107,24 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
+    """Every servable model, with where it is: `loaded` (in `slot`), `host` (its tensors in
+    host memory) or `available` (a folder read on first use)."""
     s = services(request)
+    await s.store.rescan()
     base_dir = getattr(s.engine, "base_model_path", None)
     cards = [
         ModelCard(
             id=m.name,
-            created=m.created,
+            created=getattr(m, "created", int(s.engine.started_at or 0)),
             root=str(m.path),
-            parent=str(base_dir) if base_dir is not None and not m.is_base else None,
+            parent=str(base_dir)
+            if base_dir is not None and not getattr(m, "is_base", False)
+            else None,
             max_model_len=s.engine.max_model_len or None,
+            status=status,
+            slot=slot,
         )
-        for m in s.engine.models.listed()
-        if not m.unloading
+        for m, status, slot in s.store.listed()
     ]
     return ModelList(data=cards)
 
@@ -147,7 +155,7 @@ async def ready(request: Request) -> JSONResponse:
         return JSONResponse(
             {
                 "status": "ready",
-                "models": [m.name for m in s.engine.models.listed() if not m.unloading],
+                "models": s.store.names(),
                 "requests_in_flight": s.admission.in_flight,
                 "engine_unfinished_requests": s.engine.num_unfinished_requests(),
             }

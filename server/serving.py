@@ -35,6 +35,7 @@ from server.protocol import (
     response_json,
 )
 from server.settings import ServerSettings
+from server.store import CheckpointStore, Folder
 
 log = logging.getLogger("remix_serve.serving")
 
@@ -122,10 +123,17 @@ class ServingBase(Generic[RequestT]):
     id_prefix: str
     chunk_class: type[BaseModel]
 
-    def __init__(self, engine: RemixEngine, settings: ServerSettings, admission: Admission) -> None:
+    def __init__(
+        self,
+        engine: RemixEngine,
+        settings: ServerSettings,
+        admission: Admission,
+        store: CheckpointStore,
+    ) -> None:
         self.engine = engine
         self.settings = settings
         self.admission = admission
+        self.store = store
 
     # -- what each endpoint provides ---------------------------------------------------------
 
@@ -146,17 +154,18 @@ class ServingBase(Generic[RequestT]):
     # -- the shared pipeline -----------------------------------------------------------------
 
     async def handle(self, request: Request, req: RequestT) -> Response:
-        # What needs no admission is refused before it; from `resolve` to `hold` nothing awaits,
-        # so an unload cannot start in between.
+        # What needs no admission is refused before it. A loaded model is taken as it resolved
+        # (nothing awaits in between, so no unload or eviction starts); a folder is loaded
+        # first, the request admitted meanwhile.
         record = self.admission.record(request, self.endpoint)
-        model = self.engine.models.resolve(req.model)
-        record.model = model.name  # the metrics' `model` label: a name this server serves
+        found = await self.store.resolve(req.model)
+        record.model = found.name  # the metrics' `model` label: a name this server serves
         self.require_ready()
-        self.check_limits(req, model)
+        self.check_limits(req, found)
         ticket = self.admission.admit(request, self.endpoint)
-        models = self.engine.models
-        ticket.hold(lambda: models.acquire(model), lambda: models.release(model))
         try:
+            model = await self.store.checkout(found)
+            ticket.hold(lambda: self.store.release(model))
             job = await self.make_job(req, model, ticket)
             if req.stream:
                 return ticket.stream(self.stream_events(job, ticket))
@@ -201,7 +210,7 @@ class ServingBase(Generic[RequestT]):
                 headers={"Retry-After": "5"},
             )
 
-    def check_limits(self, req: SamplingFields, model: ServedModel) -> None:
+    def check_limits(self, req: SamplingFields, model: ServedModel | Folder) -> None:
         """What this server can do for a well-formed request: n, and routing only with adapters."""
         if req.n > self.settings.max_n:
             raise APIError(

@@ -14,15 +14,18 @@ from server.protocol import (
     TokenizeResponse,
 )
 from server.serving_chat import render_chat
+from server.store import CheckpointStore
 
 
 class ServingTokenize:
-    def __init__(self, engine: RemixEngine) -> None:
+    def __init__(self, engine: RemixEngine, store: CheckpointStore) -> None:
         self.engine = engine
+        self.store = store
 
-    def require_model(self, name: str | None) -> None:
-        """The named model is served (404 otherwise) and the tokenizer is loaded (503 before)."""
-        self.engine.models.resolve(name)
+    async def require_model(self, name: str | None) -> None:
+        """The named model is served (404 otherwise) and the tokenizer is loaded (503 before);
+        one tokenizer serves every model, so nothing is loaded."""
+        await self.store.resolve(name)
         if self.engine.tokenizer is None:
             raise APIError(503, "The engine is not ready yet", "server_error",
                            code="engine_not_ready", headers={"Retry-After": "5"})  # fmt: skip
@@ -30,7 +33,7 @@ class ServingTokenize:
     async def tokenize(
         self, req: TokenizeCompletionRequest | TokenizeChatRequest
     ) -> TokenizeResponse:
-        self.require_model(req.model)
+        await self.require_model(req.model)
         if isinstance(req, TokenizeChatRequest):
             ids = await render_chat(self.engine, req.messages, req.add_generation_prompt)
         else:
@@ -43,7 +46,7 @@ class ServingTokenize:
         )
 
     async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
-        self.require_model(req.model)
+        await self.require_model(req.model)
         vocab = self.engine.vocab_size
         bad = [t for t in req.tokens if t >= vocab]
         if bad:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import MISSING, Field, dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -82,8 +83,8 @@ class EngineSettings:
     seed: int = setting(0, "the engine's random seed", engine_arg=True)
     max_checkpoints: int | None = setting(
         None,
-        "checkpoint slots, sized at start (default: the number of --checkpoint flags); "
-        "slots left free take checkpoints loaded while serving (POST /v1/load_checkpoint)",
+        "checkpoint slots, sized at start (default: the number of --checkpoint flags, plus 4 "
+        "with --checkpoint-dir); slots left free take checkpoints loaded while serving",
     )
     remix_kernel: str = setting(
         "auto",
@@ -194,6 +195,19 @@ class ServerSettings:
     max_n: int = setting(16, "largest n (choices per prompt)")
     max_body_mib: int = setting(16, "largest request body in MiB; past it: 413")
     retry_after_s: int = setting(1, "Retry-After of a 429 (seconds)", flag=False)
+    # The checkpoint store (server/store.py); --checkpoint-dir is a repeatable flag of the CLI.
+    checkpoint_dirs: list[Path] = field(default_factory=list, metadata={"flag": False})
+    max_host_checkpoints: int | None = setting(
+        None,
+        "checkpoints whose read tensors stay in host memory, so a reload skips the disk "
+        "(default: a tenth of the host's memory over one checkpoint's size, at most 256; 0: none)",
+    )
+    load_timeout_s: float = setting(
+        30.0,
+        "how long a request waits for its checkpoint's load when every slot is busy; past it: "
+        "503 with Retry-After",
+    )
+    rescan_interval_s: float = setting(5.0, "seconds between --checkpoint-dir scans", flag=False)
 
     @property
     def max_body_bytes(self) -> int:

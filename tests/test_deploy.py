@@ -300,6 +300,12 @@ def test_dashboard_shows_serving_and_routing_diversity():
         "remix_routed_tokens_total",  # weights of the per-replica means
         "remix_routing_weight_ess",
         "remix_routing_collapsed_modules",  # collapse indicator
+        "remix_checkpoint_loads_total",  # the checkpoint store's row
+        "remix_checkpoint_evictions_total",
+        "remix_checkpoint_hits_total",
+        "remix_checkpoint_misses_total",
+        "remix_checkpoint_load_seconds_bucket",
+        "remix_checkpoint_requests_waiting_for_load",
     } <= shown
     (heatmap,) = [p for p in panels() if p["type"] == "heatmap"]
     assert metric_names(heatmap["targets"][0]["expr"]) == {"remix_lora_selections_total"}

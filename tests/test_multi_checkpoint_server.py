@@ -15,40 +15,24 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from helpers.models import make_checkpoint
+from helpers.models import make_checkpoint, router_variant
 from helpers.servers import SMALL_ENGINE, running_server, scrape
 from reference import ReferenceRun, reference_run
 
-from remix_infer.checkpoint import load_checkpoint, save_checkpoint
-from remix_infer.config import (
-    ROUTER_BIAS,
-    ROUTER_WEIGHT,
-    SHARED_ROUTER_BIAS,
-    SHARED_ROUTER_WEIGHT,
-    module_path,
-)
+from remix_infer.checkpoint import load_checkpoint
+from remix_infer.config import module_path
 
 pytestmark = pytest.mark.slow
 
 KEY = "admin-key"
 MAX_TOKENS = 6
-ROUTERS = (ROUTER_WEIGHT, ROUTER_BIAS, SHARED_ROUTER_WEIGHT, SHARED_ROUTER_BIAS)
-
-
-def flipped_checkpoint(source: Path, out: Path) -> Path:
-    """The checkpoint at `source` with its routers negated (each token picks other LoRAs of the
-    same pools), over the same base model directory."""
-    ckpt = load_checkpoint(source)
-    tensors = {k: -t if k.endswith(ROUTERS) else t for k, t in ckpt.tensors.items()}
-    config = ckpt.config.model_copy(update={"base_model": ckpt.base_model_path})
-    return save_checkpoint(out, config, tensors)
 
 
 @pytest.fixture(scope="module")
 def checkpoints(demo_checkpoint, tmp_path_factory) -> dict[str, Path]:
     return {
         "demo": demo_checkpoint,
-        "flip": flipped_checkpoint(demo_checkpoint, tmp_path_factory.mktemp("flip") / "ckpt"),
+        "flip": router_variant(demo_checkpoint, tmp_path_factory.mktemp("flip") / "ckpt"),
     }
 
 

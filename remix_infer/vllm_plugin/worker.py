@@ -14,6 +14,7 @@ request asked cost nothing extra.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -155,31 +156,64 @@ class RemixWorkerExtension:
             raise ValueError("this engine serves no ReMix checkpoint")
         return model
 
-    def remix_stage_checkpoint(self, slot: int, path: str) -> None:
+    def remix_stage_checkpoint(self, slot: int, path: str, host_key: str | None = None) -> None:
         """Start reading and validating checkpoint `path` for `slot` in a thread of this worker,
         beside the engine's steps (reading is most of a load's time; the engine runs no step
-        while an RPC runs). remix_staged_checkpoint says when it is done."""
+        while an RPC runs). remix_staged_checkpoint says when it is done. host_key: the name of
+        its copy in this worker's host tier: taken from there if present (no disk read), kept
+        there by the load otherwise (the server decides what the tier holds)."""
         model = self._remix_model()
         if not hasattr(self, "_remix_staging"):
-            self._remix_staging: dict[int, tuple[str, Future]] = {}
+            self._remix_staging: dict[int, tuple[str, str | None, Future]] = {}
             self._remix_reader = ThreadPoolExecutor(1, thread_name_prefix="remix-stage")
-        self._remix_staging[slot] = (
-            path,
-            self._remix_reader.submit(model.remix_read_checkpoint, path),
-        )
+        kept = self._remix_host().get(host_key) if host_key is not None else None
+        if kept is not None:
+            read: Future = Future()
+            read.set_result(kept)
+        else:
+            read = self._remix_reader.submit(self._remix_read, model, path, host_key is not None)
+        self._remix_staging[slot] = (path, host_key, read)
+
+    @staticmethod
+    def _remix_read(model: Any, path: str, keep: bool) -> Any:
+        ckpt = model.remix_read_checkpoint(path)
+        if keep and torch.cuda.is_available():  # pinned: the copy to the device runs at full speed
+            ckpt.tensors = {name: t.pin_memory() for name, t in ckpt.tensors.items()}
+        return ckpt
+
+    def _remix_host(self) -> dict[str, Any]:
+        """The host tier: staged checkpoints (tensors in host memory) by the server's key."""
+        if not hasattr(self, "_remix_host_tier"):
+            self._remix_host_tier: dict[str, Any] = {}
+        return self._remix_host_tier
 
     def remix_staged_checkpoint(self, slot: int) -> bool:
         """Whether the checkpoint staged for `slot` is read (or failed: the load will say)."""
         staged = getattr(self, "_remix_staging", {}).get(slot)
-        return staged is None or staged[1].done()
+        return staged is None or staged[2].done()
 
     def remix_load_checkpoint(self, slot: int, path: str) -> None:
         """Copy checkpoint `path` into `slot` in place: the one staged for it (waiting for the
         read to end), or read and validated here. ValueError: incompatible, unreadable, slot out
         of range. The caller guarantees no request for this slot is in flight."""
         staged = getattr(self, "_remix_staging", {}).pop(slot, None)
-        ckpt = staged[1].result() if staged is not None and staged[0] == path else None
+        if staged is None or staged[0] != path:
+            self._remix_model().remix_load_slot(slot, path, None)
+            return
+        _, host_key, read = staged
+        ckpt = read.result()
+        if host_key is not None:  # the slot consumes the tensors it is given: give it a copy
+            self._remix_host()[host_key] = ckpt
+            ckpt = dataclasses.replace(ckpt, tensors=dict(ckpt.tensors))
         self._remix_model().remix_load_slot(slot, path, ckpt)
+
+    def remix_drop_host_checkpoint(self, host_key: str) -> None:
+        """Free the host tier's copy named `host_key` (absent: nothing to do)."""
+        self._remix_host().pop(host_key, None)
+
+    def remix_host_checkpoints(self) -> list[str]:
+        """The keys of the host tier's checkpoints."""
+        return list(self._remix_host())
 
     def remix_unload_checkpoint(self, slot: int) -> None:
         """Empty `slot` (its tokens get no adapter) and zero its routing statistics."""

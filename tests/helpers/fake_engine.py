@@ -80,6 +80,9 @@ class FakeEngine:
         self.stat_loggers: list[Any] = []
         self.running: set[str] = set()
         self.generated = 0  # tokens, over all requests
+        self.load_s = 0.0  # how long a load takes (0: step_s)
+        self.loads: list[tuple[int, str, bool]] = []  # (slot, path, from the host tier)
+        self.host: set[str] = set()  # the host tier's keys
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -212,10 +215,16 @@ class FakeEngine:
     async def routing_stats(self) -> list:
         return []
 
-    async def load_slot(self, slot: int, path: Path) -> None:
+    async def load_slot(self, slot: int, path: Path, host_key: str | None = None) -> None:
         assert slot not in self.slots
-        await asyncio.sleep(self.step_s)  # an engine step's worth
+        self.loads.append((slot, str(path), host_key in self.host))
+        await asyncio.sleep(self.load_s or self.step_s)  # a load's worth (default: a step's)
         self.slots[slot] = str(path)
+        if host_key is not None:
+            self.host.add(host_key)
+
+    async def drop_host_checkpoint(self, host_key: str) -> None:
+        self.host.discard(host_key)
 
     async def unload_slot(self, slot: int) -> None:
         running = [m for m in self.models.models.values() if m.slot == slot and m.in_flight]

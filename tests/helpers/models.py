@@ -224,3 +224,29 @@ def save_chat_tokenizer(out: Path) -> None:
         "{% if add_generation_prompt %}<s> assistant : {% endif %}"
     )
     fast.save_pretrained(out)
+
+
+def router_variant(source: Path, out: Path, seed: int | None = None) -> Path:
+    """A cheap distinct checkpoint: the one at `source` with other routers (negated when seed
+    is None, else fresh random ones of the same scale), so tokens pick other LoRAs of the same
+    pools; over the same base model directory (an absolute path)."""
+    from remix_infer.checkpoint import load_checkpoint
+    from remix_infer.config import (
+        ROUTER_BIAS,
+        ROUTER_WEIGHT,
+        SHARED_ROUTER_BIAS,
+        SHARED_ROUTER_WEIGHT,
+    )
+
+    routers = (ROUTER_WEIGHT, ROUTER_BIAS, SHARED_ROUTER_WEIGHT, SHARED_ROUTER_BIAS)
+    ckpt = load_checkpoint(source)
+    gen = torch.Generator().manual_seed(seed or 0)
+
+    def other(t: torch.Tensor) -> torch.Tensor:
+        if seed is None:
+            return -t
+        return (torch.randn(t.shape, generator=gen) * t.float().std()).to(t.dtype)
+
+    tensors = {k: other(t) if k.endswith(routers) else t for k, t in ckpt.tensors.items()}
+    config = ckpt.config.model_copy(update={"base_model": ckpt.base_model_path})
+    return save_checkpoint(out, config, tensors)
