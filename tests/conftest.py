@@ -44,7 +44,18 @@ from helpers.models import make_checkpoint  # noqa: E402
 # `make test` hands whole files to its workers in collection order (--dist loadfile
 # --no-loadscope-reorder): the longest files go first, so that none of them is left running
 # alone at the end.
-LONGEST_FILES = ("test_readme.py", "test_server.py", "test_engine_parity.py", "test_distributed.py")
+LONGEST_FILES = (
+    "test_readme.py",
+    "test_server.py",
+    "test_engine_parity.py",
+    "test_distributed.py",
+    "test_store_server.py",
+    "test_multi_checkpoint_server.py",
+    "test_study.py",
+    "test_ops_check.py",
+    "test_api.py",
+    "test_train_parallel.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
