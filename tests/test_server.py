@@ -355,7 +355,7 @@ LONG = [3] * (MAX_MODEL_LEN + 5)
         ({"model": MODEL, "prompt": [10**9]}, 400, "prompt"),
         ({"model": MODEL, "prompt": "x", "suffix": "y"}, 400, "suffix"),
         ({"model": MODEL, "prompt": "x", "best_of": 3}, 400, "best_of"),
-        ({"model": MODEL, "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+        ({"model": MODEL, "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias.5"),
         ({"model": MODEL, "prompt": "x", "logit_bias": {"five": 1}}, 400, "logit_bias"),
         ({"model": MODEL, "prompt": "x", "frobnicate": True}, 400, "frobnicate"),
         ({"model": MODEL, "prompt": "x", "logprobs": 99}, 400, "logprobs"),
