@@ -165,6 +165,13 @@ class StoreMetrics:
             registry=registry,
         )
 
+    def in_slot(self, model: str) -> None:
+        """A checkpoint in a slot has its load and eviction series from then on, at zero until
+        counted (a checkpoint loaded at start has no load of the store's to count)."""
+        for source in ("disk", "host"):
+            self.loads.labels(model, source)
+        self.evictions.labels(model)
+
     def loaded(self, model: str, source: str, seconds: float) -> None:
         self.loads.labels(model, source).inc()
         self.load_seconds.observe(seconds)
@@ -281,6 +288,9 @@ class Metrics:
         engine.stat_loggers.append(stat_logger_factory(self.serving))
 
     async def render(self) -> bytes:
+        for model in self.engine.models.models.values():
+            if not model.is_base:
+                self.store.in_slot(model.name)
         if self.engine.ready and self.routing is not None:
             self.routing.update(await self.engine.routing_stats())
         return generate_latest(self.registry)

@@ -101,10 +101,11 @@ def models(server: dict) -> dict[str, tuple[str, int | None]]:
 
 
 def loads(server: dict) -> dict[tuple[str, str], float]:
+    """The loads counted, by (model, source) (a checkpoint in a slot also has zero series)."""
     return {
         (dict(k)["model"], dict(k)["source"]): v
         for (n, k), v in scrape(server).items()
-        if n == "remix_checkpoint_loads_total"
+        if n == "remix_checkpoint_loads_total" and v
     }
 
 
