@@ -98,6 +98,11 @@ def register_products(products: SlotProducts) -> int:
     return len(_PRODUCTS) - 1
 
 
+def registered(index: int) -> SlotProducts:
+    """The products registered under `index` (their owner alive: it is running them)."""
+    return _PRODUCTS[index]()
+
+
 def slot_groups(order: torch.Tensor, counts: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
     """(slot, its tokens' rows) for every slot with tokens this step, from TokenSlots' order and
     counts; base-model tokens left out; rows None: the slot has every token (no gather). Found
@@ -127,15 +132,18 @@ def own_slot_products(
     """x [T, d_in] -> out [T, w]: each token's product with its own slot's narrow rows
     ([A ; A0 ; P] of that slot: the registered products' `narrow`); zero for base-model
     tokens. order, counts: the step's tokens grouped by slot (TokenSlots)."""
-    narrow = _PRODUCTS[products]().narrow
+    narrow = registered(products).narrow
     groups = slot_groups(order, counts)
-    if not (len(groups) == 1 and groups[0][1] is None):  # not every row written below
-        out.zero_()
-    for slot, rows in groups:
-        if rows is None:
-            out.copy_(narrow[slot](x))
+    if len(groups) == 1 and groups[0][1] is None:  # one slot has every token: no gather
+        product = narrow[groups[0][0]]
+        if hasattr(product, "into"):
+            product.into(x, out)
         else:
-            out.index_copy_(0, rows, narrow[slot](x.index_select(0, rows)))
+            out.copy_(product(x))
+        return
+    out.zero_()  # base-model tokens' rows
+    for slot, rows in groups:
+        out.index_copy_(0, rows, narrow[slot](x.index_select(0, rows)))
 
 
 @remix_op("add_slot_b_products", mutates_args=("out",))
@@ -151,7 +159,7 @@ def add_slot_b_products(
     always-on ones) times its own slot's [B | B0] of each part (the registered products' `b`);
     base-model tokens untouched. part_columns: the first and past-the-last output column of
     each part, flattened."""
-    b = _PRODUCTS[products]().b
+    b = registered(products).b
     for slot, rows in slot_groups(order, counts):
         for j, product in enumerate(b[slot]):
             columns = out[:, part_columns[2 * j] : part_columns[2 * j + 1]]

@@ -73,6 +73,13 @@ class PrepackedCpuGemm:
             return F.linear(x, self.weight)
         return self._ops.onednn_mm(self.handler, x, None)
 
+    def into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out (contiguous, [T, rows of weight]) = x @ weight.T, without a new tensor."""
+        if self.handler is None:
+            torch.mm(x, self.weight.t(), out=out)
+        else:
+            torch.ops._C.onednn_mm(out, x, None, self.handler.handler_tensor)
+
     def refresh(self) -> None:
         if self.handler is None:  # F.linear reads the weight itself
             return
@@ -129,4 +136,4 @@ class RemixLinearMethod(LinearMethodBase):
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         gemm = self.cpu_gemm or (lambda z: self.base_method.apply(layer, z))
-        return self.pool(x, gemm, bias, self.reduce)
+        return self.pool.forward(x, gemm, bias, self.reduce)  # no module-call overhead

@@ -15,14 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from remix_infer.ops.paths.base import (
-    Gemm,
-    PoolPath,
-    Reduce,
-    narrow_rows,
-    numba_route,
-    refresh_prepacked,
-)
+from remix_infer.ops.paths.base import Gemm, PoolPath, Reduce, narrow_rows, refresh_prepacked
 from remix_infer.ops.slots import add_slot_b_products, own_slot_products, register_products
 
 if TYPE_CHECKING:
@@ -34,6 +27,7 @@ class NumbaGroupedPath(PoolPath):
     routing scope is never grouped, so every pool here has its own router in float32)."""
 
     grouped = True
+    fused_b_tokens = 1 << 30
 
     def __init__(self, pool: RemixPool) -> None:
         super().__init__(pool)
@@ -48,11 +42,17 @@ class NumbaGroupedPath(PoolPath):
         buffer("slot_narrow", c, s * (n * r + r0 + n), layout.in_features)
         for j, part in enumerate(layout.adapted):
             buffer(f"slot_b{j}", c, layout.part_widths[part], n * r + r0)
+        widths = [layout.part_widths[part] for part in layout.adapted]
+        # the routing kernel's B: each part's [B | B0]^T, [n*r + r0, d_out_j], flat side by side
+        buffer("slot_b_t", c, (n * r + r0) * sum(widths))
         self._b_bounds = layout.adapted_column_bounds()  # where the B products add
+        bounds = torch.tensor(self._b_bounds, dtype=torch.int64, device=like.device)
+        self.register_buffer("b_columns", bounds, persistent=False)
         # the prepared products (SlotProducts), which the grouped ops find by this index
         self.narrow: list[Gemm] = []
         self.b: list[list[Gemm]] = []
         self.products = register_products(self)
+        self.numpy_views: dict = {}  # the routing kernel's views of persistent tensors
 
     @property
     def slot_b(self) -> list[torch.Tensor]:
@@ -75,6 +75,9 @@ class NumbaGroupedPath(PoolPath):
             b = [pool.lora_b[j]] + ([pool.always_b[j]] if r0 else [])
             by_slot = [t.view(t.shape[0], c, -1).transpose(0, 1)[slots] for t in b]
             joined[slots] = torch.cat(by_slot, -1)
+        self.slot_b_t[slots] = torch.cat(
+            [b[slots].transpose(1, 2).flatten(1) for b in self.slot_b], 1
+        )
 
     def prepare(self, make_gemm: Callable[[torch.Tensor], Gemm]) -> None:
         c = self.pool.layout.num_slots
@@ -85,26 +88,32 @@ class NumbaGroupedPath(PoolPath):
         refresh_prepacked([*self.narrow, *(p for products in self.b for p in products)])
 
     def forward(self, x: torch.Tensor, gemm: Gemm, reduce: Reduce | None) -> torch.Tensor:
+        from remix_infer.ops.cpu_route import route_add_cpu  # numba: only where this path runs
+
         pool, layout, groups = self.pool, self.pool.layout, self.pool.slots
-        tokens, s, r0 = x.shape[0], layout.num_parts, layout.always_rank
+        tokens, s = x.shape[0], layout.num_parts
         base, narrow = gemm(x), x.new_empty(tokens, self.slot_narrow.shape[1])
         own_slot_products(x, groups.order, groups.counts, self.products, narrow)
         if reduce is not None:  # a row-parallel shard's partial products, summed over ranks
             narrow = reduce(narrow)
-        width, always = layout.slot_width, s * r0  # each token's own slot's columns
-        slots = groups.current(tokens)
-        hidden, selected = numba_route(
-            pool, narrow[:, width + always :], narrow[:, :width], slots, pool.router_bias, r0
-        )
-        if r0:  # the always-on hidden states follow the gated ones, ungated
-            hidden[:, :, -r0:] = (
-                narrow[:, width : width + always].view(tokens, s, r0).transpose(0, 1)
-            )
+        # B in the routing kernel (only the k chosen LoRAs' rows) up to fused_b_tokens tokens;
+        # past them one oneDNN product per part and slot, which uses every thread
+        fused = pool.count_b and tokens <= self.fused_b_tokens
+        hidden = None
+        if pool.count_b and not fused:
+            hidden = x.new_empty(s, tokens, layout.num_loras * layout.rank + layout.always_rank)
+        selected = torch.empty(tokens, s, layout.top_k, dtype=torch.long)
+        route_add_cpu(
+            narrow, pool.router_bias, groups.index, self.slot_b_t if fused else None, self.b_columns,
+            base, hidden, selected, pool.stats, pool.step_selected, layout.top_k, layout.omega,
+            layout.weighting == "softmax_topk", layout.rank, layout.always_rank, self.products,
+        )  # fmt: skip
         if pool.capture_selections:
-            pool.capture(selected, slots)
+            pool.capture(selected, groups.current(tokens))
         if not pool.count_b:  # another rank adds B; vLLM all-reduces this: needs it dense
             return base.contiguous()
-        add_slot_b_products(
-            base, groups.order, groups.counts, hidden, self.products, self._b_bounds
-        )
+        if hidden is not None:
+            add_slot_b_products(
+                base, groups.order, groups.counts, hidden, self.products, self._b_bounds
+            )
         return base
