@@ -380,7 +380,7 @@ SLOT_OF_TOKEN = [0, 2, -1, 2, 0, 0, -1, 2, 1, 0, 2, 2, -1, 0, 2, 0, 2, 0, 0, 2, 
 
 # the kernels of pools of several slots: "triton grouped" is triton with grouped=True; numba's
 # pools with slots are grouped, "numba, B apart" with B's products outside the routing kernel
-# (what it does past NumbaGroupedPath.fused_b_tokens tokens)
+# (what it does past NumbaGroupedPath.kernel_max_tokens tokens)
 SLOT_KERNELS = [*KERNELS, "triton grouped", "numba, B apart"]
 
 
@@ -402,7 +402,7 @@ def build_slots(kernel, parts, adapted, always=0, slot_ranks=(R, R - 2), weighti
     slots = TokenSlots(256, num_slots=3, device="cpu")
     pool = RemixPool(layout, torch.float32, 256, True, device="cpu", slots=slots, **kind(kernel))
     if kernel == "numba, B apart":
-        pool.path.fused_b_tokens = 0
+        pool.path.kernel_max_tokens = 0
     references = {}
     for slot, rank in zip((0, 1, 2), (slot_ranks[0], R, slot_ranks[1]), strict=True):
         slot_cfg = cfg.model_copy(update={"rank": rank})

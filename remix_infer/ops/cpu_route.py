@@ -1,13 +1,20 @@
-"""The routing kernel on CPU: one compiled call per projection instead of ~20 small torch ops.
+"""The pools' CPU kernels (numba): ONE compiled call per projection instead of ~20 small torch ops.
 
-At decode batch sizes the torch path's routing (sort, gates, gating, the statistics) costs
-about 10 us per eager operation, more than the arithmetic. This numba kernel does the same per
-token and part in one pass over the pool's products (the stacked GEMM's columns, or the grouped
-path's narrow product, whose router bias it adds in float32 as torch would): top-k (largest
-first, ties to the lower index), gates, the gated hidden states part-major ([S, T, n*r], where each B product
-reads them), the statistics row (selections, tokens, entropy, ESS; padding rows excluded) and
-the step's per-token selections. The plain-torch path (pool.py) stays the oracle it is tested
-against. Registered as `torch.ops.remix.route_cpu` (custom_op.py) so vLLM's compiled graphs keep it.
+At decode batch sizes a torch op costs a few microseconds in eager mode, more than its
+arithmetic, so the routing (top-k, largest first, ties to the lower index; gates; the
+statistics row: selections, tokens, entropy, ESS, padding rows excluded; the step's per-token
+selections) runs per token and part in one call, in one of two ways:
+
+- `remix_cpu` (the grouped path, whole input): from x itself. The router's n products first;
+  then only the k chosen LoRAs' A rows (k*r products, not n*r) and their B rows, added into the
+  base output: k/n of the adapter's dense FLOPs, in no GEMM at all.
+- `route_cpu` / `route_add_cpu`: the products are given (the stacked GEMM's columns, or the
+  grouped path's narrow product, summed over ranks for a row-parallel shard); routes them,
+  writes the gated hidden states part-major ([S, T, n*r], where a B product reads them) or
+  adds the B products itself.
+
+The plain-torch path (pool.py) is the oracle they are tested against. Registered as torch
+custom ops (custom_op.py) so that vLLM's compiled graphs keep them.
 """
 
 from __future__ import annotations
@@ -21,6 +28,110 @@ import torch
 from remix_infer.ops.custom_op import remix_op
 from remix_infer.ops.slots import registered
 from remix_infer.ops.stats import padding_mask
+
+# --- the kernels ----------------------------------------------------------------------------
+
+
+# the products' sums: in vector lanes, reassociated (the order is the compiled code's, the same
+# for every call on a machine, so a token's result does not depend on its batch)
+_SUMS = {"reassoc", "nsz", "contract"}
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_SUMS)
+def _dots(x: np.ndarray, w: np.ndarray, rows: np.ndarray, count: int, out: np.ndarray) -> None:
+    """out[m] = x . w[rows[m]] for m < count, in float32; four rows per pass over x."""
+    m = 0
+    while m + 4 <= count:
+        w0, w1, w2, w3 = w[rows[m]], w[rows[m + 1]], w[rows[m + 2]], w[rows[m + 3]]
+        s0, s1, s2, s3 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
+        for j in range(x.shape[0]):
+            s0 += x[j] * w0[j]
+            s1 += x[j] * w1[j]
+            s2 += x[j] * w2[j]
+            s3 += x[j] * w3[j]
+        out[m], out[m + 1], out[m + 2], out[m + 3] = s0, s1, s2, s3
+        m += 4
+    while m < count:
+        w0 = w[rows[m]]
+        s0 = np.float32(0.0)
+        for j in range(x.shape[0]):
+            s0 += x[j] * w0[j]
+        out[m] = s0
+        m += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _route(
+    logits: np.ndarray,
+    k: int,
+    omega: float,
+    softmax_gates: bool,
+    chosen: np.ndarray,
+    gates: np.ndarray,
+    selected: np.ndarray,
+) -> tuple[float, float]:
+    """One token's part: top-k of logits [n] into selected [k] and chosen [n], gates [n]
+    (omega, or omega * softmax over the chosen; zero elsewhere) -> (entropy, ESS)."""
+    n = logits.shape[0]
+    chosen[:] = False
+    for j in range(k):  # ties: a later index must be strictly larger to win
+        best = -1
+        for i in range(n):
+            if not chosen[i] and (best < 0 or logits[i] > logits[best]):
+                best = i
+        chosen[best] = True
+        selected[j] = best
+    top = logits[selected[0]]
+    total = 0.0
+    chosen_total = 0.0
+    for i in range(n):
+        total += math.exp(logits[i] - top)
+        if chosen[i]:
+            chosen_total += math.exp(logits[i] - top)
+    entropy = 0.0
+    for i in range(n):
+        p = math.exp(logits[i] - top) / total
+        if p > 0.0:
+            entropy -= p * math.log(p)
+    weight_sum = 0.0
+    weight_sq = 0.0
+    for i in range(n):
+        g = 0.0
+        if chosen[i]:
+            g = omega * math.exp(logits[i] - top) / chosen_total if softmax_gates else omega
+        gates[i] = g
+        weight_sum += g
+        weight_sq += g * g
+    # constant weights: exactly k, not k up to rounding
+    return entropy, weight_sum * weight_sum / weight_sq if softmax_gates else float(k)
+
+
+@numba.njit(cache=True, nogil=True)
+def _record(
+    stats: np.ndarray,
+    step: np.ndarray,
+    padding: np.ndarray,
+    t: int,
+    s: int,
+    at: int,
+    chosen: np.ndarray,
+    entropy: float,
+    ess: float,
+) -> None:
+    """Token t's part s: its selections into the step's rows, and, unless it is a padding row,
+    into its statistics row stats[at] (selections, a token, entropy, ESS)."""
+    n = chosen.shape[0]
+    if t < step.shape[0]:
+        for i in range(n):
+            step[t, s, i] = 1 if chosen[i] else 0
+    if padding.shape[0] and padding[t]:
+        return
+    for i in range(n):
+        if chosen[i]:
+            stats[at, i] += 1.0
+    stats[at, n] += 1.0
+    stats[at, n + 1] += entropy
+    stats[at, n + 2] += ess
 
 
 @numba.njit(cache=True, nogil=True)
@@ -42,6 +153,37 @@ def _add_rows(out: np.ndarray, b: np.ndarray, rows: np.ndarray, weights: np.ndar
 
 
 @numba.njit(cache=True, nogil=True)
+def _add_b(
+    out: np.ndarray,
+    b_t: np.ndarray,
+    height: int,
+    rows: np.ndarray,
+    weights: np.ndarray,
+    count: int,
+    acc: np.ndarray,
+) -> None:
+    """out [d_out_j] (one token's part's columns) += its hidden states (weights, at rows of
+    [B | B0]^T) times [B | B0]^T (flat in b_t: height rows of d_out_j), summed apart and then
+    added, as a GEMM's result would be."""
+    width = out.shape[0]
+    part_acc = acc[:width]
+    part_acc[:] = 0.0
+    _add_rows(part_acc, b_t[: height * width].reshape(height, width), rows, weights, count)
+    for col in range(width):
+        out[col] += part_acc[col]
+
+
+@numba.njit(cache=True, nogil=True)
+def _base_model_token(t: int, hidden: np.ndarray, selected: np.ndarray, step: np.ndarray):
+    """A base-model token: no adapter, not counted, nothing routed."""
+    if hidden.shape[0]:
+        hidden[:, t, :] = 0.0
+    selected[t] = -1
+    if t < step.shape[0]:
+        step[t] = 0
+
+
+@numba.njit(cache=True, nogil=True)
 def _route_rows(
     logits: np.ndarray,
     lora_h: np.ndarray,
@@ -60,62 +202,30 @@ def _route_rows(
     out_columns: np.ndarray,
     out: np.ndarray,
 ) -> None:
+    """The given products' routing (route_cpu, route_add_cpu)."""
     tokens, parts, n = logits.shape
     r = lora_h.shape[1] // (parts * n)
     r0 = always_h.shape[1] // parts
-    chosen = np.zeros(n, np.bool_)
+    chosen, gates = np.zeros(n, np.bool_), np.zeros(n, np.float64)
     row = np.zeros(n, np.float32)
-    # the B product of each token and part: its k*r gated rows and r0 always-on ones
-    b_rows = np.zeros(k * r + r0, np.int64)
-    b_weights = np.zeros(k * r + r0, np.float32)
+    b_rows, b_weights = np.zeros(k * r + r0, np.int64), np.zeros(k * r + r0, np.float32)
     acc = np.zeros(out.shape[1], np.float32)
     for t in range(tokens):
         slot = 0 if slots.shape[0] == 0 else slots[t]
-        if slot < 0:  # a base-model token: no adapter, not counted, nothing to route
-            if hidden.shape[0]:
-                hidden[:, t, :] = 0.0
-            selected[t] = -1
-            if t < step.shape[0]:
-                step[t] = 0
+        if slot < 0:
+            _base_model_token(t, hidden, selected, step)
             continue
-        real = padding.shape[0] == 0 or not padding[t]
-        b_start = 0  # where this part's [B | B0]^T starts in b_t
+        b_start = 0  # where this part's [B | B0]^T starts in b_t[slot]
         for s in range(parts):
             for i in range(n):  # float32 sums, as torch adds the bias
                 row[i] = logits[t, s, i]
                 if bias.shape[0]:
                     row[i] += bias[slot * parts + s, i]
-            chosen[:] = False
-            for j in range(k):  # ties: a later index must be strictly larger to win
-                best = -1
-                for i in range(n):
-                    if not chosen[i] and (best < 0 or row[i] > row[best]):
-                        best = i
-                chosen[best] = True
-                selected[t, s, j] = best
-            top = row[selected[t, s, 0]]
-            total = 0.0
-            chosen_total = 0.0
-            for i in range(n):
-                total += math.exp(row[i] - top)
-                if chosen[i]:
-                    chosen_total += math.exp(row[i] - top)
-            entropy = 0.0
-            for i in range(n):
-                p = math.exp(row[i] - top) / total
-                if p > 0.0:
-                    entropy -= p * math.log(p)
-            weight_sum = 0.0
-            weight_sq = 0.0
+            entropy, ess = _route(row, k, omega, softmax_gates, chosen, gates, selected[t, s])
             count = 0
             for i in range(n):
-                g = 0.0
-                if chosen[i]:
-                    g = omega * math.exp(row[i] - top) / chosen_total if softmax_gates else omega
-                weight_sum += g
-                weight_sq += g * g
                 for c in range(r):
-                    h = lora_h[t, (s * n + i) * r + c] * np.float32(g)
+                    h = lora_h[t, (s * n + i) * r + c] * np.float32(gates[i])
                     if hidden.shape[0]:
                         hidden[s, t, i * r + c] = h
                     if chosen[i]:
@@ -126,30 +236,83 @@ def _route_rows(
                     hidden[s, t, n * r + c] = always_h[t, s * r0 + c]
                 b_rows[count], b_weights[count] = n * r + c, always_h[t, s * r0 + c]
                 count += 1
-            if b_t.shape[0]:  # out[t, part's columns] += its B product, summed in row order
+            if b_t.shape[0]:
                 lo, hi = out_columns[2 * s], out_columns[2 * s + 1]
-                part_acc = acc[: hi - lo]
-                part_acc[:] = 0.0
-                part_b = b_t[slot, b_start : b_start + (n * r + r0) * (hi - lo)]
-                _add_rows(part_acc, part_b.reshape(n * r + r0, hi - lo), b_rows, b_weights, count)
-                for col in range(hi - lo):
-                    out[t, lo + col] += part_acc[col]
-                b_start += (n * r + r0) * (hi - lo)
-            if t < step.shape[0]:
-                for i in range(n):
-                    step[t, s, i] = 1 if chosen[i] else 0
-            if real:
-                at = slot * parts + s
-                for i in range(n):
-                    if chosen[i]:
-                        stats[at, i] += 1.0
-                stats[at, n] += 1.0
-                stats[at, n + 1] += entropy
-                # constant weights: exactly k, not k up to rounding
-                stats[at, n + 2] += weight_sum * weight_sum / weight_sq if softmax_gates else k
+                height = n * r + r0
+                _add_b(out[t, lo:hi], b_t[slot, b_start:], height, b_rows, b_weights, count, acc)
+                b_start += height * (hi - lo)
+            _record(stats, step, padding, t, s, slot * parts + s, chosen, entropy, ess)
 
 
-# what the kernel is given for an argument it is not to use (it reads none of them)
+@numba.njit(cache=True, nogil=True)
+def _remix_rows(
+    x: np.ndarray,
+    weights: np.ndarray,
+    bias: np.ndarray,
+    parts: int,
+    n: int,
+    r: int,
+    r0: int,
+    k: int,
+    omega: float,
+    softmax_gates: bool,
+    selected: np.ndarray,
+    stats: np.ndarray,
+    step: np.ndarray,
+    padding: np.ndarray,
+    slots: np.ndarray,
+    b_t: np.ndarray,
+    out_columns: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """The whole adapter from x (remix_cpu): per token and part, the router's n products, then
+    the k chosen LoRAs' k*r A products (and the always-on r0), gated, times their B rows."""
+    tokens = x.shape[0]
+    chosen, gates = np.zeros(n, np.bool_), np.zeros(n, np.float64)
+    row = np.zeros(n, np.float32)
+    a_rows, b_rows = np.zeros(k * r + r0, np.int64), np.zeros(k * r + r0, np.int64)
+    b_weights, hidden = np.zeros(k * r + r0, np.float32), np.zeros(k * r + r0, np.float32)
+    acc = np.zeros(out.shape[1], np.float32)
+    no_hidden = np.zeros((0, 0, 0), np.float32)
+    always_row = parts * n * r  # where the always-on A rows start in weights[slot]
+    router_rows = parts * (n * r + r0) + np.arange(parts * n).reshape(parts, n)  # the P rows
+    for t in range(tokens):
+        slot = 0 if slots.shape[0] == 0 else slots[t]
+        if slot < 0:
+            _base_model_token(t, no_hidden, selected, step)
+            continue
+        w, xt = weights[slot], x[t]
+        b_start = 0  # where this part's [B | B0]^T starts in b_t[slot]
+        for s in range(parts):
+            _dots(xt, w, router_rows[s], n, row)
+            if bias.shape[0]:  # float32 sums, as torch adds the bias
+                for i in range(n):
+                    row[i] += bias[slot * parts + s, i]
+            entropy, ess = _route(row, k, omega, softmax_gates, chosen, gates, selected[t, s])
+            count = 0
+            for i in range(n):
+                if chosen[i]:
+                    for c in range(r):
+                        a_rows[count], b_rows[count] = (s * n + i) * r + c, i * r + c
+                        b_weights[count] = gates[i]
+                        count += 1
+            for c in range(r0):  # the always-on LoRA: after the gated ones, ungated
+                a_rows[count], b_rows[count] = always_row + s * r0 + c, n * r + c
+                b_weights[count] = 1.0
+                count += 1
+            _dots(xt, w, a_rows, count, hidden)
+            for m in range(count):  # the hidden state times its gate, in float32 as torch
+                b_weights[m] *= hidden[m]
+            lo, hi = out_columns[2 * s], out_columns[2 * s + 1]
+            height = n * r + r0
+            _add_b(out[t, lo:hi], b_t[slot, b_start:], height, b_rows, b_weights, count, acc)
+            b_start += height * (hi - lo)
+            _record(stats, step, padding, t, s, slot * parts + s, chosen, entropy, ess)
+
+
+# --- the ops ---------------------------------------------------------------------------------
+
+# what the kernels are given for an argument they are not to use (they read none of them)
 _NONE_1D, _NO_ROWS = np.zeros(0, np.bool_), np.zeros(0, np.int64)
 _NONE_2D, _NONE_3D = np.zeros((0, 0), np.float32), np.zeros((0, 0, 0), np.float32)
 
@@ -232,31 +395,79 @@ def route_add_cpu(
     always_rank: int,
     products: int,
 ) -> None:
-    """The grouped path's routing and B products in one call. narrow [T, S*(n*r + r0 + n)]:
-    each token's own slot's [A ; A0 ; P] product (router bias not added); slots [>= T] (the
-    engine's whole slot buffer: its first T rows are read) ->
-    selected [T, S, k], stats and step_selected as route_cpu; and, with b_t [C, (n*r + r0) *
-    the adapted parts' widths summed] (each part's [B | B0]^T [n*r + r0, d_out_j] of each
-    slot, flat, the parts one after the other: each row contiguous), out
-    [T, d_out] += each token's B product in its part's columns (out_columns: the first and
-    past-the-last of each part, flattened): gated rows then the always-on ones, in row order.
-    hidden [S, T, n*r + r0] (None: not written) gets the gated hidden states then the always-on
-    ones, for products run elsewhere. products: the path's registered index (ops/slots.py),
-    which keeps the numpy views of the persistent tensors here."""
+    """The grouped path's routing of given products, and its B products, in one call.
+
+    narrow [T, S*(n*r + r0 + n)]: each token's own slot's [A ; A0 ; P] product (router bias
+    not added); slots [>= T] (the engine's slot buffer: its first T rows are read) -> selected
+    [T, S, k], stats and step_selected as route_cpu; with b_t [C, (n*r + r0) * the adapted
+    parts' widths summed] (each slot's [B | B0]^T of each part, [n*r + r0, d_out_j], flat, the
+    parts one after the other), out [T, d_out] += each token's B product in its part's columns
+    (out_columns: the first and past-the-last of each part, flattened). hidden [S, T,
+    n*r + r0] (None: not written) gets the gated then the always-on hidden states, for B
+    products run elsewhere. products: the path's registered index (ops/slots.py), which keeps
+    the numpy views of the persistent tensors."""
     views = registered(products).numpy_views
     tokens, parts = selected.shape[:2]
-    products = narrow.detach().numpy()
+    products_np = narrow.detach().numpy()
     lora_end = parts * (stats.shape[1] - 3) * rank
     always_end = lora_end + parts * always_rank
     _route_rows(
-        products[:, always_end:].reshape(tokens, parts, -1),
-        products[:, :lora_end],
-        products[:, lora_end:always_end],
+        products_np[:, always_end:].reshape(tokens, parts, -1),
+        products_np[:, :lora_end],
+        products_np[:, lora_end:always_end],
         _persistent(router_bias, _NONE_2D, views),
         top_k,
         omega,
         softmax_gates,
         hidden.numpy() if hidden is not None else _NONE_3D,
+        selected.numpy(),
+        _persistent(stats, _NONE_2D, views),
+        _persistent(step_selected, _NONE_3D, views),
+        _padding(tokens),
+        _persistent(slots, _NO_ROWS, views),
+        _persistent(b_t, _NONE_2D, views),
+        _persistent(out_columns, _NO_ROWS, views),
+        out.detach().numpy(),
+    )
+
+
+@remix_op("remix_cpu", mutates_args=("out", "selected", "stats", "step_selected"))
+def remix_cpu(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    router_bias: torch.Tensor | None,
+    slots: torch.Tensor,
+    b_t: torch.Tensor,
+    out_columns: torch.Tensor,
+    out: torch.Tensor,
+    selected: torch.Tensor,
+    stats: torch.Tensor,
+    step_selected: torch.Tensor,
+    top_k: int,
+    omega: float,
+    softmax_gates: bool,
+    rank: int,
+    always_rank: int,
+    products: int,
+) -> None:
+    """The grouped path's whole adapter from x [T, d_in] (the input of a whole projection, not
+    a row-parallel shard): weights [C, S*(n*r + r0 + n), d_in] (each slot's [A ; A0 ; P]),
+    b_t and out_columns as route_add_cpu; out [T, d_out] += each token's B product of its k
+    chosen LoRAs' gated hidden states (and the always-on ones), selected, stats and
+    step_selected as route_cpu."""
+    views = registered(products).numpy_views
+    tokens, parts = selected.shape[:2]
+    _remix_rows(
+        x.detach().numpy(),
+        _persistent(weights, _NONE_3D, views),
+        _persistent(router_bias, _NONE_2D, views),
+        parts,
+        stats.shape[1] - 3,
+        rank,
+        always_rank,
+        top_k,
+        omega,
+        softmax_gates,
         selected.numpy(),
         _persistent(stats, _NONE_2D, views),
         _persistent(step_selected, _NONE_3D, views),

@@ -27,7 +27,7 @@ class NumbaGroupedPath(PoolPath):
     routing scope is never grouped, so every pool here has its own router in float32)."""
 
     grouped = True
-    fused_b_tokens = 1 << 30
+    kernel_max_tokens = 1 << 30
 
     def __init__(self, pool: RemixPool) -> None:
         super().__init__(pool)
@@ -88,26 +88,34 @@ class NumbaGroupedPath(PoolPath):
         refresh_prepacked([*self.narrow, *(p for products in self.b for p in products)])
 
     def forward(self, x: torch.Tensor, gemm: Gemm, reduce: Reduce | None) -> torch.Tensor:
-        from remix_infer.ops.cpu_route import route_add_cpu  # numba: only where this path runs
+        from remix_infer.ops.cpu_route import remix_cpu, route_add_cpu  # numba: only here
 
         pool, layout, groups = self.pool, self.pool.layout, self.pool.slots
         tokens, s = x.shape[0], layout.num_parts
-        base, narrow = gemm(x), x.new_empty(tokens, self.slot_narrow.shape[1])
-        own_slot_products(x, groups.order, groups.counts, self.products, narrow)
-        if reduce is not None:  # a row-parallel shard's partial products, summed over ranks
-            narrow = reduce(narrow)
-        # B in the routing kernel (only the k chosen LoRAs' rows) up to fused_b_tokens tokens;
-        # past them one oneDNN product per part and slot, which uses every thread
-        fused = pool.count_b and tokens <= self.fused_b_tokens
-        hidden = None
-        if pool.count_b and not fused:
-            hidden = x.new_empty(s, tokens, layout.num_loras * layout.rank + layout.always_rank)
+        base = gemm(x)
         selected = torch.empty(tokens, s, layout.top_k, dtype=torch.long)
-        route_add_cpu(
-            narrow, pool.router_bias, groups.index, self.slot_b_t if fused else None, self.b_columns,
-            base, hidden, selected, pool.stats, pool.step_selected, layout.top_k, layout.omega,
-            layout.weighting == "softmax_topk", layout.rank, layout.always_rank, self.products,
-        )  # fmt: skip
+        routing = (layout.top_k, layout.omega, layout.weighting == "softmax_topk")
+        shape = (layout.rank, layout.always_rank, self.products)
+        in_kernel = tokens <= self.kernel_max_tokens  # B's products too
+        hidden = None
+        if in_kernel and reduce is None:  # the whole adapter in one call, from x
+            remix_cpu(
+                x, self.slot_narrow, pool.router_bias, groups.index, self.slot_b_t,
+                self.b_columns, base, selected, pool.stats, pool.step_selected, *routing, *shape,
+            )  # fmt: skip
+        else:  # the products on oneDNN (summed over ranks for a row-parallel shard), routed
+            narrow = x.new_empty(tokens, self.slot_narrow.shape[1])
+            own_slot_products(x, groups.order, groups.counts, self.products, narrow)
+            if reduce is not None:
+                narrow = reduce(narrow)
+            if pool.count_b and not in_kernel:
+                width = layout.num_loras * layout.rank + layout.always_rank
+                hidden = x.new_empty(s, tokens, width)
+            b_t = self.slot_b_t if in_kernel and pool.count_b else None
+            route_add_cpu(
+                narrow, pool.router_bias, groups.index, b_t, self.b_columns, base, hidden,
+                selected, pool.stats, pool.step_selected, *routing, *shape,
+            )  # fmt: skip
         if pool.capture_selections:
             pool.capture(selected, groups.current(tokens))
         if not pool.count_b:  # another rank adds B; vLLM all-reduces this: needs it dense
