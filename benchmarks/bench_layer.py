@@ -1,15 +1,19 @@
 """Layer microbenchmark: the ReMix serving layer against the plain base linear, a naive loop
 over the pool, and the FLOP floor, across token counts.
 
-Two ReMix paths, both float32 with the numba routing kernel: "remix" is the grouped path with one
-checkpoint slot, the one a float32 engine takes (the base GEMM alone, then the slot's A, router
-and B products beside it: ops/paths/numba_grouped.py); "stacked" folds the A and router rows into
-the base GEMM (ops/paths/stacked.py), the one-slot engine's path before revision c1f9363.
+ReMix paths, all float32 with numba kernels: "remix" is the grouped path with one checkpoint
+slot, the one a float32 engine takes (the base GEMM alone, then the whole adapter in one numba
+call: the router's products, and only the k chosen LoRAs' A and B rows; ops/paths/
+numba_grouped.py); "onednn" is the same path with its adapter products on oneDNN instead (what it
+does for a row-parallel shard and past `kernel_max_tokens`): the slot's [A ; P] product, numba
+routing, the B product; "stacked" folds the A and router rows into the base GEMM
+(ops/paths/stacked.py), the one-slot engine's path before revision c1f9363.
 
-The FLOP floor is the extra arithmetic of the ReMix term relative to the base product,
+The FLOP floor is the extra arithmetic of the dense ReMix term relative to the base product,
 n*r*(d_in + d_out) / (d_in*d_out) (the router adds n/d_out more). A layer that costs exactly its
 arithmetic runs at base_time/remix_time = 1 / (1 + floor); `over_floor` divides the measured
-ratio by that, so 1.0 means no overhead beyond the FLOPs.
+ratio by that, so 1.0 means no overhead beyond the FLOPs. The numba kernel does k/n of the A
+and B arithmetic (and the router's), so it can pass that floor.
 """
 
 from __future__ import annotations
@@ -125,13 +129,17 @@ def run_width(
     rows = []
     base, stacked, stacked_gemm = make_layer(d, d, n, k, r, max(token_counts))
     _, grouped, grouped_gemm = make_layer(d, d, n, k, r, max(token_counts), grouped=True)
+    _, on_onednn, onednn_gemm = make_layer(d, d, n, k, r, max(token_counts), grouped=True)
+    on_onednn.path.kernel_max_tokens = 0  # the grouped path's products all on oneDNN
     floor = n * r * (d + d) / (d * d)
     for tokens in token_counts:
         x = torch.randn(tokens, d)
         fill_slots(grouped, tokens)
+        fill_slots(on_onednn, tokens)
         fns = {
             "base": base,
             "remix": lambda x, pool=grouped, gemm=grouped_gemm: pool(x, gemm),
+            "onednn": lambda x, pool=on_onednn, gemm=onednn_gemm: pool(x, gemm),
             "stacked": lambda x, pool=stacked, gemm=stacked_gemm: pool(x, gemm),
             "naive": lambda x, base=base, pool=stacked: naive_remix(base, pool, x),
         }
@@ -141,8 +149,10 @@ def run_width(
         rows.append(row)
         print(
             f"d={d:5d} tokens={tokens:5d}  base {row['base_ms']:8.3f} ms"
-            f"  remix {row['remix_ms']:8.3f} ms  stacked {row['stacked_ms']:8.3f} ms"
+            f"  remix {row['remix_ms']:8.3f} ms  oneDNN {row['onednn_ms']:8.3f} ms"
+            f"  stacked {row['stacked_ms']:8.3f} ms"
             f"  naive {row['naive_ms']:8.3f} ms  base/remix {row['base_over_remix']:.3f}"
+            f"  base/oneDNN {row['base_over_onednn']:.3f}"
             f"  base/stacked {row['base_over_stacked']:.3f}  floor {row['floor_ratio']:.3f}",
             flush=True,
         )
@@ -158,6 +168,7 @@ def layer_row(d: int, tokens: int, times: dict[str, list[float]], floor_ratio: f
         "tokens": tokens,
         **{f"{name}_ms": statistics.median(t) * 1e3 for name, t in times.items()},
         "base_over_remix": ratio,
+        "base_over_onednn": paired_ratio(times["base"], times["onednn"]),
         "base_over_stacked": paired_ratio(times["base"], times["stacked"]),
         "base_over_naive": paired_ratio(times["base"], times["naive"]),
         "floor_ratio": floor_ratio,

@@ -1,11 +1,15 @@
 """The grouped CPU path ("numba" with the engine's token slots, one slot or several): the GEMM is
-the base product alone, and each slot's A, router and B products run on that slot's tokens only
-(the adapter FLOPs of one checkpoint, none for base-model tokens); routing is ONE numba call.
+the base product alone, and each token's adapter uses its own slot's weights only (the adapter
+FLOPs of one checkpoint, none for base-model tokens). Two ways, by step size (`kernel_tokens`):
 
-Each slot's narrow rows [A ; A0 ; P] wait in `slot_narrow`, and each part's [B | B0] in
-`slot_b<j>`, so that every product is one GEMM of the binding's kernel (`prepare(make_gemm)`:
-in vLLM oneDNN with prepacked weights, the base GEMM's own library), which ops/slots.py's
-grouped ops run on each slot's tokens.
+- ONE numba call from x (cpu_route.remix_cpu): per token, the router's products, top-k, then
+  only the k chosen LoRAs' A and B rows (k/n of the dense arithmetic), added into the base
+  product. Each slot's [A ; A0 ; P] rows wait in `slot_narrow`, its [B | B0]^T in `slot_b_t`.
+- Each slot's products as GEMMs of the binding's kernel (`prepare(make_gemm)`: in vLLM oneDNN
+  with prepacked weights, the base GEMM's own library, on torch's threads), run by
+  ops/slots.py's grouped ops on each slot's tokens: [A ; A0 ; P] (`slot_narrow`), one numba
+  call to route them, then each part's [B | B0] (`slot_b<j>`). Also what a row-parallel shard
+  does, whose partial products are summed over the ranks before routing.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ class NumbaGroupedPath(PoolPath):
     routing scope is never grouped, so every pool here has its own router in float32)."""
 
     grouped = True
-    kernel_max_tokens = 1 << 30
+    # None: by torch's threads (`kernel_tokens`); a number: the kernel up to that many tokens
+    kernel_max_tokens: int | None = None
 
     def __init__(self, pool: RemixPool) -> None:
         super().__init__(pool)
@@ -87,6 +92,17 @@ class NumbaGroupedPath(PoolPath):
     def refresh_products(self) -> None:
         refresh_prepacked([*self.narrow, *(p for products in self.b for p in products)])
 
+    def kernel_tokens(self) -> int:
+        """Up to how many tokens the numba kernel runs the adapter (one thread) rather than
+        oneDNN's products (torch's threads). With one thread (vLLM's CPU worker on a small
+        host) the kernel at every size: it does k/n of the arithmetic and no per-product call
+        (docs/engine.md); with more, oneDNN's products share the work across them, and the
+        kernel keeps the small steps, where per-call costs dominate."""
+        if self.kernel_max_tokens is not None:
+            return self.kernel_max_tokens
+        threads = torch.get_num_threads()
+        return 1 << 30 if threads == 1 else max(16, 64 // threads)
+
     def forward(self, x: torch.Tensor, gemm: Gemm, reduce: Reduce | None) -> torch.Tensor:
         from remix_infer.ops.cpu_route import remix_cpu, route_add_cpu  # numba: only here
 
@@ -96,7 +112,7 @@ class NumbaGroupedPath(PoolPath):
         selected = torch.empty(tokens, s, layout.top_k, dtype=torch.long)
         routing = (layout.top_k, layout.omega, layout.weighting == "softmax_topk")
         shape = (layout.rank, layout.always_rank, self.products)
-        in_kernel = tokens <= self.kernel_max_tokens  # B's products too
+        in_kernel = tokens <= self.kernel_tokens()
         hidden = None
         if in_kernel and reduce is None:  # the whole adapter in one call, from x
             remix_cpu(
