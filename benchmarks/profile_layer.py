@@ -7,9 +7,10 @@ configuration), float32, one torch thread (as in vLLM's CPU worker), interleaved
 every token; ops/paths/numba_grouped.py), its stages in the order its forward makes them:
 
     base GEMM         gemm(x)                   the base product alone (vLLM's oneDNN kernel)
-    narrow products   slots.own_slot_products   the slot's [A ; P] product (prepacked oneDNN)
-    numba routing     paths.base.numba_route    top-k, gates, gating, statistics in one call
-    B products        slots.add_slot_b_products the slot's B product, added to the base
+    adapter kernel    cpu_route.remix_cpu       the whole adapter in one numba call: router
+                                                products, top-k, gates, the k chosen LoRAs'
+                                                A and B rows added to the base, statistics
+    kernel alone      cpu_route._remix_rows     the same, less the op's Python (numpy views)
 
 `--path stacked` (the one-slot engine's path before revision c1f9363), the stages of its torch
 forward (the oracle's) and the numba routing that the stacked CPU path runs instead of them:
@@ -32,12 +33,13 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import torch
 from bench_layer import fill_slots, make_layer, time_interleaved
 from common import machine, save_results
 
+from remix_infer.ops.cpu_route import _remix_rows, remix_cpu
 from remix_infer.ops.paths.base import numba_route
-from remix_infer.ops.slots import add_slot_b_products, own_slot_products
 from remix_infer.ops.stats import record_routing
 from remix_infer.routing import routing_gates, topk_select
 
@@ -76,29 +78,32 @@ def profile_grouped(d: int, tokens: int, n: int, k: int, r: int, repeats: int) -
     base, pool, gemm = make_layer(d, d, n, k, r, max_tokens=tokens, grouped=True)
     _, stacked, stacked_gemm = make_layer(d, d, n, k, r, max_tokens=tokens)
     fill_slots(pool, tokens)
-    path, groups = pool.path, pool.slots
+    path, layout = pool.path, pool.layout
     x = torch.randn(tokens, d)
-    narrow = x.new_empty(tokens, path.slot_narrow.shape[1])
-    with torch.no_grad():
-        own_slot_products(x, groups.order, groups.counts, path.products, narrow)
-        lora_h, logits = narrow[:, : n * r], narrow[:, n * r :]
-        hidden, _ = numba_route(pool, logits, lora_h, groups.current(tokens))
-        out = base(x)
+    out = base(x)
+    selected = torch.empty(tokens, 1, k, dtype=torch.long)
+    arguments = [
+        x, path.slot_narrow, pool.router_bias, pool.slots.index, path.slot_b_t, path.b_columns,
+        out, selected, pool.stats, pool.step_selected, k, layout.omega, False, r, 0,
+        path.products,
+    ]  # fmt: skip
+    remix_cpu(*arguments)  # makes the numpy views the kernel alone is given
+    views = [path.numpy_views[id(t)][1] for t in (path.slot_narrow, pool.slots.index)]
+    b_views = [path.numpy_views[id(t)][1] for t in (path.slot_b_t, path.b_columns)]
+    stats = [path.numpy_views[id(t)][1] for t in (pool.stats, pool.step_selected)]
+    kernel_args = [
+        x.numpy(), views[0], np.zeros((0, 0), np.float32), 1, n, r, 0, k, layout.omega, False,
+        selected.numpy(), *stats, np.zeros(0, np.bool_), views[1], *b_views, out.numpy(),
+    ]  # fmt: skip
     stages = {
         "base GEMM": lambda x: base(x),
         "adapter (whole)": lambda x: pool(x, gemm),
         "stacked (whole)": lambda x: stacked(x, stacked_gemm),
-        "narrow products": lambda x: own_slot_products(
-            x, groups.order, groups.counts, path.products, narrow
-        ),
-        "numba routing": lambda x: numba_route(pool, logits, lora_h, groups.current(tokens)),
-        "B products": lambda x: add_slot_b_products(
-            out, groups.order, groups.counts, hidden, path.products, path._b_bounds
-        ),
+        "adapter kernel": lambda x: remix_cpu(*arguments),
+        "kernel alone": lambda x: _remix_rows(*kernel_args),
     }
     t = {name: s * 1e6 for name, s in time_interleaved(stages, x, repeats).items()}
-    parts = ["base GEMM", "narrow products", "numba routing", "B products"]
-    t["other"] = max(0.0, t["adapter (whole)"] - sum(t[p] for p in parts))
+    t["other"] = max(0.0, t["adapter (whole)"] - t["base GEMM"] - t["adapter kernel"])
     return t
 
 
