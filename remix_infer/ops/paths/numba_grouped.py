@@ -93,15 +93,16 @@ class NumbaGroupedPath(PoolPath):
         refresh_prepacked([*self.narrow, *(p for products in self.b for p in products)])
 
     def kernel_tokens(self) -> int:
-        """Up to how many tokens the numba kernel runs the adapter (one thread) rather than
-        oneDNN's products (torch's threads). With one thread (vLLM's CPU worker on a small
+        """Up to how many tokens the numba kernel runs the adapter (on one thread) rather than
+        oneDNN's products (on torch's threads). With one thread (vLLM's CPU worker on a small
         host) the kernel at every size: it does k/n of the arithmetic and no per-product call
-        (docs/engine.md); with more, oneDNN's products share the work across them, and the
-        kernel keeps the small steps, where per-call costs dominate."""
+        (docs/engine.md). With more, oneDNN's products share the work across them, and the
+        kernel keeps the steps of up to 16 tokens, which it runs in about the fixed cost of the
+        products' calls at d 1024 (16 x ~3.6 us against ~60 us); not measured with several
+        threads (the 2-core machines here give vLLM's worker one)."""
         if self.kernel_max_tokens is not None:
             return self.kernel_max_tokens
-        threads = torch.get_num_threads()
-        return 1 << 30 if threads == 1 else max(16, 64 // threads)
+        return 1 << 30 if torch.get_num_threads() == 1 else 16
 
     def forward(self, x: torch.Tensor, gemm: Gemm, reduce: Reduce | None) -> torch.Tensor:
         from remix_infer.ops.cpu_route import remix_cpu, route_add_cpu  # numba: only here
