@@ -7,7 +7,7 @@ configuration), float32, one torch thread (as in vLLM's CPU worker), interleaved
 every token; ops/paths/numba_grouped.py), its stages in the order its forward makes them:
 
     base GEMM         gemm(x)                   the base product alone (vLLM's oneDNN kernel)
-    adapter kernel    cpu_route.remix_cpu       the whole adapter in one numba call: router
+    adapter kernel    cpu_route.grouped_cpu     the whole adapter in one numba call: router
                                                 products, top-k, gates, the k chosen LoRAs'
                                                 A and B rows added to the base, statistics
     kernel alone      cpu_route._remix_rows     the same, less the op's Python (numpy views)
@@ -38,7 +38,7 @@ import torch
 from bench_layer import fill_slots, make_layer, time_interleaved
 from common import machine, save_results
 
-from remix_infer.ops.cpu_route import _remix_rows, remix_cpu
+from remix_infer.ops.cpu_route import _remix_rows, grouped_cpu
 from remix_infer.ops.paths.base import numba_route
 from remix_infer.ops.stats import record_routing
 from remix_infer.routing import routing_gates, topk_select
@@ -84,22 +84,22 @@ def profile_grouped(d: int, tokens: int, n: int, k: int, r: int, repeats: int) -
     selected = torch.empty(tokens, 1, k, dtype=torch.long)
     arguments = [
         x, path.slot_narrow, pool.router_bias, pool.slots.index, path.slot_b_t, path.b_columns,
-        out, selected, pool.stats, pool.step_selected, k, layout.omega, False, r, 0,
-        path.products,
+        out, None, selected, pool.stats, pool.step_selected, k, layout.omega, False, r, 0,
+        path.products, True,
     ]  # fmt: skip
-    remix_cpu(*arguments)  # makes the numpy views the kernel alone is given
+    grouped_cpu(*arguments)  # makes the numpy views the kernel alone is given
     views = [path.numpy_views[id(t)][1] for t in (path.slot_narrow, pool.slots.index)]
     b_views = [path.numpy_views[id(t)][1] for t in (path.slot_b_t, path.b_columns)]
     stats = [path.numpy_views[id(t)][1] for t in (pool.stats, pool.step_selected)]
     kernel_args = [
-        x.numpy(), views[0], np.zeros((0, 0), np.float32), 1, n, r, 0, k, layout.omega, False,
+        x.numpy(), views[0], 1, n, r, 0, np.zeros((0, 0), np.float32), k, layout.omega, False,
         selected.numpy(), *stats, np.zeros(0, np.bool_), views[1], *b_views, out.numpy(),
     ]  # fmt: skip
     stages = {
         "base GEMM": lambda x: base(x),
         "adapter (whole)": lambda x: pool(x, gemm),
         "stacked (whole)": lambda x: stacked(x, stacked_gemm),
-        "adapter kernel": lambda x: remix_cpu(*arguments),
+        "adapter kernel": lambda x: grouped_cpu(*arguments),
         "kernel alone": lambda x: _remix_rows(*kernel_args),
     }
     t = {name: s * 1e6 for name, s in time_interleaved(stages, x, repeats).items()}

@@ -5,10 +5,10 @@ arithmetic, so the routing (top-k, largest first, ties to the lower index; gates
 statistics row: selections, tokens, entropy, ESS, padding rows excluded; the step's per-token
 selections) runs per token and part in one call, in one of two ways:
 
-- `remix_cpu` (the grouped path, whole input): from x itself. The router's n products first;
+- `grouped_cpu` from x (the grouped path, a whole projection's input): from x itself. The router's n products first;
   then only the k chosen LoRAs' A rows (k*r products, not n*r) and their B rows, added into the
   base output: k/n of the adapter's dense FLOPs, in no GEMM at all.
-- `route_cpu` / `route_add_cpu`: the products are given (the stacked GEMM's columns, or the
+- `route_cpu` and `grouped_cpu` otherwise: the products are given (the stacked GEMM's columns, or the
   grouped path's narrow product, summed over ranks for a row-parallel shard); routes them,
   writes the gated hidden states part-major ([S, T, n*r], where a B product reads them) or
   adds the B products itself.
@@ -202,7 +202,7 @@ def _route_rows(
     out_columns: np.ndarray,
     out: np.ndarray,
 ) -> None:
-    """The given products' routing (route_cpu, route_add_cpu)."""
+    """The given products' routing (route_cpu, grouped_cpu)."""
     tokens, parts, n = logits.shape
     r = lora_h.shape[1] // (parts * n)
     r0 = always_h.shape[1] // parts
@@ -248,11 +248,11 @@ def _route_rows(
 def _remix_rows(
     x: np.ndarray,
     weights: np.ndarray,
-    bias: np.ndarray,
     parts: int,
     n: int,
     r: int,
     r0: int,
+    bias: np.ndarray,
     k: int,
     omega: float,
     softmax_gates: bool,
@@ -265,7 +265,7 @@ def _remix_rows(
     out_columns: np.ndarray,
     out: np.ndarray,
 ) -> None:
-    """The whole adapter from x (remix_cpu): per token and part, the router's n products, then
+    """The whole adapter from x (grouped_cpu): per token and part, the router's n products, then
     the k chosen LoRAs' k*r A products (and the always-on r0), gated, times their B rows."""
     tokens = x.shape[0]
     chosen, gates = np.zeros(n, np.bool_), np.zeros(n, np.float64)
@@ -376,9 +376,10 @@ def route_cpu(
     )
 
 
-@remix_op("route_add_cpu", mutates_args=("out", "hidden", "selected", "stats", "step_selected"))
-def route_add_cpu(
-    narrow: torch.Tensor,
+@remix_op("grouped_cpu", mutates_args=("out", "hidden", "selected", "stats", "step_selected"))
+def grouped_cpu(
+    inputs: torch.Tensor,
+    weights: torch.Tensor,
     router_bias: torch.Tensor | None,
     slots: torch.Tensor,
     b_t: torch.Tensor | None,
@@ -394,32 +395,28 @@ def route_add_cpu(
     rank: int,
     always_rank: int,
     products: int,
+    from_x: bool,
 ) -> None:
-    """The grouped path's routing of given products, and its B products, in one call.
+    """The grouped path's adapter in one call; slots [>= T] (the engine's slot buffer: its
+    first T rows are read), weights [C, S*(n*r + r0 + n), d_in] (each slot's [A ; A0 ; P]),
+    b_t [C, (n*r + r0) * the adapted parts' widths summed] (each slot's [B | B0]^T of each part,
+    [n*r + r0, d_out_j], flat, the parts one after the other), out_columns (the first and
+    past-the-last output column of each part, flattened). -> selected [T, S, k], stats and
+    step_selected as route_cpu, and out [T, d_out] += each token's B product (b_t None: not
+    added here).
 
-    narrow [T, S*(n*r + r0 + n)]: each token's own slot's [A ; A0 ; P] product (router bias
-    not added); slots [>= T] (the engine's slot buffer: its first T rows are read) -> selected
-    [T, S, k], stats and step_selected as route_cpu; with b_t [C, (n*r + r0) * the adapted
-    parts' widths summed] (each slot's [B | B0]^T of each part, [n*r + r0, d_out_j], flat, the
-    parts one after the other), out [T, d_out] += each token's B product in its part's columns
-    (out_columns: the first and past-the-last of each part, flattened). hidden [S, T,
-    n*r + r0] (None: not written) gets the gated then the always-on hidden states, for B
-    products run elsewhere. products: the path's registered index (ops/slots.py), which keeps
-    the numpy views of the persistent tensors."""
+    from_x: inputs is x [T, d_in], a whole projection's input: the router's products, then
+    only the k chosen LoRAs' A and B rows (hidden unused). Otherwise inputs is [T, S*(n*r + r0
+    + n)], each token's own slot's [A ; A0 ; P] product (summed over ranks for a row-parallel
+    shard); hidden [S, T, n*r + r0] (None: not written) gets the gated then the always-on
+    hidden states, for B products run elsewhere. products: the path's registered index
+    (ops/slots.py), which keeps the numpy views of the persistent tensors."""
     views = registered(products).numpy_views
     tokens, parts = selected.shape[:2]
-    products_np = narrow.detach().numpy()
-    lora_end = parts * (stats.shape[1] - 3) * rank
-    always_end = lora_end + parts * always_rank
-    _route_rows(
-        products_np[:, always_end:].reshape(tokens, parts, -1),
-        products_np[:, :lora_end],
-        products_np[:, lora_end:always_end],
-        _persistent(router_bias, _NONE_2D, views),
-        top_k,
-        omega,
-        softmax_gates,
-        hidden.numpy() if hidden is not None else _NONE_3D,
+    n = stats.shape[1] - 3
+    given = inputs.detach().numpy()
+    routing = (_persistent(router_bias, _NONE_2D, views), top_k, omega, softmax_gates)
+    counted = (
         selected.numpy(),
         _persistent(stats, _NONE_2D, views),
         _persistent(step_selected, _NONE_3D, views),
@@ -429,51 +426,17 @@ def route_add_cpu(
         _persistent(out_columns, _NO_ROWS, views),
         out.detach().numpy(),
     )
-
-
-@remix_op("remix_cpu", mutates_args=("out", "selected", "stats", "step_selected"))
-def remix_cpu(
-    x: torch.Tensor,
-    weights: torch.Tensor,
-    router_bias: torch.Tensor | None,
-    slots: torch.Tensor,
-    b_t: torch.Tensor,
-    out_columns: torch.Tensor,
-    out: torch.Tensor,
-    selected: torch.Tensor,
-    stats: torch.Tensor,
-    step_selected: torch.Tensor,
-    top_k: int,
-    omega: float,
-    softmax_gates: bool,
-    rank: int,
-    always_rank: int,
-    products: int,
-) -> None:
-    """The grouped path's whole adapter from x [T, d_in] (the input of a whole projection, not
-    a row-parallel shard): weights [C, S*(n*r + r0 + n), d_in] (each slot's [A ; A0 ; P]),
-    b_t and out_columns as route_add_cpu; out [T, d_out] += each token's B product of its k
-    chosen LoRAs' gated hidden states (and the always-on ones), selected, stats and
-    step_selected as route_cpu."""
-    views = registered(products).numpy_views
-    tokens, parts = selected.shape[:2]
-    _remix_rows(
-        x.detach().numpy(),
-        _persistent(weights, _NONE_3D, views),
-        _persistent(router_bias, _NONE_2D, views),
-        parts,
-        stats.shape[1] - 3,
-        rank,
-        always_rank,
-        top_k,
-        omega,
-        softmax_gates,
-        selected.numpy(),
-        _persistent(stats, _NONE_2D, views),
-        _persistent(step_selected, _NONE_3D, views),
-        _padding(tokens),
-        _persistent(slots, _NO_ROWS, views),
-        _persistent(b_t, _NONE_2D, views),
-        _persistent(out_columns, _NO_ROWS, views),
-        out.detach().numpy(),
+    if from_x:
+        rows = _persistent(weights, _NONE_3D, views)
+        _remix_rows(given, rows, parts, n, rank, always_rank, *routing, *counted)
+        return
+    lora_end = parts * n * rank
+    always_end = lora_end + parts * always_rank
+    _route_rows(
+        given[:, always_end:].reshape(tokens, parts, -1),
+        given[:, :lora_end],
+        given[:, lora_end:always_end],
+        *routing,
+        hidden.numpy() if hidden is not None else _NONE_3D,
+        *counted,
     )

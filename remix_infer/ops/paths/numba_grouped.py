@@ -2,7 +2,7 @@
 the base product alone, and each token's adapter uses its own slot's weights only (the adapter
 FLOPs of one checkpoint, none for base-model tokens). Two ways, by step size (`kernel_tokens`):
 
-- ONE numba call from x (cpu_route.remix_cpu): per token, the router's products, top-k, then
+- ONE numba call from x (cpu_route.grouped_cpu, from x): per token, the router's products, top-k, then
   only the k chosen LoRAs' A and B rows (k/n of the dense arithmetic), added into the base
   product. Each slot's [A ; A0 ; P] rows wait in `slot_narrow`, its [B | B0]^T in `slot_b_t`.
 - Each slot's products as GEMMs of the binding's kernel (`prepare(make_gemm)`: in vLLM oneDNN
@@ -105,34 +105,30 @@ class NumbaGroupedPath(PoolPath):
         return 1 << 30 if torch.get_num_threads() == 1 else 16
 
     def forward(self, x: torch.Tensor, gemm: Gemm, reduce: Reduce | None) -> torch.Tensor:
-        from remix_infer.ops.cpu_route import remix_cpu, route_add_cpu  # numba: only here
+        from remix_infer.ops.cpu_route import grouped_cpu  # numba: only where this path runs
 
         pool, layout, groups = self.pool, self.pool.layout, self.pool.slots
         tokens, s = x.shape[0], layout.num_parts
         base = gemm(x)
-        selected = torch.empty(tokens, s, layout.top_k, dtype=torch.long)
-        routing = (layout.top_k, layout.omega, layout.weighting == "softmax_topk")
-        shape = (layout.rank, layout.always_rank, self.products)
-        in_kernel = tokens <= self.kernel_tokens()
-        hidden = None
-        if in_kernel and reduce is None:  # the whole adapter in one call, from x
-            remix_cpu(
-                x, self.slot_narrow, pool.router_bias, groups.index, self.slot_b_t,
-                self.b_columns, base, selected, pool.stats, pool.step_selected, *routing, *shape,
-            )  # fmt: skip
-        else:  # the products on oneDNN (summed over ranks for a row-parallel shard), routed
-            narrow = x.new_empty(tokens, self.slot_narrow.shape[1])
-            own_slot_products(x, groups.order, groups.counts, self.products, narrow)
+        in_kernel = tokens <= self.kernel_tokens()  # B's products too
+        from_x = in_kernel and reduce is None  # the whole adapter in one call
+        inputs, hidden = x, None
+        if not from_x:  # the products on oneDNN (summed over ranks for a row-parallel shard)
+            inputs = x.new_empty(tokens, self.slot_narrow.shape[1])
+            own_slot_products(x, groups.order, groups.counts, self.products, inputs)
             if reduce is not None:
-                narrow = reduce(narrow)
+                inputs = reduce(inputs)
             if pool.count_b and not in_kernel:
                 width = layout.num_loras * layout.rank + layout.always_rank
                 hidden = x.new_empty(s, tokens, width)
-            b_t = self.slot_b_t if in_kernel and pool.count_b else None
-            route_add_cpu(
-                narrow, pool.router_bias, groups.index, b_t, self.b_columns, base, hidden,
-                selected, pool.stats, pool.step_selected, *routing, *shape,
-            )  # fmt: skip
+        selected = torch.empty(tokens, s, layout.top_k, dtype=torch.long)
+        grouped_cpu(
+            inputs, self.slot_narrow, pool.router_bias, groups.index,
+            self.slot_b_t if in_kernel and pool.count_b else None, self.b_columns, base, hidden,
+            selected, pool.stats, pool.step_selected, layout.top_k, layout.omega,
+            layout.weighting == "softmax_topk", layout.rank, layout.always_rank, self.products,
+            from_x,
+        )  # fmt: skip
         if pool.capture_selections:
             pool.capture(selected, groups.current(tokens))
         if not pool.count_b:  # another rank adds B; vLLM all-reduces this: needs it dense
