@@ -1,9 +1,9 @@
 """The checkpoint store in one real `remix-serve` (vLLM engine): 16 checkpoints in a
---checkpoint-dir (the quick demo with other routers each), 4 slots, 8 in the host tier. Each
-answer is its own checkpoint's reference greedy answer (remix_infer.modeling): loaded on first
-use, after eviction and reload, from the host tier, under 64 concurrent clients, with a request
-in flight while others churn the slots; a bad folder, a removed folder, and a restart over the
-same directory. The store's logic against the fake engine: test_store.py."""
+--checkpoint-dir (the quick demo with other routers and noisy LoRA B matrices each, chosen so
+that every two answer apart), 4 slots, 8 in the host tier. Each answer is its own checkpoint's
+reference greedy answer (remix_infer.modeling): loaded on first use, after eviction and reload,
+from the host tier, under 64 concurrent clients, with a request in flight while others churn
+the slots; a bad folder, a removed folder, and a restart over the same directory. The store's logic against the fake engine: test_store.py."""
 
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers.models import router_variant
 from helpers.servers import SMALL_ENGINE, running_server, scrape
-from reference import reference_run
+from reference import distinct_variants
 
 from remix_infer.checkpoint import load_checkpoint
 from remix_infer.config import ADAPTERS_FILE
@@ -30,12 +29,45 @@ MAX_TOKENS = 6
 NAMES = [f"c{i:02d}" for i in range(16)]
 
 
+LORA_B_NOISE = 0.15  # the quick demo's LoRAs barely trained: other routers alone answer alike
+MIN_MARGIN = 0.02  # each greedy token's lead over the runner-up, far above float32 noise
+
+
+class References:
+    """16 variants of the demo in `directory` (c00..c15) and each one's reference greedy
+    answers to 3 eval prompts, token by token as the logprobs name them."""
+
+    def __init__(self, demo: Path, directory: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.directory = directory
+        tokenizer = AutoTokenizer.from_pretrained(load_checkpoint(demo).base_model_path)
+        lines = (demo / "data" / "eval.jsonl").read_text().splitlines()[:3]
+        self.prompts = [tokenizer.encode(json.loads(line)["prompt"]) for line in lines]
+        tokens = distinct_variants(
+            demo, directory, len(NAMES), self.prompts, MAX_TOKENS, LORA_B_NOISE, MIN_MARGIN,
+            # a lone byte of a longer character: its logprobs text is '' in vLLM, '\ufffd' here
+            readable=lambda token: "\ufffd" not in tokenizer.decode([token]),
+        )  # fmt: skip
+        self.answers = {
+            (name, i): [tokenizer.decode([t]) for t in answer]
+            for name, answers in tokens.items()
+            for i, answer in enumerate(answers)
+        }
+
+
 @pytest.fixture(scope="module")
-def directory(demo_checkpoint, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("store") / "checkpoints"
-    for i, name in enumerate(NAMES):
-        router_variant(demo_checkpoint, out / name, seed=i + 1)
-    return out
+def refs(demo_checkpoint, tmp_path_factory) -> References:
+    refs = References(demo_checkpoint, tmp_path_factory.mktemp("store") / "checkpoints")
+    answers = {tuple(tuple(refs.answers[name, i]) for i in range(3)) for name in NAMES}
+    # every pair differs in some prompt's answer, so an answer from the wrong checkpoint shows
+    assert len(answers) == len(NAMES), answers
+    return refs
+
+
+@pytest.fixture(scope="module")
+def directory(refs) -> Path:
+    return refs.directory
 
 
 def server_args(directory: Path) -> list[str]:
@@ -49,37 +81,6 @@ def server(directory, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("store-server") / "server.log"
     with running_server(None, log_path, server_args(directory), timeout=600) as s:
         yield s
-
-
-class References:
-    """Each checkpoint's reference greedy answers, token by token as the logprobs name them."""
-
-    def __init__(self, directory: Path, demo: Path) -> None:
-        from transformers import AutoTokenizer
-
-        from remix_infer.modeling import load_remix_model
-
-        self.tokenizer = AutoTokenizer.from_pretrained(load_checkpoint(demo).base_model_path)
-        self.models = {name: load_remix_model(directory / name)[0] for name in NAMES}
-        lines = (demo / "data" / "eval.jsonl").read_text().splitlines()[:3]
-        self.prompts = [self.tokenizer.encode(json.loads(line)["prompt"]) for line in lines]
-        self.answers = {
-            (name, i): [
-                self.tokenizer.decode([t])
-                for t in reference_run(self.models[name], ids, MAX_TOKENS).tokens
-            ]
-            for name in NAMES
-            for i, ids in enumerate(self.prompts)
-        }
-
-
-@pytest.fixture(scope="module")
-def refs(directory, demo_checkpoint) -> References:
-    refs = References(directory, demo_checkpoint)
-    answers = {tuple(tuple(refs.answers[name, i]) for i in range(3)) for name in NAMES}
-    assert len(answers) >= 2, answers  # checkpoints that answer apart (the quick demo: few)
-    print(f"{len(answers)} distinct reference answers over {len(NAMES)} checkpoints")
-    return refs
 
 
 def complete(server: dict, model: str, ids: list[int], max_tokens: int = MAX_TOKENS):  # noqa: ANN201

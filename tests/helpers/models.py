@@ -226,12 +226,17 @@ def save_chat_tokenizer(out: Path) -> None:
     fast.save_pretrained(out)
 
 
-def router_variant(source: Path, out: Path, seed: int | None = None) -> Path:
+def router_variant(
+    source: Path, out: Path, seed: int | None = None, lora_b_noise: float = 0.0
+) -> Path:
     """A cheap distinct checkpoint: the one at `source` with other routers (negated when seed
     is None, else fresh random ones of the same scale), so tokens pick other LoRAs of the same
-    pools; over the same base model directory (an absolute path)."""
+    pools; over the same base model directory (an absolute path). lora_b_noise: add Gaussian
+    noise of this standard deviation to every LoRA B matrix too, so the LoRAs
+    themselves differ: other routers alone over a barely trained pool answer alike."""
     from remix_infer.checkpoint import load_checkpoint
     from remix_infer.config import (
+        LORA_B,
         ROUTER_BIAS,
         ROUTER_WEIGHT,
         SHARED_ROUTER_BIAS,
@@ -242,11 +247,15 @@ def router_variant(source: Path, out: Path, seed: int | None = None) -> Path:
     ckpt = load_checkpoint(source)
     gen = torch.Generator().manual_seed(seed or 0)
 
-    def other(t: torch.Tensor) -> torch.Tensor:
-        if seed is None:
-            return -t
-        return (torch.randn(t.shape, generator=gen) * t.float().std()).to(t.dtype)
+    def other(k: str, t: torch.Tensor) -> torch.Tensor:
+        if k.endswith(routers):
+            if seed is None:
+                return -t
+            return (torch.randn(t.shape, generator=gen) * t.float().std()).to(t.dtype)
+        if k.endswith(LORA_B) and lora_b_noise:
+            return (t.float() + torch.randn(t.shape, generator=gen) * lora_b_noise).to(t.dtype)
+        return t
 
-    tensors = {k: other(t) if k.endswith(routers) else t for k, t in ckpt.tensors.items()}
+    tensors = {k: other(k, t) for k, t in ckpt.tensors.items()}
     config = ckpt.config.model_copy(update={"base_model": ckpt.base_model_path})
     return save_checkpoint(out, config, tensors)
