@@ -326,10 +326,11 @@ class RemixPool(nn.Module):
         `refresh_products`."""
         self.path.prepare(make_gemm or (lambda w: lambda x: F.linear(x, w)))
 
-    def refresh_products(self) -> None:
-        """After the pool's tensors changed in place: refresh what `prepare` made, in place (so
-        compiled graphs keep reading the same tensors)."""
-        self.path.refresh_products()
+    def refresh_products(self, slot: int | None = None) -> None:
+        """After the pool's tensors changed in place (slot: only that slot's; None: any):
+        refresh what `prepare` made, in place (so compiled graphs keep reading the same
+        tensors)."""
+        self.path.refresh_products(slot)
 
     @torch.no_grad()
     def fold_base_weight(self, weight: torch.Tensor) -> torch.Tensor:
@@ -397,7 +398,7 @@ class FusedRemixLinear(nn.Module):
         """After the pool's tensors changed in place (a slot loaded or cleared; None: any): rewrite
         the pool's part of the one GEMM's weight in place, so compiled graphs see it."""
         self.pool.refresh_fold(self.folded, slot)
-        self.pool.refresh_products()
+        self.pool.refresh_products(slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(x, lambda z: F.linear(z, self.folded))

@@ -130,7 +130,7 @@ class RemixLinearMethod(LinearMethodBase):
             self.cpu_gemm.refresh()
         else:
             self.pool.refresh_fold(layer.weight.data, slot)
-        self.pool.refresh_products()
+        self.pool.refresh_products(slot)
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None

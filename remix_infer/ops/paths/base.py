@@ -51,8 +51,9 @@ class PoolPath(nn.Module):
     def prepare(self, make_gemm: Callable[[torch.Tensor], Gemm]) -> None:
         """Pick the kernels of the path's own products for the current weights (none here)."""
 
-    def refresh_products(self) -> None:
-        """After the pool's tensors changed in place: refresh what `prepare` made (none here)."""
+    def refresh_products(self, slot: int | None = None) -> None:
+        """After the pool's tensors changed in place (slot: only that slot's; None: any):
+        refresh what `prepare` made (none here)."""
 
     def forward(self, x: torch.Tensor, gemm: Gemm, reduce: Reduce | None) -> torch.Tensor:
         """x [T, d_in] -> base product + ReMix term [T, d_out] (see RemixPool.forward)."""

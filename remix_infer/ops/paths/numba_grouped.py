@@ -55,6 +55,7 @@ class NumbaGroupedPath(PoolPath):
         self.register_buffer("b_columns", bounds, persistent=False)
         # the prepared products (SlotProducts), which the grouped ops find by this index
         self.narrow: list[Gemm] = []
+        self.threads = torch.get_num_threads()  # counted again by `prepare`
         self.b: list[list[Gemm]] = []
         self.products = register_products(self)
         self.numpy_views: dict = {}  # the routing kernel's views of persistent tensors
@@ -85,12 +86,14 @@ class NumbaGroupedPath(PoolPath):
         )
 
     def prepare(self, make_gemm: Callable[[torch.Tensor], Gemm]) -> None:
+        self.threads = torch.get_num_threads()
         c = self.pool.layout.num_slots
         self.narrow = [make_gemm(self.slot_narrow[i]) for i in range(c)]
         self.b = [[make_gemm(b[i]) for b in self.slot_b] for i in range(c)]
 
-    def refresh_products(self) -> None:
-        refresh_prepacked([*self.narrow, *(p for products in self.b for p in products)])
+    def refresh_products(self, slot: int | None = None) -> None:
+        slots = range(len(self.narrow)) if slot is None else [slot]  # oneDNN prepacks: ~ms each
+        refresh_prepacked([product for c in slots for product in (self.narrow[c], *self.b[c])])
 
     def kernel_tokens(self) -> int:
         """Up to how many tokens the numba kernel runs the adapter (on one thread) rather than
@@ -99,10 +102,12 @@ class NumbaGroupedPath(PoolPath):
         (docs/engine.md). With more, oneDNN's products share the work across them, and the
         kernel keeps the steps of up to 16 tokens, which it runs in about the fixed cost of the
         products' calls at d 1024 (16 x ~3.6 us against ~60 us); not measured with several
-        threads (the 2-core machines here give vLLM's worker one)."""
+        threads (the 2-core machines here give vLLM's worker one). The threads are counted
+        when the products are prepared (vLLM has set them by then; torch.compile cannot trace
+        the count)."""
         if self.kernel_max_tokens is not None:
             return self.kernel_max_tokens
-        return 1 << 30 if torch.get_num_threads() == 1 else 16
+        return 1 << 30 if self.threads == 1 else 16
 
     def forward(self, x: torch.Tensor, gemm: Gemm, reduce: Reduce | None) -> torch.Tensor:
         from remix_infer.ops.cpu_route import grouped_cpu  # numba: only where this path runs

@@ -58,7 +58,7 @@ class TorchPath(PoolPath):
         self._product_b = [make_gemm(b) for b in self._b_weights]
 
     @torch.no_grad()
-    def refresh_products(self) -> None:
+    def refresh_products(self, slot: int | None = None) -> None:
         """Rewrite the B products' weights in place (compiled graphs keep reading the same
         tensors) and refresh prepacked copies (a gemm with a `refresh()` method)."""
         if self.pool.layout.always_rank:
