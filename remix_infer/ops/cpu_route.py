@@ -155,22 +155,36 @@ def _add_rows(out: np.ndarray, b: np.ndarray, rows: np.ndarray, weights: np.ndar
 @numba.njit(cache=True, nogil=True)
 def _add_b(
     out: np.ndarray,
+    out_columns: np.ndarray,
+    s: int,
     b_t: np.ndarray,
+    start: int,
     height: int,
     rows: np.ndarray,
     weights: np.ndarray,
     count: int,
     acc: np.ndarray,
-) -> None:
-    """out [d_out_j] (one token's part's columns) += its hidden states (weights, at rows of
-    [B | B0]^T) times [B | B0]^T (flat in b_t: height rows of d_out_j), summed apart and then
-    added, as a GEMM's result would be."""
-    width = out.shape[0]
+) -> int:
+    """One token's part s: out[part's columns] += its hidden states (weights, at rows of
+    [B | B0]^T) times [B | B0]^T (flat in b_t from `start`: height rows of the part's width),
+    summed apart and then added, as a GEMM's result would be. -> the next part's start."""
+    lo, hi = out_columns[2 * s], out_columns[2 * s + 1]
+    width = hi - lo
     part_acc = acc[:width]
     part_acc[:] = 0.0
-    _add_rows(part_acc, b_t[: height * width].reshape(height, width), rows, weights, count)
+    part_b = b_t[start : start + height * width].reshape(height, width)
+    _add_rows(part_acc, part_b, rows, weights, count)
     for col in range(width):
-        out[col] += part_acc[col]
+        out[lo + col] += part_acc[col]
+    return start + height * width
+
+
+@numba.njit(cache=True, nogil=True)
+def _add_bias(logits: np.ndarray, bias: np.ndarray, at: int) -> None:
+    """logits [n] += bias[at] (bias empty: none), in float32 as torch adds it."""
+    if bias.shape[0]:
+        for i in range(logits.shape[0]):
+            logits[i] += bias[at, i]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -217,10 +231,8 @@ def _route_rows(
             continue
         b_start = 0  # where this part's [B | B0]^T starts in b_t[slot]
         for s in range(parts):
-            for i in range(n):  # float32 sums, as torch adds the bias
-                row[i] = logits[t, s, i]
-                if bias.shape[0]:
-                    row[i] += bias[slot * parts + s, i]
+            row[:] = logits[t, s]
+            _add_bias(row, bias, slot * parts + s)
             entropy, ess = _route(row, k, omega, softmax_gates, chosen, gates, selected[t, s])
             count = 0
             for i in range(n):
@@ -237,10 +249,10 @@ def _route_rows(
                 b_rows[count], b_weights[count] = n * r + c, always_h[t, s * r0 + c]
                 count += 1
             if b_t.shape[0]:
-                lo, hi = out_columns[2 * s], out_columns[2 * s + 1]
-                height = n * r + r0
-                _add_b(out[t, lo:hi], b_t[slot, b_start:], height, b_rows, b_weights, count, acc)
-                b_start += height * (hi - lo)
+                b_start = _add_b(
+                    out[t], out_columns, s, b_t[slot], b_start, n * r + r0, b_rows, b_weights,
+                    count, acc,
+                )  # fmt: skip
             _record(stats, step, padding, t, s, slot * parts + s, chosen, entropy, ess)
 
 
@@ -285,9 +297,7 @@ def _remix_rows(
         b_start = 0  # where this part's [B | B0]^T starts in b_t[slot]
         for s in range(parts):
             _dots(xt, w, router_rows[s], n, row)
-            if bias.shape[0]:  # float32 sums, as torch adds the bias
-                for i in range(n):
-                    row[i] += bias[slot * parts + s, i]
+            _add_bias(row, bias, slot * parts + s)
             entropy, ess = _route(row, k, omega, softmax_gates, chosen, gates, selected[t, s])
             count = 0
             for i in range(n):
@@ -303,10 +313,10 @@ def _remix_rows(
             _dots(xt, w, a_rows, count, hidden)
             for m in range(count):  # the hidden state times its gate, in float32 as torch
                 b_weights[m] *= hidden[m]
-            lo, hi = out_columns[2 * s], out_columns[2 * s + 1]
-            height = n * r + r0
-            _add_b(out[t, lo:hi], b_t[slot, b_start:], height, b_rows, b_weights, count, acc)
-            b_start += height * (hi - lo)
+            b_start = _add_b(
+                out[t], out_columns, s, b_t[slot], b_start, n * r + r0, b_rows, b_weights,
+                count, acc,
+            )  # fmt: skip
             _record(stats, step, padding, t, s, slot * parts + s, chosen, entropy, ess)
 
 

@@ -53,9 +53,9 @@ class NumbaGroupedPath(PoolPath):
         self._b_bounds = layout.adapted_column_bounds()  # where the B products add
         bounds = torch.tensor(self._b_bounds, dtype=torch.int64, device=like.device)
         self.register_buffer("b_columns", bounds, persistent=False)
+        self.threads = torch.get_num_threads()  # counted again by `prepare`
         # the prepared products (SlotProducts), which the grouped ops find by this index
         self.narrow: list[Gemm] = []
-        self.threads = torch.get_num_threads()  # counted again by `prepare`
         self.b: list[list[Gemm]] = []
         self.products = register_products(self)
         self.numpy_views: dict = {}  # the routing kernel's views of persistent tensors
