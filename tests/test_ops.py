@@ -473,6 +473,35 @@ def test_slots_route_each_token_through_its_own_checkpoint(kernel, merged, alway
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("merged", ["two parts", "middle part not adapted"])
+def test_numba_kernel_answers_a_token_alike_in_any_batch(merged):
+    """The numba kernel on a step of 83 tokens over two slots and the base model (blocks of up
+    to 32 tokens of one slot, 4 x 4 tiles that repeat a token or row to fill up): every token
+    gets its reference's adapter output and choices, and, bit for bit, what it gets alone. The
+    base product is zero while the layer runs: a GEMM's last bits depend on its batch."""
+    parts, adapted = MERGED[merged]
+    layer, references, weight, slots = build_slots("numba", parts, adapted, always=2)
+    layer.pool.capture_selections = True
+    layer.pool.path.kernel_max_tokens = 1 << 30  # the kernel at every size, whatever the threads
+    gen = torch.Generator().manual_seed(21)
+    slot_of_token = torch.tensor([0, 2, -1])[torch.randint(0, 3, (83,), generator=gen)]
+    x = torch.randn(83, D_IN, generator=gen)
+    want, selected = slot_reference(references, weight, parts, x, slot_of_token)
+    want -= F.linear(x, weight)  # the adapter's part
+    weight.zero_()  # the layer's own (the numba path keeps the base weight as it is)
+    with torch.no_grad():
+        slots.fill(slot_of_token)
+        whole, chosen = layer(x), layer.pool.captured[-1].clone()
+        alone = []
+        for t in range(83):
+            slots.fill(slot_of_token[t : t + 1])
+            alone.append((layer(x[t : t + 1]), layer.pool.captured[-1].clone()))
+    torch.testing.assert_close(whole, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(chosen, selected)
+    assert torch.equal(whole, torch.cat([out for out, _ in alone]))
+    assert torch.equal(chosen, torch.cat([sel for _, sel in alone]))
+
+
 def test_slot_groups_gather_each_slots_tokens():
     """The grouped path's groups, found once per step when the slots are filled: each slot with
     tokens, its rows in order; base-model tokens and padding rows in none; a step wholly one

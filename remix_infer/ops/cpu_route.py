@@ -5,9 +5,12 @@ arithmetic, so the routing (top-k, largest first, ties to the lower index; gates
 statistics row: selections, tokens, entropy, ESS, padding rows excluded; the step's per-token
 selections) runs per token and part in one call, in one of two ways:
 
-- `grouped_cpu` from x (the grouped path, a whole projection's input): from x itself. The router's n products first;
-  then only the k chosen LoRAs' A rows (k*r products, not n*r) and their B rows, added into the
-  base output: k/n of the adapter's dense FLOPs, in no GEMM at all.
+- `grouped_cpu` from x (the grouped path, a whole projection's input): from x itself, in blocks
+  of up to 32 tokens of one slot. The router's n products first; then, per LoRA, the tokens
+  that chose it: its r A rows (k*r products a token, not n*r) and its B rows, added into the
+  base output: k/n of the adapter's dense FLOPs, in no GEMM at all. Products run in 4 x 4
+  register tiles (four tokens by four rows: each weight loaded once for four tokens), every
+  product by the same code, so a token's result does not depend on its batch.
 - `route_cpu` and `grouped_cpu` otherwise: the products are given (the stacked GEMM's columns, or the
   grouped path's narrow product, summed over ranks for a row-parallel shard); routes them,
   writes the gated hidden states part-major ([S, T, n*r], where a B product reads them) or
@@ -37,27 +40,42 @@ from remix_infer.ops.stats import padding_mask
 _SUMS = {"reassoc", "nsz", "contract"}
 
 
+TILE = 4  # tokens x rows per register tile
+BLOCK_TOKENS = 32  # tokens of one slot routed and multiplied together (their x and sums in L2)
+
+
 @numba.njit(cache=True, nogil=True, fastmath=_SUMS)
-def _dots(x: np.ndarray, w: np.ndarray, rows: np.ndarray, count: int, out: np.ndarray) -> None:
-    """out[m] = x . w[rows[m]] for m < count, in float32; four rows per pass over x."""
-    m = 0
-    while m + 4 <= count:
-        w0, w1, w2, w3 = w[rows[m]], w[rows[m + 1]], w[rows[m + 2]], w[rows[m + 3]]
-        s0, s1, s2, s3 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
-        for j in range(x.shape[0]):
-            s0 += x[j] * w0[j]
-            s1 += x[j] * w1[j]
-            s2 += x[j] * w2[j]
-            s3 += x[j] * w3[j]
-        out[m], out[m + 1], out[m + 2], out[m + 3] = s0, s1, s2, s3
-        m += 4
-    while m < count:
-        w0 = w[rows[m]]
-        s0 = np.float32(0.0)
-        for j in range(x.shape[0]):
-            s0 += x[j] * w0[j]
-        out[m] = s0
-        m += 1
+def _dot_tile(x0, x1, x2, x3, w0, w1, w2, w3, out):  # noqa: ANN001, ANN202 (a kernel's tile)
+    """out[a, b] = x_a . w_b for four tokens and four rows: each load feeds four products."""
+    s00, s01, s02, s03 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
+    s10, s11, s12, s13 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
+    s20, s21, s22, s23 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
+    s30, s31, s32, s33 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
+    for j in range(x0.shape[0]):
+        a0, a1, a2, a3, b0, b1, b2, b3 = x0[j], x1[j], x2[j], x3[j], w0[j], w1[j], w2[j], w3[j]
+        s00, s01, s02, s03 = s00 + a0 * b0, s01 + a0 * b1, s02 + a0 * b2, s03 + a0 * b3
+        s10, s11, s12, s13 = s10 + a1 * b0, s11 + a1 * b1, s12 + a1 * b2, s13 + a1 * b3
+        s20, s21, s22, s23 = s20 + a2 * b0, s21 + a2 * b1, s22 + a2 * b2, s23 + a2 * b3
+        s30, s31, s32, s33 = s30 + a3 * b0, s31 + a3 * b1, s32 + a3 * b2, s33 + a3 * b3
+    out[0, 0], out[0, 1], out[0, 2], out[0, 3] = s00, s01, s02, s03
+    out[1, 0], out[1, 1], out[1, 2], out[1, 3] = s10, s11, s12, s13
+    out[2, 0], out[2, 1], out[2, 2], out[2, 3] = s20, s21, s22, s23
+    out[3, 0], out[3, 1], out[3, 2], out[3, 3] = s30, s31, s32, s33
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"contract"})
+def _add_tile(o0, o1, o2, o3, b0, b1, b2, b3, h):  # noqa: ANN001, ANN202 (a kernel's tile)
+    """o_a += sum over b of h[a, b] * b_b for four tokens' sums and four rows."""
+    h00, h01, h02, h03 = h[0, 0], h[0, 1], h[0, 2], h[0, 3]
+    h10, h11, h12, h13 = h[1, 0], h[1, 1], h[1, 2], h[1, 3]
+    h20, h21, h22, h23 = h[2, 0], h[2, 1], h[2, 2], h[2, 3]
+    h30, h31, h32, h33 = h[3, 0], h[3, 1], h[3, 2], h[3, 3]
+    for c in range(o0.shape[0]):
+        c0, c1, c2, c3 = b0[c], b1[c], b2[c], b3[c]
+        o0[c] += ((h00 * c0 + h01 * c1) + h02 * c2) + h03 * c3
+        o1[c] += ((h10 * c0 + h11 * c1) + h12 * c2) + h13 * c3
+        o2[c] += ((h20 * c0 + h21 * c1) + h22 * c2) + h23 * c3
+        o3[c] += ((h30 * c0 + h31 * c1) + h32 * c2) + h33 * c3
 
 
 @numba.njit(cache=True, nogil=True)
@@ -82,23 +100,23 @@ def _route(
         chosen[best] = True
         selected[j] = best
     top = logits[selected[0]]
-    total = 0.0
-    chosen_total = 0.0
-    for i in range(n):
-        total += math.exp(logits[i] - top)
+    total, chosen_total, tilted = 0.0, 0.0, 0.0
+    for i in range(n):  # each exponential once: the engine routes every token and part
+        e = math.exp(logits[i] - top)
+        gates[i] = e  # kept for the gates below
+        total += e
+        if e > 0.0:
+            tilted += e * (logits[i] - top)
         if chosen[i]:
-            chosen_total += math.exp(logits[i] - top)
-    entropy = 0.0
-    for i in range(n):
-        p = math.exp(logits[i] - top) / total
-        if p > 0.0:
-            entropy -= p * math.log(p)
+            chosen_total += e
+    # -sum p log p with p = e / total and log p = (logit - top) - log total
+    entropy = math.log(total) - tilted / total
     weight_sum = 0.0
     weight_sq = 0.0
     for i in range(n):
         g = 0.0
         if chosen[i]:
-            g = omega * math.exp(logits[i] - top) / chosen_total if softmax_gates else omega
+            g = omega * gates[i] / chosen_total if softmax_gates else omega
         gates[i] = g
         weight_sum += g
         weight_sq += g * g
@@ -257,6 +275,56 @@ def _route_rows(
 
 
 @numba.njit(cache=True, nogil=True)
+def _dots_block(x, block, local, count, w, row0, rows, out, col0, tile):  # noqa: ANN001, ANN202
+    """out[a, col0 + m] = x[block[a]] . w[row0 + m] for the block's tokens a = local[:count] and
+    m < rows, in 4 x 4 tiles (a short tile repeats its last token or row; the repeats' sums are
+    dropped), so every product is summed by the same code whatever its tile-mates."""
+    last = row0 + rows - 1
+    for a0 in range(0, count, TILE):
+        a1, a2, a3 = (local[min(a0 + 1, count - 1)], local[min(a0 + 2, count - 1)],
+                      local[min(a0 + 3, count - 1)])  # fmt: skip
+        x0, x1, x2, x3 = x[block[local[a0]]], x[block[a1]], x[block[a2]], x[block[a3]]
+        for m0 in range(0, rows, TILE):
+            m = row0 + m0
+            w0, w1, w2, w3 = w[m], w[min(m + 1, last)], w[min(m + 2, last)], w[min(m + 3, last)]
+            _dot_tile(x0, x1, x2, x3, w0, w1, w2, w3, tile)
+            for i in range(min(TILE, count - a0)):
+                for j in range(min(TILE, rows - m0)):
+                    out[local[a0 + i], col0 + m0 + j] = tile[i, j]
+
+
+@numba.njit(cache=True, nogil=True)
+def _add_block(acc, local, count, b, row0, rows, h, tile):  # noqa: ANN001, ANN202
+    """acc[a] += sum over m < rows of h[a, row0 + m] * b[row0 + m] for a = local[:count], in 4 x 4
+    tiles, rows in order. A short tile's missing tokens add into acc's spare rows (its last
+    TILE - 1, each its own so the tile's four sums never overlap), its missing rows weigh 0."""
+    spare = acc.shape[0] - TILE + 1
+    last = row0 + rows - 1
+    for a0 in range(0, count, TILE):
+        i0 = local[a0]
+        i1 = local[a0 + 1] if a0 + 1 < count else spare
+        i2 = local[a0 + 2] if a0 + 2 < count else spare + 1
+        i3 = local[a0 + 3] if a0 + 3 < count else spare + 2
+        for m0 in range(0, rows, TILE):
+            tile[:] = 0.0
+            for i in range(min(TILE, count - a0)):
+                for j in range(min(TILE, rows - m0)):
+                    tile[i, j] = h[local[a0 + i], row0 + m0 + j]
+            m = row0 + m0
+            b0, b1, b2, b3 = b[m], b[min(m + 1, last)], b[min(m + 2, last)], b[min(m + 3, last)]
+            _add_tile(acc[i0], acc[i1], acc[i2], acc[i3], b0, b1, b2, b3, tile)
+
+
+@numba.njit(cache=True, nogil=True)
+def _by_slot(slots: np.ndarray, tokens: int) -> np.ndarray:
+    """The tokens grouped by slot (stable; base-model tokens, slot -1, first); no slots: as
+    they come."""
+    if slots.shape[0] == 0:
+        return np.arange(tokens)
+    return np.argsort(slots[:tokens], kind="mergesort")
+
+
+@numba.njit(cache=True, nogil=True)
 def _remix_rows(
     x: np.ndarray,
     weights: np.ndarray,
@@ -277,47 +345,83 @@ def _remix_rows(
     out_columns: np.ndarray,
     out: np.ndarray,
 ) -> None:
-    """The whole adapter from x (grouped_cpu): per token and part, the router's n products, then
-    the k chosen LoRAs' k*r A products (and the always-on r0), gated, times their B rows."""
+    """The whole adapter from x (grouped_cpu), a block of up to BLOCK_TOKENS tokens of one slot
+    at a time, each weight row loaded once for four tokens: per part the router's n products
+    and each token's top-k and gates, then per chosen LoRA its tokens' r A products (and every
+    token's always-on r0), gated, times its B rows: k/n of the adapter's dense arithmetic."""
     tokens = x.shape[0]
-    chosen, gates = np.zeros(n, np.bool_), np.zeros(n, np.float64)
+    order = _by_slot(slots, tokens)
+    height = n * r + r0  # rows of a part's [B | B0]^T
+    widest = 0
+    for s in range(parts):
+        widest = max(widest, out_columns[2 * s + 1] - out_columns[2 * s])
+    most = max(1, min(tokens, BLOCK_TOKENS))  # a block's tokens: the scratch's rows
+    logits = np.zeros((most, n), np.float32)
+    hidden = np.zeros((most, height), np.float32)
+    gates = np.zeros((most, n), np.float32)
+    members, member_count = np.zeros((n, most), np.int64), np.zeros(n, np.int64)
+    acc = np.zeros((most + TILE - 1) * widest, np.float32)  # + a short tile's spares
+    everyone, tile = np.arange(most), np.zeros((TILE, TILE), np.float32)
+    chosen, token_gates = np.zeros(n, np.bool_), np.zeros(n, np.float64)
     row = np.zeros(n, np.float32)
-    a_rows, b_rows = np.zeros(k * r + r0, np.int64), np.zeros(k * r + r0, np.int64)
-    b_weights, hidden = np.zeros(k * r + r0, np.float32), np.zeros(k * r + r0, np.float32)
-    acc = np.zeros(out.shape[1], np.float32)
     no_hidden = np.zeros((0, 0, 0), np.float32)
-    always_row = parts * n * r  # where the always-on A rows start in weights[slot]
-    router_rows = parts * (n * r + r0) + np.arange(parts * n).reshape(parts, n)  # the P rows
-    for t in range(tokens):
-        slot = 0 if slots.shape[0] == 0 else slots[t]
+    start = 0
+    while start < tokens:
+        slot = 0 if slots.shape[0] == 0 else slots[order[start]]
+        end = start + 1
+        while (
+            end < tokens
+            and end - start < BLOCK_TOKENS
+            and (slots.shape[0] == 0 or slots[order[end]] == slot)
+        ):
+            end += 1
+        block, count = order[start:end], end - start
+        start = end
         if slot < 0:
-            _base_model_token(t, no_hidden, selected, step)
+            for t in block:
+                _base_model_token(t, no_hidden, selected, step)
             continue
-        w, xt = weights[slot], x[t]
-        b_start = 0  # where this part's [B | B0]^T starts in b_t[slot]
+        w, b_start = weights[slot], 0  # b_start: where this part's [B | B0]^T starts in b_t[slot]
         for s in range(parts):
-            _dots(xt, w, router_rows[s], n, row)
-            _add_bias(row, bias, slot * parts + s)
-            entropy, ess = _route(row, k, omega, softmax_gates, chosen, gates, selected[t, s])
-            count = 0
+            router_row = parts * height + s * n  # the part's P rows in w, after every [A ; A0]
+            _dots_block(x, block, everyone, count, w, router_row, n, logits, 0, tile)
+            member_count[:] = 0
+            for a in range(count):
+                row[:] = logits[a]
+                _add_bias(row, bias, slot * parts + s)
+                t = block[a]
+                entropy, ess = _route(
+                    row, k, omega, softmax_gates, chosen, token_gates, selected[t, s]
+                )
+                for i in range(n):
+                    if chosen[i]:
+                        members[i, member_count[i]] = a
+                        member_count[i] += 1
+                        gates[a, i] = token_gates[i]
+                _record(stats, step, padding, t, s, slot * parts + s, chosen, entropy, ess)
             for i in range(n):
-                if chosen[i]:
-                    for c in range(r):
-                        a_rows[count], b_rows[count] = (s * n + i) * r + c, i * r + c
-                        b_weights[count] = gates[i]
-                        count += 1
-            for c in range(r0):  # the always-on LoRA: after the gated ones, ungated
-                a_rows[count], b_rows[count] = always_row + s * r0 + c, n * r + c
-                b_weights[count] = 1.0
-                count += 1
-            _dots(xt, w, a_rows, count, hidden)
-            for m in range(count):  # the hidden state times its gate, in float32 as torch
-                b_weights[m] *= hidden[m]
-            b_start = _add_b(
-                out[t], out_columns, s, b_t[slot], b_start, n * r + r0, b_rows, b_weights,
-                count, acc,
-            )  # fmt: skip
-            _record(stats, step, padding, t, s, slot * parts + s, chosen, entropy, ess)
+                ids, c = members[i], member_count[i]
+                _dots_block(x, block, ids, c, w, (s * n + i) * r, r, hidden, i * r, tile)
+                for m in range(c):  # the hidden state times its gate, in float32 as torch
+                    for j in range(r):
+                        hidden[ids[m], i * r + j] *= gates[ids[m], i]
+            always_row = parts * n * r + s * r0
+            _dots_block(x, block, everyone, count, w, always_row, r0, hidden, n * r, tile)
+            if b_t.shape[0] == 0:  # B added elsewhere
+                continue
+            lo, hi = out_columns[2 * s], out_columns[2 * s + 1]
+            part_b = b_t[slot][b_start : b_start + height * (hi - lo)].reshape(height, hi - lo)
+            b_start += height * (hi - lo)
+            # summed apart, then added, as a GEMM's result would be (rows contiguous: vectorised)
+            part_acc = acc[: (most + TILE - 1) * (hi - lo)].reshape(-1, hi - lo)
+            part_acc[:count] = 0.0
+            for i in range(n):
+                _add_block(part_acc, members[i], member_count[i], part_b, i * r, r, hidden, tile)
+            _add_block(part_acc, everyone, count, part_b, n * r, r0, hidden, tile)
+            for a in range(count):
+                t, summed = block[a], part_acc[a]
+                for col in range(hi - lo):
+                    out[t, lo + col] += summed[col]
 
 
 # --- the ops ---------------------------------------------------------------------------------
