@@ -40,7 +40,8 @@ from remix_infer.ops.stats import padding_mask
 _SUMS = {"reassoc", "nsz", "contract"}
 
 
-TILE = 4  # tokens x rows per register tile
+TILE = 4  # tokens x rows per register tile of the A and router products; tokens of B's
+B_ROWS = 8  # rows per register tile of the B products (a rank-8 LoRA's in one pass)
 BLOCK_TOKENS = 32  # tokens of one slot routed and multiplied together (their x and sums in L2)
 
 
@@ -64,18 +65,51 @@ def _dot_tile(x0, x1, x2, x3, w0, w1, w2, w3, out):  # noqa: ANN001, ANN202 (a k
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"contract"})
-def _add_tile(o0, o1, o2, o3, b0, b1, b2, b3, h):  # noqa: ANN001, ANN202 (a kernel's tile)
-    """o_a += sum over b of h[a, b] * b_b for four tokens' sums and four rows."""
-    h00, h01, h02, h03 = h[0, 0], h[0, 1], h[0, 2], h[0, 3]
-    h10, h11, h12, h13 = h[1, 0], h[1, 1], h[1, 2], h[1, 3]
-    h20, h21, h22, h23 = h[2, 0], h[2, 1], h[2, 2], h[2, 3]
-    h30, h31, h32, h33 = h[3, 0], h[3, 1], h[3, 2], h[3, 3]
+def _add_tile(o0, o1, o2, o3, b, m, last, h):  # noqa: ANN001, ANN202 (a kernel's tile)
+    """o_a += sum over j < 8 of h[a, j] * b[min(m + j, last)], in j's order, for four tokens'
+    sums: each B element loaded once for four tokens, each sum loaded and stored once for
+    eight rows (no reassociation: a token's sum is the same in any tile position)."""
+    b0, b1, b2, b3 = b[m], b[min(m + 1, last)], b[min(m + 2, last)], b[min(m + 3, last)]
+    b4, b5, b6, b7 = (
+        b[min(m + 4, last)],
+        b[min(m + 5, last)],
+        b[min(m + 6, last)],
+        b[min(m + 7, last)],
+    )
     for c in range(o0.shape[0]):
-        c0, c1, c2, c3 = b0[c], b1[c], b2[c], b3[c]
-        o0[c] += ((h00 * c0 + h01 * c1) + h02 * c2) + h03 * c3
-        o1[c] += ((h10 * c0 + h11 * c1) + h12 * c2) + h13 * c3
-        o2[c] += ((h20 * c0 + h21 * c1) + h22 * c2) + h23 * c3
-        o3[c] += ((h30 * c0 + h31 * c1) + h32 * c2) + h33 * c3
+        c0, c1, c2, c3, c4, c5, c6, c7 = b0[c], b1[c], b2[c], b3[c], b4[c], b5[c], b6[c], b7[c]
+        o0[c] += (
+            h[0, 0] * c0
+            + h[0, 1] * c1
+            + h[0, 2] * c2
+            + h[0, 3] * c3
+            + h[0, 4] * c4
+            + h[0, 5] * c5
+            + h[0, 6] * c6
+            + h[0, 7] * c7
+        )
+        o1[c] += (
+            h[1, 0] * c0
+            + h[1, 1] * c1
+            + h[1, 2] * c2
+            + h[1, 3] * c3
+            + h[1, 4] * c4
+            + h[1, 5] * c5
+            + h[1, 6] * c6
+            + h[1, 7] * c7
+        )
+        o2[c] += (
+            h[2, 0] * c0
+            + h[2, 1] * c1
+            + h[2, 2] * c2
+            + h[2, 3] * c3
+            + h[2, 4] * c4
+            + h[2, 5] * c5
+            + h[2, 6] * c6
+            + h[2, 7] * c7
+        )
+        o3[c] += (h[3, 0] * c0 + h[3, 1] * c1 + h[3, 2] * c2 + h[3, 3] * c3
+                  + h[3, 4] * c4 + h[3, 5] * c5 + h[3, 6] * c6 + h[3, 7] * c7)  # fmt: skip
 
 
 @numba.njit(cache=True, nogil=True)
@@ -295,9 +329,10 @@ def _dots_block(x, block, local, count, w, row0, rows, out, col0, tile):  # noqa
 
 @numba.njit(cache=True, nogil=True)
 def _add_block(acc, local, count, b, row0, rows, h, tile):  # noqa: ANN001, ANN202
-    """acc[a] += sum over m < rows of h[a, row0 + m] * b[row0 + m] for a = local[:count], in 4 x 4
-    tiles, rows in order. A short tile's missing tokens add into acc's spare rows (its last
-    TILE - 1, each its own so the tile's four sums never overlap), its missing rows weigh 0."""
+    """acc[a] += sum over m < rows of h[a, row0 + m] * b[row0 + m] for a = local[:count], in
+    tiles of four tokens by eight rows, rows in order. A short tile's missing tokens add into
+    acc's spare rows (its last TILE - 1, each its own so the tile's sums never overlap), its
+    missing rows weigh 0."""
     spare = acc.shape[0] - TILE + 1
     last = row0 + rows - 1
     for a0 in range(0, count, TILE):
@@ -305,14 +340,12 @@ def _add_block(acc, local, count, b, row0, rows, h, tile):  # noqa: ANN001, ANN2
         i1 = local[a0 + 1] if a0 + 1 < count else spare
         i2 = local[a0 + 2] if a0 + 2 < count else spare + 1
         i3 = local[a0 + 3] if a0 + 3 < count else spare + 2
-        for m0 in range(0, rows, TILE):
+        for m0 in range(0, rows, B_ROWS):
             tile[:] = 0.0
             for i in range(min(TILE, count - a0)):
-                for j in range(min(TILE, rows - m0)):
+                for j in range(min(B_ROWS, rows - m0)):
                     tile[i, j] = h[local[a0 + i], row0 + m0 + j]
-            m = row0 + m0
-            b0, b1, b2, b3 = b[m], b[min(m + 1, last)], b[min(m + 2, last)], b[min(m + 3, last)]
-            _add_tile(acc[i0], acc[i1], acc[i2], acc[i3], b0, b1, b2, b3, tile)
+            _add_tile(acc[i0], acc[i1], acc[i2], acc[i3], b, row0 + m0, last, tile)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -362,6 +395,7 @@ def _remix_rows(
     members, member_count = np.zeros((n, most), np.int64), np.zeros(n, np.int64)
     acc = np.zeros((most + TILE - 1) * widest, np.float32)  # + a short tile's spares
     everyone, tile = np.arange(most), np.zeros((TILE, TILE), np.float32)
+    b_tile = np.zeros((TILE, B_ROWS), np.float32)
     chosen, token_gates = np.zeros(n, np.bool_), np.zeros(n, np.float64)
     row = np.zeros(n, np.float32)
     no_hidden = np.zeros((0, 0, 0), np.float32)
@@ -416,8 +450,8 @@ def _remix_rows(
             part_acc = acc[: (most + TILE - 1) * (hi - lo)].reshape(-1, hi - lo)
             part_acc[:count] = 0.0
             for i in range(n):
-                _add_block(part_acc, members[i], member_count[i], part_b, i * r, r, hidden, tile)
-            _add_block(part_acc, everyone, count, part_b, n * r, r0, hidden, tile)
+                _add_block(part_acc, members[i], member_count[i], part_b, i * r, r, hidden, b_tile)
+            _add_block(part_acc, everyone, count, part_b, n * r, r0, hidden, b_tile)
             for a in range(count):
                 t, summed = block[a], part_acc[a]
                 for col in range(hi - lo):
