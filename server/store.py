@@ -455,7 +455,7 @@ class CheckpointStore:
         source = "host" if key in self.host else "disk"
         t0 = time.perf_counter()
         try:
-            await self.engine.load_slot(slot, path, key)
+            await self.engine.load_slot(slot, path, key, self._host_admit(key, name))
         except ValueError as e:
             if folder is None:
                 raise
@@ -467,7 +467,6 @@ class CheckpointStore:
         log.info("loaded '%s' into slot %d from %s in %.3f s", name, slot, source, seconds)
         if self.metrics is not None:
             self.metrics.loaded(name, source, seconds)
-        await self._keep_host(key, name)
         self._notify()
         return model
 
@@ -498,16 +497,18 @@ class CheckpointStore:
             self.metrics.evictions.labels(model.name).inc()
         self._notify()
 
-    async def _keep_host(self, key: str | None, name: str) -> None:
-        """Record that the workers keep `key` (name's tensors); drop the name's older versions
-        and the least recently used copies beyond the capacity."""
+    def _host_admit(self, key: str | None, name: str) -> list[str]:
+        """Record that the workers keep `key` (name's tensors) from the load about to start;
+        the keys they are to drop with it: the name's older versions and the least recently
+        used copies beyond the capacity. (A load that fails leaves a key the workers lack: the
+        next load of it reads the disk and keeps it.)"""
         if key is None:
-            return
-        stale = [k for k, n in self.host.items() if n == name and k != key]
+            return []
+        drop = [k for k, n in self.host.items() if n == name and k != key]
+        for old in drop:
+            del self.host[old]
         self.host[key] = name
         self.host.move_to_end(key)
         while len(self.host) > self.host_capacity:
-            stale.append(self.host.popitem(last=False)[0])
-        for old in stale:
-            self.host.pop(old, None)
-            await self.engine.drop_host_checkpoint(old)
+            drop.append(self.host.popitem(last=False)[0])
+        return drop

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -215,16 +216,16 @@ class FakeEngine:
     async def routing_stats(self) -> list:
         return []
 
-    async def load_slot(self, slot: int, path: Path, host_key: str | None = None) -> None:
+    async def load_slot(
+        self, slot: int, path: Path, host_key: str | None = None, drop: Sequence[str] = ()
+    ) -> None:
         assert slot not in self.slots
+        self.host.difference_update(drop)
         self.loads.append((slot, str(path), host_key in self.host))
         await asyncio.sleep(self.load_s or self.step_s)  # a load's worth (default: a step's)
         self.slots[slot] = str(path)
         if host_key is not None:
             self.host.add(host_key)
-
-    async def drop_host_checkpoint(self, host_key: str) -> None:
-        self.host.discard(host_key)
 
     async def unload_slot(self, slot: int) -> None:
         running = [m for m in self.models.models.values() if m.slot == slot and m.in_flight]
