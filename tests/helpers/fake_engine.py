@@ -80,6 +80,7 @@ class FakeEngine:
         self.started_at: float | None = None
         self.stat_loggers: list[Any] = []
         self.running: set[str] = set()
+        self.slot_of: dict[str, int] = {}  # each running request's slot
         self.generated = 0  # tokens, over all requests
         self.load_s = 0.0  # how long a load takes (0: step_s)
         self.loads: list[tuple[int, str, bool]] = []  # (slot, path, from the host tier)
@@ -171,6 +172,7 @@ class FakeEngine:
                 self._logprobs(t, params.prompt_logprobs) for t in prompt_token_ids[1:]
             ]
         self.running.add(request_id)
+        self.slot_of[request_id] = slot
         tokens: list[int] = []
         logprobs: list[Any] = []
         token = prompt_token_ids[-1] + (params.seed or 0)
@@ -209,6 +211,7 @@ class FakeEngine:
                 )
         finally:
             self.running.discard(request_id)
+            self.slot_of.pop(request_id, None)
 
     async def take_request_routing(self, key: str) -> dict[str, Any] | None:
         return None
@@ -216,10 +219,16 @@ class FakeEngine:
     async def routing_stats(self) -> list:
         return []
 
+    def _check_idle(self, slot: int) -> None:
+        """No request for `slot` runs, or is counted in flight for its model, while it changes."""
+        taken = [m for m in self.models.models.values() if m.slot == slot and m.in_flight]
+        assert not taken and slot not in self.slot_of.values(), f"slot {slot} is in use"
+
     async def load_slot(
         self, slot: int, path: Path, host_key: str | None = None, drop: Sequence[str] = ()
     ) -> None:
-        assert slot not in self.slots
+        """Load into `slot`, replacing what it holds (an evicted checkpoint, not unloaded)."""
+        self._check_idle(slot)
         self.host.difference_update(drop)
         self.loads.append((slot, str(path), host_key in self.host))
         await asyncio.sleep(self.load_s or self.step_s)  # a load's worth (default: a step's)
@@ -228,8 +237,7 @@ class FakeEngine:
             self.host.add(host_key)
 
     async def unload_slot(self, slot: int) -> None:
-        running = [m for m in self.models.models.values() if m.slot == slot and m.in_flight]
-        assert not running, "unloaded with requests in flight"
+        self._check_idle(slot)
         del self.slots[slot]
 
     def num_unfinished_requests(self) -> int:
