@@ -85,6 +85,7 @@ class FakeEngine:
         self.load_s = 0.0  # how long a load takes (0: step_s)
         self.loads: list[tuple[int, str, bool]] = []  # (slot, path, from the host tier)
         self.host: set[str] = set()  # the host tier's keys
+        self.refused: dict[str, str] = {}  # path -> why the workers refuse to load it
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -230,6 +231,8 @@ class FakeEngine:
         """Load into `slot`, replacing what it holds (an evicted checkpoint, not unloaded)."""
         self._check_idle(slot)
         self.host.difference_update(drop)
+        if str(path) in self.refused:
+            raise ValueError(self.refused[str(path)])
         self.loads.append((slot, str(path), host_key in self.host))
         await asyncio.sleep(self.load_s or self.step_s)  # a load's worth (default: a step's)
         self.slots[slot] = str(path)
