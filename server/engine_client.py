@@ -16,7 +16,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,8 @@ RAY_ON_CPU = (
     "hosts with --nnodes"
 )
 
-STAGE_POLL_S = 0.01  # how often a load asks the workers whether they have read the checkpoint
+STAGE_POLL_S = 0.01  # how often a load asks the workers again whether they have read it
+DISK_READS_KEPT = 8  # the last reads' times, for when to ask first
 
 
 def _on_cpu() -> bool:
@@ -148,6 +150,9 @@ class RemixEngine:
         self.error: BaseException | None = None
         self.started_at: float | None = None
         self.stat_loggers: list[Any] = []  # vLLM StatLoggerFactory's, given to the engine at start
+        # how long the workers took to read the last checkpoints from disk: a load first asks
+        # whether they have read its own after the shortest (asking early costs one RPC more)
+        self.disk_reads: deque[float] = deque(maxlen=DISK_READS_KEPT)
 
     def _load_checkpoints(
         self,
@@ -392,23 +397,34 @@ class RemixEngine:
         by_slot = self.models.by_slot()
         return [(by_slot[s], stats) for s, stats in enumerate(per_slot) if s in by_slot]
 
-    async def load_slot(self, slot: int, path: Path, host_key: str | None = None) -> None:
+    async def load_slot(
+        self, slot: int, path: Path, host_key: str | None = None, drop: Sequence[str] = ()
+    ) -> None:
         """Copy the (validated) checkpoint at `path` into `slot` on every worker of every
-        engine; no request for the slot may be in flight. The workers read it first beside
-        their steps (staged), so the engine pauses only for the copy. host_key: the workers'
-        host-tier copy to load from (if they hold it) or to keep (server/store.py decides)."""
-        await self._rpc_every_engine("remix_stage_checkpoint", slot, str(path), host_key)
-        while not all(
-            done
-            for per_engine in await self._rpc_every_engine("remix_staged_checkpoint", slot)
-            for done in per_engine
-        ):
-            await asyncio.sleep(STAGE_POLL_S)
-        await self._rpc_every_engine("remix_load_checkpoint", slot, str(path))
+        engine, replacing what it held; no request for the slot may be in flight. The workers
+        read it first beside their steps (staged), so the engine pauses only for the copy.
+        host_key: the workers' host-tier copy to load from (if they hold it: loaded by the
+        stage RPC itself) or to keep; drop: host-tier copies to free first (server/store.py
+        decides). Each RPC waits for the engine's step in progress, so a read from disk is
+        asked after once when the shortest of the last reads would end, then every
+        STAGE_POLL_S; the RPC that finds it read also loads it."""
+        started = time.perf_counter()
+        seconds = await self._every_worker(
+            "remix_stage_checkpoint", slot, str(path), host_key, list(drop)
+        )
+        wait = started + min(self.disk_reads, default=STAGE_POLL_S) - time.perf_counter()
+        read: list[float] = []
+        while None in seconds:
+            await asyncio.sleep(max(wait, 0.0))
+            wait = STAGE_POLL_S
+            seconds = await self._every_worker("remix_load_staged_checkpoint", slot)
+            read += [s for s in seconds if s is not None]
+        if read:
+            self.disk_reads.append(max(read))
 
-    async def drop_host_checkpoint(self, host_key: str) -> None:
-        """Free the workers' host-tier copy named `host_key`."""
-        await self._rpc_every_engine("remix_drop_host_checkpoint", host_key)
+    async def _every_worker(self, method: str, *args: Any) -> list[Any]:
+        """_rpc_every_engine's results, one per worker of every engine."""
+        return [out for engine in await self._rpc_every_engine(method, *args) for out in engine]
 
     async def unload_slot(self, slot: int) -> None:
         """Empty `slot` (and zero its routing statistics) on every worker of every engine."""

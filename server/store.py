@@ -425,39 +425,48 @@ class CheckpointStore:
         """Put `folder` into a slot (evicting the least recently used idle checkpoint if none is
         free); None when every slot is pinned or busy."""
         async with self.lock:
-            model = self.table.models.get(folder.name)
-            if model is not None and not model.unloading:
-                return model
-            if model is not None:  # the name's previous checkpoint, not yet unloaded
-                if model.in_flight or model.pending:
-                    return None
-                await self._evict(model)
-            model = await self.place(folder.name, folder.path, folder.config, pinned=False)
+            old = self.table.models.get(folder.name)
+            if old is not None and not old.unloading:
+                return old
+            if old is not None and (old.in_flight or old.pending):
+                return None  # the name's previous checkpoint still serves: once idle
+            model = await self.place(
+                folder.name, folder.path, folder.config, pinned=False, replacing=old
+            )
             if model is not None:
                 model.pending = folder.waiting
             return model
 
     async def place(
-        self, name: str, path: Path, config: RemixConfig | None, pinned: bool
+        self,
+        name: str,
+        path: Path,
+        config: RemixConfig | None,
+        pinned: bool,
+        replacing: ServedModel | None = None,
     ) -> ServedModel | None:
-        """Load `name` into a free slot, or the slot of the least recently used idle
-        unpinned checkpoint; None when there is none. Call under `lock`. ValueError: the
-        workers refused the checkpoint (400 for requests naming a folder)."""
-        slot = self.table.free_slot()
+        """Load `name` into the slot of `replacing` (the name's previous checkpoint, idle), a
+        free slot, or the slot of the least recently used idle unpinned checkpoint; None when
+        there is none. Call under `lock`. ValueError: the workers refused the checkpoint (400
+        for requests naming a folder)."""
+        victim = replacing
+        slot = self.table.free_slot() if victim is None else None
         if slot is None:
-            victim = self._victim()
+            victim = victim or self._victim()
             if victim is None:
                 return None
-            await self._evict(victim)
             slot = victim.slot
+            await self._evict(victim, reloaded=True)
         folder = self.folders.get(name)
         key = folder.host_key if folder is not None and self.host_capacity > 0 else None
         source = "host" if key in self.host else "disk"
         t0 = time.perf_counter()
         try:
-            await self.engine.load_slot(slot, path, key)
-        except ValueError as e:
-            if folder is None:
+            await self.engine.load_slot(slot, path, key, self._host_admit(key, name))
+        except Exception as e:
+            if victim is not None:  # the evicted checkpoint may still be in the slot
+                await self.engine.unload_slot(slot)
+            if folder is None or not isinstance(e, ValueError):
                 raise
             folder.error = str(e)
             self._log_once(folder.error)
@@ -467,7 +476,6 @@ class CheckpointStore:
         log.info("loaded '%s' into slot %d from %s in %.3f s", name, slot, source, seconds)
         if self.metrics is not None:
             self.metrics.loaded(name, source, seconds)
-        await self._keep_host(key, name)
         self._notify()
         return model
 
@@ -485,29 +493,35 @@ class CheckpointStore:
         victim.unloading = True
         return victim
 
-    async def _evict(self, model: ServedModel) -> None:
+    async def _evict(self, model: ServedModel, reloaded: bool = False) -> None:
+        """Take `model` out of its slot. reloaded: the caller loads the slot at once, which
+        replaces all it holds (routing statistics included), so no unload RPC: it would wait
+        for the engine's step in progress, for nothing."""
         model.unloading = True
-        try:
-            await self.engine.unload_slot(model.slot)
-        except BaseException:
-            model.unloading = False
-            raise
+        if not reloaded:
+            try:
+                await self.engine.unload_slot(model.slot)
+            except BaseException:
+                model.unloading = False
+                raise
         self.table.remove(model.name)
         log.info("evicted '%s' from slot %d", model.name, model.slot)
         if self.metrics is not None:
             self.metrics.evictions.labels(model.name).inc()
         self._notify()
 
-    async def _keep_host(self, key: str | None, name: str) -> None:
-        """Record that the workers keep `key` (name's tensors); drop the name's older versions
-        and the least recently used copies beyond the capacity."""
+    def _host_admit(self, key: str | None, name: str) -> list[str]:
+        """Record that the workers keep `key` (name's tensors) from the load about to start;
+        the keys they are to drop with it: the name's older versions and the least recently
+        used copies beyond the capacity. (A load that fails leaves a key the workers lack: the
+        next load of it reads the disk and keeps it.)"""
         if key is None:
-            return
-        stale = [k for k, n in self.host.items() if n == name and k != key]
+            return []
+        drop = [k for k, n in self.host.items() if n == name and k != key]
+        for old in drop:
+            del self.host[old]
         self.host[key] = name
         self.host.move_to_end(key)
         while len(self.host) > self.host_capacity:
-            stale.append(self.host.popitem(last=False)[0])
-        for old in stale:
-            self.host.pop(old, None)
-            await self.engine.drop_host_checkpoint(old)
+            drop.append(self.host.popitem(last=False)[0])
+        return drop

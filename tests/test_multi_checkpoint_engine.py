@@ -156,6 +156,44 @@ def test_load_unload_and_reload_while_serving(llm, checkpoints, expected):
     llm.collective_rpc("remix_unload_checkpoint", args=(2,))
 
 
+def load_staged(llm, slot: int, path, host_key: str | None = None, drop=()) -> float:
+    """Load as the server does (server/engine_client.py load_slot): stage, then ask until the
+    workers have read it, the asking RPC loading it; the read's seconds."""
+    [seconds] = llm.collective_rpc("remix_stage_checkpoint", args=(slot, str(path), host_key, drop))
+    while seconds is None:
+        time.sleep(0.01)
+        [seconds] = llm.collective_rpc("remix_load_staged_checkpoint", args=(slot,))
+    return seconds
+
+
+def test_a_slot_loaded_again_without_unloading(llm, checkpoints, expected):
+    """The server's miss: a checkpoint loaded over the one in the slot (no unload first), from
+    disk, then from the host tier by the stage RPC alone, dropping another copy. Each starts
+    with zero routing statistics and gives its own answers; b is back in slot 1 at the end."""
+
+    def slot_tokens(slot: int) -> set[int]:
+        rows = llm.collective_rpc("remix_routing_stats")[0][slot].values()
+        return {StatsRow.parse(row).tokens for row in rows}
+
+    as_c = {**AS_IS, "b": "c"}
+    generate(llm, BATCH, SLOT_OF)
+    assert slot_tokens(1) != {0}  # b's
+    assert load_staged(llm, 1, checkpoints["c"], "c") > 0  # read from disk, kept as "c"
+    assert slot_tokens(1) == {0}
+    assert_answers(generate(llm, BATCH, SLOT_OF), BATCH, expected, as_c)
+    assert load_staged(llm, 1, checkpoints["b"], "b") > 0
+    assert_answers(generate(llm, BATCH, SLOT_OF), BATCH, expected, AS_IS)
+    assert slot_tokens(1) != {0}
+    stage = (1, str(checkpoints["c"]), "c", ["b"])
+    assert llm.collective_rpc("remix_stage_checkpoint", args=stage) == [0.0]  # loaded
+    assert slot_tokens(1) == {0}
+    assert llm.collective_rpc("remix_host_checkpoints") == [["c"]]
+    assert_answers(generate(llm, BATCH, SLOT_OF), BATCH, expected, as_c)
+    load_staged(llm, 1, checkpoints["b"], drop=["c"])
+    assert llm.collective_rpc("remix_host_checkpoints") == [[]]
+    assert_answers(generate(llm, BATCH, SLOT_OF), BATCH, expected, AS_IS)
+
+
 def test_refusals(llm, checkpoints, tmp_path):
     """Another base model, another geometry, a slot out of range, a bad path: a clear message
     naming the checkpoint and the field, host-side and in the worker; nothing changes."""

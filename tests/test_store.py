@@ -145,6 +145,25 @@ def test_in_flight_checkpoints_are_never_evicted_and_a_full_table_times_out(libr
     run(check, template, folder, slots=3, load_timeout_s=0.2)
 
 
+def test_a_refused_load_into_an_evicted_slot_empties_it(library):
+    """An evicted checkpoint's slot is loaded without an unload first: when the workers refuse
+    the new checkpoint, the slot is emptied as an unload would, and serves the next load."""
+    template, folder = library
+
+    async def check(s: Store) -> None:
+        for name in ("c0", "c1"):
+            assert (await s.complete(name)).status == 200
+        s.engine.refused[str(folder.resolve() / "c2")] = "c2: the workers refuse it"
+        r = await s.complete("c2")  # evicts c0 (least recently used), then fails
+        assert r.status == 400 and r.json()["error"]["message"] == "c2: the workers refuse it"
+        assert 1 not in s.engine.slots  # c0's, emptied
+        assert (await s.models())["c0"] == ("host", None)
+        assert (await s.complete("c3")).status == 200
+        assert s.engine.loads[-1] == (1, str(folder.resolve() / "c3"), False)
+
+    run(check, template, folder, slots=3)
+
+
 def test_requests_for_one_folder_share_one_load(library):
     template, folder = library
 

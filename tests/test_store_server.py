@@ -122,7 +122,8 @@ def load_seconds(server: dict) -> list[tuple[str, str, float]]:
 def test_first_use_eviction_and_host_tier(server, refs):
     """c00 sizes the slots and starts in slot 0; c01..c03 load into the free slots on first use,
     c04 evicts c00 (least recently used), c00 evicts c01, and c01 comes back from the host tier.
-    Every answer is its own checkpoint's; routing series exist for the loaded ones only."""
+    Every answer is its own checkpoint's; routing series exist for the loaded ones only, and
+    count their own tokens only."""
     listed = models(server)
     assert listed["c00"] == ("loaded", 0) and len(listed) == 16
     assert all(listed[n] == ("available", None) for n in NAMES[1:])
@@ -137,9 +138,15 @@ def test_first_use_eviction_and_host_tier(server, refs):
         "c00", "c01", "c03", "c04"
     }  # fmt: skip
     assert listed["c02"] == ("host", None)
-    samples = scrape(server)
-    routed = {dict(k)["checkpoint"] for (n, k) in samples if n == "remix_routed_tokens_total"}
-    assert routed == {"c00", "c01", "c03", "c04"}
+    routed: dict[str, dict[tuple[str, str], float]] = {}
+    for (n, k), tokens in scrape(server).items():
+        if n == "remix_routed_tokens_total":
+            labels = dict(k)
+            routed.setdefault(labels["checkpoint"], {})[labels["layer"], labels["module"]] = tokens
+    assert set(routed) == {"c00", "c01", "c03", "c04"}
+    # One request each since its load; c00 and c01 went into slots that had served c01 and c02
+    # (evicted, not emptied first: the load zeroes the slot's statistics), c03 into a new one.
+    assert all(routed[name] == routed["c03"] for name in routed), routed
     from_host = [s for _, source, s in load_seconds(server) if source == "host"]
     from_disk = [s for _, source, s in load_seconds(server) if source == "disk"]
     print(f"load seconds: disk {from_disk}, host {from_host}")

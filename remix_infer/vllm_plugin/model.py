@@ -240,7 +240,9 @@ class RemixForCausalLMMixin:
 
     def remix_load_slot(self, slot: int, path: str, ckpt: RemixCheckpoint | None = None) -> None:
         """Copy checkpoint `path` (`ckpt`: already read by remix_read_checkpoint) into `slot` in
-        place (no reallocation: compiled graphs and CUDA graphs stay valid)."""
+        place (no reallocation: compiled graphs and CUDA graphs stay valid). Nothing of what the
+        slot held stays: clear_slot zeroes its tensors and routing statistics, as an unload
+        would, so a slot is loaded again without being emptied first."""
         self._check_slot(slot)
         ckpt = ckpt or self.remix_read_checkpoint(path)
         self.remix_slot_paths[slot] = None  # its tokens are base-model tokens while it changes

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -156,30 +158,40 @@ class RemixWorkerExtension:
             raise ValueError("this engine serves no ReMix checkpoint")
         return model
 
-    def remix_stage_checkpoint(self, slot: int, path: str, host_key: str | None = None) -> None:
+    def remix_stage_checkpoint(
+        self, slot: int, path: str, host_key: str | None = None, drop: Sequence[str] = ()
+    ) -> float | None:
         """Start reading and validating checkpoint `path` for `slot` in a thread of this worker,
         beside the engine's steps (reading is most of a load's time; the engine runs no step
-        while an RPC runs). remix_staged_checkpoint says when it is done. host_key: the name of
-        its copy in this worker's host tier: taken from there if present (no disk read), kept
-        there by the load otherwise (the server decides what the tier holds)."""
+        while an RPC runs); remix_load_staged_checkpoint loads it once read. host_key: the name
+        of its copy in this worker's host tier: taken from there if present, and then loaded in
+        this call (nothing to wait for); kept there by the load otherwise. drop: host-tier
+        copies to free first (the server decides what the tier holds). Returns as
+        remix_load_staged_checkpoint: the read's seconds once loaded, None while it reads."""
         model = self._remix_model()
+        host = self._remix_host()
+        for key in drop:
+            host.pop(key, None)
         if not hasattr(self, "_remix_staging"):
             self._remix_staging: dict[int, tuple[str, str | None, Future]] = {}
             self._remix_reader = ThreadPoolExecutor(1, thread_name_prefix="remix-stage")
-        kept = self._remix_host().get(host_key) if host_key is not None else None
+        kept = host.get(host_key) if host_key is not None else None
         if kept is not None:
             read: Future = Future()
-            read.set_result(kept)
+            read.set_result((kept, 0.0))
         else:
             read = self._remix_reader.submit(self._remix_read, model, path, host_key is not None)
         self._remix_staging[slot] = (path, host_key, read)
+        return self.remix_load_staged_checkpoint(slot) if kept is not None else None
 
     @staticmethod
-    def _remix_read(model: Any, path: str, keep: bool) -> Any:
+    def _remix_read(model: Any, path: str, keep: bool) -> tuple[Any, float]:
+        """The checkpoint, read and validated, and the seconds that took."""
+        t0 = time.perf_counter()
         ckpt = model.remix_read_checkpoint(path)
         if keep and torch.cuda.is_available():  # pinned: the copy to the device runs at full speed
             ckpt.tensors = {name: t.pin_memory() for name, t in ckpt.tensors.items()}
-        return ckpt
+        return ckpt, time.perf_counter() - t0
 
     def _remix_host(self) -> dict[str, Any]:
         """The host tier: staged checkpoints (tensors in host memory) by the server's key."""
@@ -192,24 +204,34 @@ class RemixWorkerExtension:
         staged = getattr(self, "_remix_staging", {}).get(slot)
         return staged is None or staged[2].done()
 
+    def remix_load_staged_checkpoint(self, slot: int) -> float | None:
+        """Load the checkpoint staged for `slot` if its read has ended, never waiting for it
+        (the engine's steps would wait for the disk): the read's seconds (0: from the host
+        tier), or None while it reads (ask again). Nothing staged: 0 (an earlier call loaded
+        it). ValueError: as remix_load_checkpoint."""
+        staged = getattr(self, "_remix_staging", {}).get(slot)
+        if staged is None:
+            return 0.0
+        if not staged[2].done():
+            return None
+        self.remix_load_checkpoint(slot, staged[0])
+        return staged[2].result()[1]
+
     def remix_load_checkpoint(self, slot: int, path: str) -> None:
         """Copy checkpoint `path` into `slot` in place: the one staged for it (waiting for the
-        read to end), or read and validated here. ValueError: incompatible, unreadable, slot out
-        of range. The caller guarantees no request for this slot is in flight."""
+        read to end), or read and validated here. It replaces whatever the slot held, routing
+        statistics included (no unload needed first). ValueError: incompatible, unreadable,
+        slot out of range. The caller guarantees no request for this slot is in flight."""
         staged = getattr(self, "_remix_staging", {}).pop(slot, None)
         if staged is None or staged[0] != path:
             self._remix_model().remix_load_slot(slot, path, None)
             return
         _, host_key, read = staged
-        ckpt = read.result()
+        ckpt, _ = read.result()
         if host_key is not None:  # the slot consumes the tensors it is given: give it a copy
             self._remix_host()[host_key] = ckpt
             ckpt = dataclasses.replace(ckpt, tensors=dict(ckpt.tensors))
         self._remix_model().remix_load_slot(slot, path, ckpt)
-
-    def remix_drop_host_checkpoint(self, host_key: str) -> None:
-        """Free the host tier's copy named `host_key` (absent: nothing to do)."""
-        self._remix_host().pop(host_key, None)
 
     def remix_host_checkpoints(self) -> list[str]:
         """The keys of the host tier's checkpoints."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +80,12 @@ class FakeEngine:
         self.started_at: float | None = None
         self.stat_loggers: list[Any] = []
         self.running: set[str] = set()
+        self.slot_of: dict[str, int] = {}  # each running request's slot
         self.generated = 0  # tokens, over all requests
         self.load_s = 0.0  # how long a load takes (0: step_s)
         self.loads: list[tuple[int, str, bool]] = []  # (slot, path, from the host tier)
         self.host: set[str] = set()  # the host tier's keys
+        self.refused: dict[str, str] = {}  # path -> why the workers refuse to load it
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -170,6 +173,7 @@ class FakeEngine:
                 self._logprobs(t, params.prompt_logprobs) for t in prompt_token_ids[1:]
             ]
         self.running.add(request_id)
+        self.slot_of[request_id] = slot
         tokens: list[int] = []
         logprobs: list[Any] = []
         token = prompt_token_ids[-1] + (params.seed or 0)
@@ -208,6 +212,7 @@ class FakeEngine:
                 )
         finally:
             self.running.discard(request_id)
+            self.slot_of.pop(request_id, None)
 
     async def take_request_routing(self, key: str) -> dict[str, Any] | None:
         return None
@@ -215,20 +220,27 @@ class FakeEngine:
     async def routing_stats(self) -> list:
         return []
 
-    async def load_slot(self, slot: int, path: Path, host_key: str | None = None) -> None:
-        assert slot not in self.slots
+    def _check_idle(self, slot: int) -> None:
+        """No request for `slot` runs, or is counted in flight for its model, while it changes."""
+        taken = [m for m in self.models.models.values() if m.slot == slot and m.in_flight]
+        assert not taken and slot not in self.slot_of.values(), f"slot {slot} is in use"
+
+    async def load_slot(
+        self, slot: int, path: Path, host_key: str | None = None, drop: Sequence[str] = ()
+    ) -> None:
+        """Load into `slot`, replacing what it holds (an evicted checkpoint, not unloaded)."""
+        self._check_idle(slot)
+        self.host.difference_update(drop)
+        if str(path) in self.refused:
+            raise ValueError(self.refused[str(path)])
         self.loads.append((slot, str(path), host_key in self.host))
         await asyncio.sleep(self.load_s or self.step_s)  # a load's worth (default: a step's)
         self.slots[slot] = str(path)
         if host_key is not None:
             self.host.add(host_key)
 
-    async def drop_host_checkpoint(self, host_key: str) -> None:
-        self.host.discard(host_key)
-
     async def unload_slot(self, slot: int) -> None:
-        running = [m for m in self.models.models.values() if m.slot == slot and m.in_flight]
-        assert not running, "unloaded with requests in flight"
+        self._check_idle(slot)
         del self.slots[slot]
 
     def num_unfinished_requests(self) -> int:
