@@ -88,12 +88,11 @@ def profile_grouped(d: int, tokens: int, n: int, k: int, r: int, repeats: int) -
         path.products, True,
     ]  # fmt: skip
     grouped_cpu(*arguments)  # makes the numpy views the kernel alone is given
-    views = [path.numpy_views[id(t)][1] for t in (path.slot_narrow, pool.slots.index)]
-    b_views = [path.numpy_views[id(t)][1] for t in (path.slot_b_t, path.b_columns)]
-    stats = [path.numpy_views[id(t)][1] for t in (pool.stats, pool.step_selected)]
+    ((_, views),) = path.numpy_views.values()  # the one set of persistent tensors' views
+    rows, bias, stats, step, slots, b_t, columns = views
     kernel_args = [
-        x.numpy(), views[0], 1, n, r, 0, np.zeros((0, 0), np.float32), k, layout.omega, False,
-        selected.numpy(), *stats, np.zeros(0, np.bool_), views[1], *b_views, out.numpy(),
+        x.numpy(), rows, 1, n, r, 0, bias, k, layout.omega, False, selected.numpy(), stats, step,
+        np.zeros(0, np.bool_), slots, b_t, columns, out.numpy(),
     ]  # fmt: skip
     stages = {
         "base GEMM": lambda x: base(x),

@@ -464,18 +464,22 @@ def _remix_rows(
 _NONE_1D, _NO_ROWS = np.zeros(0, np.bool_), np.zeros(0, np.int64)
 _NONE_2D, _NONE_3D = np.zeros((0, 0), np.float32), np.zeros((0, 0, 0), np.float32)
 
-NumpyViews = dict[int, tuple[torch.Tensor, np.ndarray]]
+NumpyViews = dict[tuple, tuple[tuple, tuple[np.ndarray, ...]]]
 
 
-def _persistent(tensor: torch.Tensor | None, none: np.ndarray, views: NumpyViews) -> np.ndarray:
-    """The numpy view of a tensor that is only ever changed in place (`none` for None), made
-    once and kept in `views` (its owner's: the view holds the tensor): a view costs about 2 us
-    a call, more than the kernel at decode sizes."""
-    if tensor is None:
-        return none
-    held = views.get(id(tensor))
-    if held is None or held[0] is not tensor:
-        held = views[id(tensor)] = (tensor, tensor.detach().numpy())
+def _persistent(tensors: tuple, nones: tuple, views: NumpyViews) -> tuple[np.ndarray, ...]:
+    """The numpy views of tensors that are only ever changed in place (a None: its entry of
+    `nones`), made once per set of tensors and kept in `views` (their owner's; the entry holds
+    the tensors, so their ids stay theirs): a view costs about 2 us a call, and each Python
+    call made between the GEMMs, whose caches are cold, several, more than the kernel at
+    decode sizes."""
+    key = tuple(map(id, tensors))
+    held = views.get(key)
+    if held is None:
+        numpy = tuple(
+            n if t is None else t.detach().numpy() for t, n in zip(tensors, nones, strict=True)
+        )
+        held = views[key] = (tensors, numpy)
     return held[1]
 
 
@@ -559,23 +563,18 @@ def grouped_cpu(
     shard); hidden [S, T, n*r + r0] (None: not written) gets the gated then the always-on
     hidden states, for B products run elsewhere. products: the path's registered index
     (ops/slots.py), which keeps the numpy views of the persistent tensors."""
-    views = registered(products).numpy_views
     tokens, parts = selected.shape[:2]
     n = stats.shape[1] - 3
     given = inputs.detach().numpy()
-    routing = (_persistent(router_bias, _NONE_2D, views), top_k, omega, softmax_gates)
-    counted = (
-        selected.numpy(),
-        _persistent(stats, _NONE_2D, views),
-        _persistent(step_selected, _NONE_3D, views),
-        _padding(tokens),
-        _persistent(slots, _NO_ROWS, views),
-        _persistent(b_t, _NONE_2D, views),
-        _persistent(out_columns, _NO_ROWS, views),
-        out.detach().numpy(),
+    rows, bias, stats_v, step, slots_v, b_t_v, columns = _persistent(
+        (weights, router_bias, stats, step_selected, slots, b_t, out_columns),
+        (_NONE_3D, _NONE_2D, _NONE_2D, _NONE_3D, _NO_ROWS, _NONE_2D, _NO_ROWS),
+        registered(products).numpy_views,
     )
+    routing = (bias, top_k, omega, softmax_gates)
+    counted = (selected.numpy(), stats_v, step, _padding(tokens), slots_v, b_t_v, columns)
+    counted += (out.detach().numpy(),)
     if from_x:
-        rows = _persistent(weights, _NONE_3D, views)
         _remix_rows(given, rows, parts, n, rank, always_rank, *routing, *counted)
         return
     lora_end = parts * n * rank
