@@ -83,10 +83,12 @@ def spread_to_slots(values: torch.Tensor, slots: torch.Tensor, num_slots: int) -
 
 class SlotProducts(Protocol):
     """A grouped path's prepared products: narrow[c] (x -> x [A ; A0 ; P]_c^T) and b[c][j]
-    (each part j's [B | B0] of slot c, h -> h [B | B0]_cj^T), each x' -> a new tensor."""
+    (each part j's [B | B0] of slot c, h -> h [B | B0]_cj^T), each x' -> a new tensor; and
+    slot_b[j] (each part's [B | B0] of every slot, [C, d_out_j, n*r + r0]) as they are."""
 
     narrow: list[Gemm]
     b: list[list[Gemm]]
+    slot_b: list[torch.Tensor]
 
 
 _PRODUCTS: list[weakref.ref] = []  # index -> a path's SlotProducts (weak: pools come and go)
@@ -159,11 +161,11 @@ def add_slot_b_products(
     always-on ones) times its own slot's [B | B0] of each part (the registered products' `b`);
     base-model tokens untouched. part_columns: the first and past-the-last output column of
     each part, flattened."""
-    b = registered(products).b
+    products = registered(products)
     for slot, rows in slot_groups(order, counts):
-        for j, product in enumerate(b[slot]):
+        for j, product in enumerate(products.b[slot]):
             columns = out[:, part_columns[2 * j] : part_columns[2 * j + 1]]
-            if rows is None:
-                columns.add_(product(hidden[j]))
+            if rows is None:  # added by the GEMM itself: no product in memory to add after
+                columns.addmm_(hidden[j], products.slot_b[j][slot].t())
             else:
                 columns.index_add_(0, rows, product(hidden[j].index_select(0, rows)))

@@ -97,17 +97,19 @@ class NumbaGroupedPath(PoolPath):
 
     def kernel_tokens(self) -> int:
         """Up to how many tokens the numba kernel runs the adapter (on one thread) rather than
-        oneDNN's products (on torch's threads). With one thread (vLLM's CPU worker on a small
-        host) the kernel at every size: it does k/n of the arithmetic and no per-product call
-        (docs/engine.md). With more, oneDNN's products share the work across them, and the
-        kernel keeps the steps of up to 16 tokens, which it runs in about the fixed cost of the
-        products' calls at d 1024 (16 x ~3.6 us against ~60 us); not measured with several
-        threads (the 2-core machines here give vLLM's worker one). The threads are counted
-        when the products are prepared (vLLM has set them by then; torch.compile cannot trace
-        the count)."""
+        oneDNN's products (on torch's threads) and a B GEMM that adds into the output. With one
+        thread (vLLM's CPU worker on a small host) up to 128: the kernel does k/n of the
+        arithmetic and no per-product call, but at a fraction of the GEMM's rate, so from a
+        few hundred tokens on the dense products win (Intel Xeon, d 1024, base / layer: 0.78
+        against 0.75 at 128 tokens, 0.77 against 0.78 at 256, 0.88 against 0.81 at 4096;
+        docs/engine.md). With more threads, oneDNN's products share the work across them, and
+        the kernel keeps the steps of up to 16 tokens (about the fixed cost of the products'
+        calls at d 1024); not measured with several threads (the 2-core machines here give
+        vLLM's worker one). The threads are counted when the products are prepared (vLLM has
+        set them by then; torch.compile cannot trace the count)."""
         if self.kernel_max_tokens is not None:
             return self.kernel_max_tokens
-        return 1 << 30 if self.threads == 1 else 16
+        return 128 if self.threads == 1 else 16
 
     def forward(self, x: torch.Tensor, gemm: Gemm, reduce: Reduce | None) -> torch.Tensor:
         from remix_infer.ops.cpu_route import grouped_cpu  # numba: only where this path runs
