@@ -519,7 +519,7 @@ def test_slot_groups_gather_each_slots_tokens():
     assert slots.index[3:].eq(-1).all()  # the rows past the step are the base model's
 
 
-@pytest.mark.parametrize("kernel", ["numba", "triton grouped"])
+@pytest.mark.parametrize("kernel", ["numba", "numba, B apart", "triton grouped"])
 @pytest.mark.parametrize("step", [[2] * 9, [-1] * 9])
 def test_grouped_step_of_one_slot_or_only_the_base_model(step, kernel):
     """The grouped paths (several slots) when a step is wholly one slot's or wholly the base
