@@ -101,8 +101,8 @@ class NumbaGroupedPath(PoolPath):
         thread (vLLM's CPU worker on a small host) up to 128: the kernel does k/n of the
         arithmetic and no per-product call, but at a fraction of the GEMM's rate, so from a
         few hundred tokens on the dense products win (Intel Xeon, d 1024, base / layer: 0.78
-        against 0.75 at 128 tokens, 0.77 against 0.78 at 256, 0.88 against 0.81 at 4096;
-        docs/engine.md). With more threads, oneDNN's products share the work across them, and
+        against 0.75 at 128 tokens, 0.77 against 0.78 at 256; docs/engine.md, "Large steps on
+        oneDNN's products again"). With more threads, oneDNN's products share the work, and
         the kernel keeps the steps of up to 16 tokens (about the fixed cost of the products'
         calls at d 1024); not measured with several threads (the 2-core machines here give
         vLLM's worker one). The threads are counted when the products are prepared (vLLM has
