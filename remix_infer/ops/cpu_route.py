@@ -70,44 +70,15 @@ def _add_tile(o0, o1, o2, o3, b, m, last, h):  # noqa: ANN001, ANN202 (a kernel'
     sums: each B element loaded once for four tokens, each sum loaded and stored once for
     eight rows (no reassociation: a token's sum is the same in any tile position)."""
     b0, b1, b2, b3 = b[m], b[min(m + 1, last)], b[min(m + 2, last)], b[min(m + 3, last)]
-    b4, b5, b6, b7 = (
-        b[min(m + 4, last)],
-        b[min(m + 5, last)],
-        b[min(m + 6, last)],
-        b[min(m + 7, last)],
-    )
+    b4, b5, b6, b7 = b[min(m + 4, last)], b[min(m + 5, last)], b[min(m + 6, last)], b[min(m + 7, last)]  # fmt: skip
     for c in range(o0.shape[0]):
         c0, c1, c2, c3, c4, c5, c6, c7 = b0[c], b1[c], b2[c], b3[c], b4[c], b5[c], b6[c], b7[c]
-        o0[c] += (
-            h[0, 0] * c0
-            + h[0, 1] * c1
-            + h[0, 2] * c2
-            + h[0, 3] * c3
-            + h[0, 4] * c4
-            + h[0, 5] * c5
-            + h[0, 6] * c6
-            + h[0, 7] * c7
-        )
-        o1[c] += (
-            h[1, 0] * c0
-            + h[1, 1] * c1
-            + h[1, 2] * c2
-            + h[1, 3] * c3
-            + h[1, 4] * c4
-            + h[1, 5] * c5
-            + h[1, 6] * c6
-            + h[1, 7] * c7
-        )
-        o2[c] += (
-            h[2, 0] * c0
-            + h[2, 1] * c1
-            + h[2, 2] * c2
-            + h[2, 3] * c3
-            + h[2, 4] * c4
-            + h[2, 5] * c5
-            + h[2, 6] * c6
-            + h[2, 7] * c7
-        )
+        o0[c] += (h[0, 0] * c0 + h[0, 1] * c1 + h[0, 2] * c2 + h[0, 3] * c3
+                  + h[0, 4] * c4 + h[0, 5] * c5 + h[0, 6] * c6 + h[0, 7] * c7)  # fmt: skip
+        o1[c] += (h[1, 0] * c0 + h[1, 1] * c1 + h[1, 2] * c2 + h[1, 3] * c3
+                  + h[1, 4] * c4 + h[1, 5] * c5 + h[1, 6] * c6 + h[1, 7] * c7)  # fmt: skip
+        o2[c] += (h[2, 0] * c0 + h[2, 1] * c1 + h[2, 2] * c2 + h[2, 3] * c3
+                  + h[2, 4] * c4 + h[2, 5] * c5 + h[2, 6] * c6 + h[2, 7] * c7)  # fmt: skip
         o3[c] += (h[3, 0] * c0 + h[3, 1] * c1 + h[3, 2] * c2 + h[3, 3] * c3
                   + h[3, 4] * c4 + h[3, 5] * c5 + h[3, 6] * c6 + h[3, 7] * c7)  # fmt: skip
 
