@@ -8,9 +8,9 @@ selections) runs per token and part in one call, in one of two ways:
 - `grouped_cpu` from x (the grouped path, a whole projection's input): from x itself, in blocks
   of up to 32 tokens of one slot. The router's n products first; then, per LoRA, the tokens
   that chose it: its r A rows (k*r products a token, not n*r) and its B rows, added into the
-  base output: k/n of the adapter's dense FLOPs, in no GEMM at all. Products run in 4 x 4
-  register tiles (four tokens by four rows: each weight loaded once for four tokens), every
-  product by the same code, so a token's result does not depend on its batch.
+  base output: k/n of the adapter's dense FLOPs, in no GEMM at all. Products run in register
+  tiles of four tokens (by four rows for A, eight for B: each weight loaded once for four
+  tokens), every product by the same code, so a token's result does not depend on its batch.
 - `route_cpu` and `grouped_cpu` otherwise: the products are given (the stacked GEMM's columns, or the
   grouped path's narrow product, summed over ranks for a row-parallel shard); routes them,
   writes the gated hidden states part-major ([S, T, n*r], where a B product reads them) or
@@ -320,6 +320,25 @@ def _add_block(acc, local, count, b, row0, rows, h, tile):  # noqa: ANN001, ANN2
 
 
 @numba.njit(cache=True, nogil=True)
+def _add_part_b(out, lo, block, count, rows_of, part_b, hidden, acc, tile):  # noqa: ANN001, ANN202
+    """out[block's tokens, lo : lo + width] += their gated hidden states times the part's
+    [B | B0]^T (part_b [n*r + r0, width]): each LoRA's rows for the tokens that chose it
+    (rows_of: members, member_count, everyone, r, r0), then everyone's always-on rows; summed
+    apart in acc (flat scratch), then added, as a GEMM's result would be."""
+    members, member_count, everyone, r, r0 = rows_of
+    n, width = members.shape[0], part_b.shape[1]
+    part_acc = acc[: (members.shape[1] + TILE - 1) * width].reshape(-1, width)  # rows contiguous
+    part_acc[:count] = 0.0
+    for i in range(n):
+        _add_block(part_acc, members[i], member_count[i], part_b, i * r, r, hidden, tile)
+    _add_block(part_acc, everyone, count, part_b, n * r, r0, hidden, tile)
+    for a in range(count):
+        t, summed = block[a], part_acc[a]
+        for col in range(width):
+            out[t, lo + col] += summed[col]
+
+
+@numba.njit(cache=True, nogil=True)
 def _by_slot(slots: np.ndarray, tokens: int) -> np.ndarray:
     """The tokens grouped by slot (stable; base-model tokens, slot -1, first); no slots: as
     they come."""
@@ -417,16 +436,8 @@ def _remix_rows(
             lo, hi = out_columns[2 * s], out_columns[2 * s + 1]
             part_b = b_t[slot][b_start : b_start + height * (hi - lo)].reshape(height, hi - lo)
             b_start += height * (hi - lo)
-            # summed apart, then added, as a GEMM's result would be (rows contiguous: vectorised)
-            part_acc = acc[: (most + TILE - 1) * (hi - lo)].reshape(-1, hi - lo)
-            part_acc[:count] = 0.0
-            for i in range(n):
-                _add_block(part_acc, members[i], member_count[i], part_b, i * r, r, hidden, b_tile)
-            _add_block(part_acc, everyone, count, part_b, n * r, r0, hidden, b_tile)
-            for a in range(count):
-                t, summed = block[a], part_acc[a]
-                for col in range(hi - lo):
-                    out[t, lo + col] += summed[col]
+            rows_of = (members, member_count, everyone, r, r0)
+            _add_part_b(out, lo, block, count, rows_of, part_b, hidden, acc, b_tile)
 
 
 # --- the ops ---------------------------------------------------------------------------------
