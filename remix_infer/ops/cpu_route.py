@@ -299,43 +299,39 @@ def _dots_block(x, block, local, count, w, row0, rows, out, col0, tile):  # noqa
 
 
 @numba.njit(cache=True, nogil=True)
-def _add_block(acc, local, count, b, row0, rows, h, tile):  # noqa: ANN001, ANN202
-    """acc[a] += sum over m < rows of h[a, row0 + m] * b[row0 + m] for a = local[:count], in
-    tiles of four tokens by eight rows, rows in order. A short tile's missing tokens add into
-    acc's spare rows (its last TILE - 1, each its own so the tile's sums never overlap), its
-    missing rows weigh 0."""
-    spare = acc.shape[0] - TILE + 1
-    last = row0 + rows - 1
+def _add_block(out, lo, block, spare, local, count, b, row0, rows, h, tile):  # noqa: ANN001, ANN202
+    """out[block[a], lo : lo + width] += sum over m < rows of h[a, row0 + m] * b[row0 + m] for
+    a = local[:count], in tiles of four tokens by eight rows, rows in order. A short tile's
+    missing tokens add into the spare rows (each its own, so the tile's sums never overlap),
+    its missing rows weigh 0."""
+    hi, last = lo + b.shape[1], row0 + rows - 1
     for a0 in range(0, count, TILE):
-        i0 = local[a0]
-        i1 = local[a0 + 1] if a0 + 1 < count else spare
-        i2 = local[a0 + 2] if a0 + 2 < count else spare + 1
-        i3 = local[a0 + 3] if a0 + 3 < count else spare + 2
+        o0 = out[block[local[a0]], lo:hi]
+        o1 = out[block[local[a0 + 1]], lo:hi] if a0 + 1 < count else spare[0]
+        o2 = out[block[local[a0 + 2]], lo:hi] if a0 + 2 < count else spare[1]
+        o3 = out[block[local[a0 + 3]], lo:hi] if a0 + 3 < count else spare[2]
         for m0 in range(0, rows, B_ROWS):
             tile[:] = 0.0
             for i in range(min(TILE, count - a0)):
                 for j in range(min(B_ROWS, rows - m0)):
                     tile[i, j] = h[local[a0 + i], row0 + m0 + j]
-            _add_tile(acc[i0], acc[i1], acc[i2], acc[i3], b, row0 + m0, last, tile)
+            _add_tile(o0, o1, o2, o3, b, row0 + m0, last, tile)
 
 
 @numba.njit(cache=True, nogil=True)
-def _add_part_b(out, lo, block, count, rows_of, part_b, hidden, acc, tile):  # noqa: ANN001, ANN202
+def _add_part_b(out, lo, block, count, rows_of, part_b, hidden, spare, tile):  # noqa: ANN001, ANN202
     """out[block's tokens, lo : lo + width] += their gated hidden states times the part's
     [B | B0]^T (part_b [n*r + r0, width]): each LoRA's rows for the tokens that chose it
-    (rows_of: members, member_count, everyone, r, r0), then everyone's always-on rows; summed
-    apart in acc (flat scratch), then added, as a GEMM's result would be."""
+    (rows_of: members, member_count, everyone, r, r0), then everyone's always-on rows, added
+    into out in that order (the same for a token in any batch); spare: a short tile's rows."""
     members, member_count, everyone, r, r0 = rows_of
-    n, width = members.shape[0], part_b.shape[1]
-    part_acc = acc[: (members.shape[1] + TILE - 1) * width].reshape(-1, width)  # rows contiguous
-    part_acc[:count] = 0.0
-    for i in range(n):
-        _add_block(part_acc, members[i], member_count[i], part_b, i * r, r, hidden, tile)
-    _add_block(part_acc, everyone, count, part_b, n * r, r0, hidden, tile)
-    for a in range(count):
-        t, summed = block[a], part_acc[a]
-        for col in range(width):
-            out[t, lo + col] += summed[col]
+    spare_rows = spare[: (TILE - 1) * part_b.shape[1]].reshape(TILE - 1, -1)
+    for i in range(members.shape[0]):
+        _add_block(
+            out, lo, block, spare_rows, members[i], member_count[i], part_b, i * r, r, hidden,
+            tile,
+        )  # fmt: skip
+    _add_block(out, lo, block, spare_rows, everyone, count, part_b, members.shape[0] * r, r0, hidden, tile)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -383,7 +379,7 @@ def _remix_rows(
     hidden = np.zeros((most, height), np.float32)
     gates = np.zeros((most, n), np.float32)
     members, member_count = np.zeros((n, most), np.int64), np.zeros(n, np.int64)
-    acc = np.zeros((most + TILE - 1) * widest, np.float32)  # + a short tile's spares
+    spare = np.zeros((TILE - 1) * widest, np.float32)  # a short B tile's missing tokens
     everyone, tile = np.arange(most), np.zeros((TILE, TILE), np.float32)
     b_tile = np.zeros((TILE, B_ROWS), np.float32)
     chosen, token_gates = np.zeros(n, np.bool_), np.zeros(n, np.float64)
@@ -437,7 +433,7 @@ def _remix_rows(
             part_b = b_t[slot][b_start : b_start + height * (hi - lo)].reshape(height, hi - lo)
             b_start += height * (hi - lo)
             rows_of = (members, member_count, everyone, r, r0)
-            _add_part_b(out, lo, block, count, rows_of, part_b, hidden, acc, b_tile)
+            _add_part_b(out, lo, block, count, rows_of, part_b, hidden, spare, b_tile)
 
 
 # --- the ops ---------------------------------------------------------------------------------
