@@ -346,6 +346,9 @@ def _by_slot(slots: np.ndarray, tokens: int) -> np.ndarray:
 @numba.njit(cache=True, nogil=True)
 def _remix_rows(
     x: np.ndarray,
+    out: np.ndarray,
+    padding: np.ndarray,
+    selected: np.ndarray,
     weights: np.ndarray,
     parts: int,
     n: int,
@@ -355,14 +358,11 @@ def _remix_rows(
     k: int,
     omega: float,
     softmax_gates: bool,
-    selected: np.ndarray,
     stats: np.ndarray,
     step: np.ndarray,
-    padding: np.ndarray,
     slots: np.ndarray,
     b_t: np.ndarray,
     out_columns: np.ndarray,
-    out: np.ndarray,
 ) -> None:
     """The whole adapter from x (grouped_cpu), a block of up to BLOCK_TOKENS tokens of one slot
     at a time, each weight row loaded once for four tokens: per part the router's n products
@@ -541,27 +541,71 @@ def grouped_cpu(
     shard); hidden [S, T, n*r + r0] (None: not written) gets the gated then the always-on
     hidden states, for B products run elsewhere. products: the path's registered index
     (ops/slots.py), which keeps the numpy views of the persistent tensors."""
+    if from_x:
+        layout = remix_rows_layout(
+            weights, router_bias, slots, b_t, out_columns, stats, step_selected, top_k, omega,
+            softmax_gates, rank, always_rank, registered(products).numpy_views,
+        )  # fmt: skip
+        run_remix_rows(inputs, out, selected.numpy(), layout)
+        return
     tokens, parts = selected.shape[:2]
-    n = stats.shape[1] - 3
     given = inputs.detach().numpy()
     rows, bias, stats_v, step, slots_v, b_t_v, columns = _persistent(
         (weights, router_bias, stats, step_selected, slots, b_t, out_columns),
         (_NONE_3D, _NONE_2D, _NONE_2D, _NONE_3D, _NO_ROWS, _NONE_2D, _NO_ROWS),
         registered(products).numpy_views,
     )
-    routing = (bias, top_k, omega, softmax_gates)
-    counted = (selected.numpy(), stats_v, step, _padding(tokens), slots_v, b_t_v, columns)
-    counted += (out.detach().numpy(),)
-    if from_x:
-        _remix_rows(given, rows, parts, n, rank, always_rank, *routing, *counted)
-        return
-    lora_end = parts * n * rank
+    lora_end = parts * rank * (stats.shape[1] - 3)
     always_end = lora_end + parts * always_rank
     _route_rows(
         given[:, always_end:].reshape(tokens, parts, -1),
         given[:, :lora_end],
         given[:, lora_end:always_end],
-        *routing,
+        bias,
+        top_k,
+        omega,
+        softmax_gates,
         hidden.numpy() if hidden is not None else _NONE_3D,
-        *counted,
+        selected.numpy(),
+        stats_v,
+        step,
+        _padding(tokens),
+        slots_v,
+        b_t_v,
+        columns,
+        out.detach().numpy(),
     )
+
+
+def remix_rows_layout(
+    weights: torch.Tensor,
+    router_bias: torch.Tensor | None,
+    slots: torch.Tensor,
+    b_t: torch.Tensor | None,
+    out_columns: torch.Tensor,
+    stats: torch.Tensor,
+    step_selected: torch.Tensor,
+    top_k: int,
+    omega: float,
+    softmax_gates: bool,
+    rank: int,
+    always_rank: int,
+    views: NumpyViews,
+) -> tuple:
+    """The kernel's arguments that stay from call to call (grouped_cpu's, from x): numpy views
+    of the persistent tensors (kept in `views`) and the layout's numbers; a path that holds
+    them makes them once."""
+    rows, bias, stats_v, step, slots_v, b_t_v, columns = _persistent(
+        (weights, router_bias, stats, step_selected, slots, b_t, out_columns),
+        (_NONE_3D, _NONE_2D, _NONE_2D, _NONE_3D, _NO_ROWS, _NONE_2D, _NO_ROWS),
+        views,
+    )
+    parts, n = step_selected.shape[1], stats.shape[1] - 3
+    routing = (bias, top_k, omega, softmax_gates)
+    return (rows, parts, n, rank, always_rank, *routing, stats_v, step, slots_v, b_t_v, columns)
+
+
+def run_remix_rows(x: torch.Tensor, out: torch.Tensor, selected: np.ndarray, layout: tuple) -> None:
+    """out [T, d_out] += the adapter of x [T, d_in] in one numba call (selected [>= T, S, k]:
+    where the choices go; layout: `remix_rows_layout`'s)."""
+    _remix_rows(x.detach().numpy(), out.detach().numpy(), _padding(x.shape[0]), selected, *layout)

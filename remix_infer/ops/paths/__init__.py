@@ -39,6 +39,6 @@ def make_path(pool: RemixPool, grouped: bool, max_step_tokens: int) -> PoolPath:
         path = TritonGroupedPath if grouped else TritonDensePath
         return path(pool, max_step_tokens)
     if grouped:
-        return NumbaGroupedPath(pool)
+        return NumbaGroupedPath(pool, max_step_tokens)
     fold_router = pool.lora_a.dtype == torch.float32 and pool.shared is None
     return (NumbaPath if pool.kernel == "numba" else TorchPath)(pool, fold_router)

@@ -34,7 +34,7 @@ class NumbaGroupedPath(PoolPath):
     # None: by torch's threads (`kernel_tokens`); a number: the kernel up to that many tokens
     kernel_max_tokens: int | None = None
 
-    def __init__(self, pool: RemixPool) -> None:
+    def __init__(self, pool: RemixPool, max_step_tokens: int) -> None:
         super().__init__(pool)
         layout = pool.layout
         s, n, r, r0 = layout.num_parts, layout.num_loras, layout.rank, layout.always_rank
@@ -53,12 +53,16 @@ class NumbaGroupedPath(PoolPath):
         self._b_bounds = layout.adapted_column_bounds()  # where the B products add
         bounds = torch.tensor(self._b_bounds, dtype=torch.int64, device=like.device)
         self.register_buffer("b_columns", bounds, persistent=False)
+        # each step's top-k, written by the kernel in place (read back only to capture them)
+        chosen = torch.zeros(max_step_tokens, s, layout.top_k, dtype=torch.long)
+        self.register_buffer("step_top_k", chosen, persistent=False)
         self.threads = torch.get_num_threads()  # counted again by `prepare`
         # the prepared products (SlotProducts), which the grouped ops find by this index
         self.narrow: list[Gemm] = []
         self.b: list[list[Gemm]] = []
         self.products = register_products(self)
         self.numpy_views: dict = {}  # the routing kernel's views of persistent tensors
+        self._kernel_layout: tuple | None = None  # the kernel's standing arguments, made once
 
     @property
     def slot_b(self) -> list[torch.Tensor]:
@@ -111,13 +115,54 @@ class NumbaGroupedPath(PoolPath):
             return self.kernel_max_tokens
         return 128 if self.threads == 1 else 16
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's)
+        self._kernel_layout = None  # tensors moved or cast: numpy views made again
+        return super()._apply(fn, recurse)
+
+    def kernel_layout(self) -> tuple:
+        """The kernel's arguments that stay from call to call (cpu_route.remix_rows_layout),
+        made once: each Python step between two GEMMs runs with cold caches (~60 us a call
+        of the op's preparation against ~15 hot), more than the kernel at decode sizes."""
+        if self._kernel_layout is None:
+            from remix_infer.ops.cpu_route import remix_rows_layout
+
+            pool, layout = self.pool, self.pool.layout
+            b_t = self.slot_b_t if pool.count_b else None
+            self._kernel_layout = (self.step_top_k.numpy(), remix_rows_layout(
+                self.slot_narrow, pool.router_bias, pool.slots.index, b_t, self.b_columns,
+                pool.stats, pool.step_selected, layout.top_k, layout.omega,
+                layout.weighting == "softmax_topk", layout.rank, layout.always_rank,
+                self.numpy_views,
+            ))  # fmt: skip
+        return self._kernel_layout
+
     def forward(self, x: torch.Tensor, gemm: Gemm, reduce: Reduce | None) -> torch.Tensor:
+        base = gemm(x)
+        tokens = x.shape[0]
+        in_kernel = tokens <= self.kernel_tokens()  # B's products too
+        if in_kernel and reduce is None and not torch.compiler.is_compiling():
+            from remix_infer.ops.cpu_route import run_remix_rows  # numba: where it runs
+
+            run_remix_rows(x, base, *self.kernel_layout())  # the whole adapter in one call
+        else:
+            self._adapter_by_op(x, base, reduce, in_kernel)
+        pool = self.pool
+        if pool.capture_selections:  # (a torch op costs ~30 us with cold caches: only here)
+            pool.capture(self.step_top_k[:tokens], pool.slots.current(tokens))
+        if not pool.count_b:  # another rank adds B; vLLM all-reduces this: needs it dense
+            return base.contiguous()
+        return base
+
+    def _adapter_by_op(
+        self, x: torch.Tensor, base: torch.Tensor, reduce: Reduce | None, in_kernel: bool
+    ) -> None:
+        """The adapter through the grouped op (what compiled graphs keep): from x in the kernel,
+        or on oneDNN's products (a row-parallel shard's summed over the ranks first) with B in
+        the kernel or on a GEMM."""
         from remix_infer.ops.cpu_route import grouped_cpu  # numba: only where this path runs
 
         pool, layout, groups = self.pool, self.pool.layout, self.pool.slots
         tokens, s = x.shape[0], layout.num_parts
-        base = gemm(x)
-        in_kernel = tokens <= self.kernel_tokens()  # B's products too
         from_x = in_kernel and reduce is None  # the whole adapter in one call
         inputs, hidden = x, None
         if not from_x:  # the products on oneDNN (summed over ranks for a row-parallel shard)
@@ -128,20 +173,14 @@ class NumbaGroupedPath(PoolPath):
             if pool.count_b and not in_kernel:
                 width = layout.num_loras * layout.rank + layout.always_rank
                 hidden = x.new_empty(s, tokens, width)
-        selected = torch.empty(tokens, s, layout.top_k, dtype=torch.long)
         grouped_cpu(
             inputs, self.slot_narrow, pool.router_bias, groups.index,
             self.slot_b_t if in_kernel and pool.count_b else None, self.b_columns, base, hidden,
-            selected, pool.stats, pool.step_selected, layout.top_k, layout.omega,
+            self.step_top_k[:tokens], pool.stats, pool.step_selected, layout.top_k, layout.omega,
             layout.weighting == "softmax_topk", layout.rank, layout.always_rank, self.products,
             from_x,
         )  # fmt: skip
-        if pool.capture_selections:
-            pool.capture(selected, groups.current(tokens))
-        if not pool.count_b:  # another rank adds B; vLLM all-reduces this: needs it dense
-            return base.contiguous()
         if hidden is not None:
             add_slot_b_products(
                 base, groups.order, groups.counts, hidden, self.products, self._b_bounds
             )
-        return base
