@@ -14,6 +14,7 @@ FLOPs of one checkpoint, none for base-model tokens). Two ways, by step size (`k
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -102,18 +103,18 @@ class NumbaGroupedPath(PoolPath):
     def kernel_tokens(self) -> int:
         """Up to how many tokens the numba kernel runs the adapter (on one thread) rather than
         oneDNN's products (on torch's threads) and a B GEMM that adds into the output. With one
-        thread (vLLM's CPU worker on a small host) up to 128: the kernel does k/n of the
-        arithmetic and no per-product call, but at a fraction of the GEMM's rate, so from a
-        few hundred tokens on the dense products win (Intel Xeon, d 1024, base / layer: 0.78
-        against 0.75 at 128 tokens, 0.77 against 0.78 at 256; docs/engine.md, "Large steps on
-        oneDNN's products again"). With more threads, oneDNN's products share the work, and
+        thread (vLLM's CPU worker on a small host) every step: the kernel does k/n of the
+        arithmetic and adds its B products straight into the output, and measured at or above
+        the dense products at every size (Intel Xeon, d 1024 model shapes, base / layer: 0.87
+        against 0.85 at 512 tokens, 0.86 against 0.86 at 4096; docs/engine.md, "B added
+        straight into the output"). With more threads, oneDNN's products share the work, and
         the kernel keeps the steps of up to 16 tokens (about the fixed cost of the products'
         calls at d 1024); not measured with several threads (the 2-core machines here give
         vLLM's worker one). The threads are counted when the products are prepared (vLLM has
         set them by then; torch.compile cannot trace the count)."""
         if self.kernel_max_tokens is not None:
             return self.kernel_max_tokens
-        return 128 if self.threads == 1 else 16
+        return sys.maxsize if self.threads == 1 else 16
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's)
         self._kernel_layout = None  # tensors moved or cast: numpy views made again
