@@ -10,7 +10,7 @@ every token; ops/paths/numba_grouped.py), its stages in the order its forward ma
     adapter kernel    cpu_route.grouped_cpu     the whole adapter in one numba call: router
                                                 products, top-k, gates, the k chosen LoRAs'
                                                 A and B rows added to the base, statistics
-    kernel alone      cpu_route._remix_rows     the same, less the op's Python (numpy views)
+    kernel alone      cpu_route.remix_rows     the same, less the op's Python (numpy views)
 
 `--path stacked` (the one-slot engine's path before revision c1f9363), the stages of its torch
 forward (the oracle's) and the numba routing that the stacked CPU path runs instead of them:
@@ -38,7 +38,7 @@ import torch
 from bench_layer import fill_slots, make_layer, time_interleaved
 from common import machine, save_results
 
-from remix_infer.ops.cpu_route import _remix_rows, grouped_cpu
+from remix_infer.ops.cpu_route import grouped_cpu, remix_rows
 from remix_infer.ops.paths.base import numba_route
 from remix_infer.ops.stats import record_routing
 from remix_infer.routing import routing_gates, topk_select
@@ -87,19 +87,13 @@ def profile_grouped(d: int, tokens: int, n: int, k: int, r: int, repeats: int) -
         out, None, selected, pool.stats, pool.step_selected, k, layout.omega, False, r, 0,
         path.products, True,
     ]  # fmt: skip
-    grouped_cpu(*arguments)  # makes the numpy views the kernel alone is given
-    ((_, views),) = path.numpy_views.values()  # the one set of persistent tensors' views
-    rows, bias, stats, step, slots, b_t, columns = views
-    kernel_args = [
-        x.numpy(), rows, 1, n, r, 0, bias, k, layout.omega, False, selected.numpy(), stats, step,
-        np.zeros(0, np.bool_), slots, b_t, columns, out.numpy(),
-    ]  # fmt: skip
+    kernel_args = [x.numpy(), out.numpy(), np.zeros(0, np.bool_), *path.kernel_args()]
     stages = {
         "base GEMM": lambda x: base(x),
         "adapter (whole)": lambda x: pool(x, gemm),
         "stacked (whole)": lambda x: stacked(x, stacked_gemm),
         "adapter kernel": lambda x: grouped_cpu(*arguments),
-        "kernel alone": lambda x: _remix_rows(*kernel_args),
+        "kernel alone": lambda x: remix_rows(*kernel_args),
     }
     t = {name: s * 1e6 for name, s in time_interleaved(stages, x, repeats).items()}
     t["other"] = max(0.0, t["adapter (whole)"] - t["base GEMM"] - t["adapter kernel"])

@@ -331,7 +331,9 @@ def _add_part_b(out, lo, block, count, rows_of, part_b, hidden, spare, tile):  #
             out, lo, block, spare_rows, members[i], member_count[i], part_b, i * r, r, hidden,
             tile,
         )  # fmt: skip
-    _add_block(out, lo, block, spare_rows, everyone, count, part_b, members.shape[0] * r, r0, hidden, tile)
+    _add_block(
+        out, lo, block, spare_rows, everyone, count, part_b, members.shape[0] * r, r0, hidden, tile
+    )
 
 
 @numba.njit(cache=True, nogil=True)
@@ -344,7 +346,7 @@ def _by_slot(slots: np.ndarray, tokens: int) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
-def _remix_rows(
+def remix_rows(
     x: np.ndarray,
     out: np.ndarray,
     padding: np.ndarray,
@@ -461,7 +463,8 @@ def _persistent(tensors: tuple, nones: tuple, views: NumpyViews) -> tuple[np.nda
     return held[1]
 
 
-def _padding(tokens: int) -> np.ndarray:
+def padding_rows(tokens: int) -> np.ndarray:
+    """The current forward's padding rows (empty: none), as the kernels read them."""
     padding = padding_mask(tokens)
     return padding.numpy() if padding is not None else _NONE_1D
 
@@ -498,7 +501,7 @@ def route_cpu(
         selected.numpy(),
         stats.numpy(),
         step_selected.numpy(),
-        _padding(tokens),
+        padding_rows(tokens),
         slots.numpy() if slots is not None else _NO_ROWS,
         _NONE_2D,
         _NO_ROWS,
@@ -546,7 +549,8 @@ def grouped_cpu(
             weights, router_bias, slots, b_t, out_columns, stats, step_selected, top_k, omega,
             softmax_gates, rank, always_rank, registered(products).numpy_views,
         )  # fmt: skip
-        run_remix_rows(inputs, out, selected.numpy(), layout)
+        x, given = inputs.detach().numpy(), out.detach().numpy()
+        remix_rows(x, given, padding_rows(x.shape[0]), selected.numpy(), *layout)
         return
     tokens, parts = selected.shape[:2]
     given = inputs.detach().numpy()
@@ -569,7 +573,7 @@ def grouped_cpu(
         selected.numpy(),
         stats_v,
         step,
-        _padding(tokens),
+        padding_rows(tokens),
         slots_v,
         b_t_v,
         columns,
@@ -603,9 +607,3 @@ def remix_rows_layout(
     parts, n = step_selected.shape[1], stats.shape[1] - 3
     routing = (bias, top_k, omega, softmax_gates)
     return (rows, parts, n, rank, always_rank, *routing, stats_v, step, slots_v, b_t_v, columns)
-
-
-def run_remix_rows(x: torch.Tensor, out: torch.Tensor, selected: np.ndarray, layout: tuple) -> None:
-    """out [T, d_out] += the adapter of x [T, d_in] in one numba call (selected [>= T, S, k]:
-    where the choices go; layout: `remix_rows_layout`'s)."""
-    _remix_rows(x.detach().numpy(), out.detach().numpy(), _padding(x.shape[0]), selected, *layout)

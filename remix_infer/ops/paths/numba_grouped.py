@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+from torch.compiler import is_compiling
 
 from remix_infer.ops.paths.base import Gemm, PoolPath, Reduce, narrow_rows, refresh_prepacked
 from remix_infer.ops.slots import add_slot_b_products, own_slot_products, register_products
@@ -63,7 +64,10 @@ class NumbaGroupedPath(PoolPath):
         self.b: list[list[Gemm]] = []
         self.products = register_products(self)
         self.numpy_views: dict = {}  # the routing kernel's views of persistent tensors
-        self._kernel_layout: tuple | None = None  # the kernel's standing arguments, made once
+        self._kernel_args: tuple | None = None  # the kernel's standing arguments, made once
+        from remix_infer.ops import cpu_route  # numba: imported only where this path runs
+
+        self.kernels = cpu_route
 
     @property
     def slot_b(self) -> list[torch.Tensor]:
@@ -117,34 +121,33 @@ class NumbaGroupedPath(PoolPath):
         return sys.maxsize if self.threads == 1 else 16
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's)
-        self._kernel_layout = None  # tensors moved or cast: numpy views made again
+        self._kernel_args = None  # tensors moved or cast: numpy views made again
         return super()._apply(fn, recurse)
 
-    def kernel_layout(self) -> tuple:
-        """The kernel's arguments that stay from call to call (cpu_route.remix_rows_layout),
-        made once: each Python step between two GEMMs runs with cold caches (~60 us a call
-        of the op's preparation against ~15 hot), more than the kernel at decode sizes."""
-        if self._kernel_layout is None:
-            from remix_infer.ops.cpu_route import remix_rows_layout
-
+    def kernel_args(self) -> tuple:
+        """The kernel's arguments after x, out and padding (cpu_route.remix_rows), which stay
+        from call to call: the top-k buffer's and the persistent tensors' numpy views and the
+        layout's numbers, made once (`remix_rows_layout`)."""
+        if self._kernel_args is None:
             pool, layout = self.pool, self.pool.layout
             b_t = self.slot_b_t if pool.count_b else None
-            self._kernel_layout = (self.step_top_k.numpy(), remix_rows_layout(
+            self._kernel_args = (self.step_top_k.numpy(), *self.kernels.remix_rows_layout(
                 self.slot_narrow, pool.router_bias, pool.slots.index, b_t, self.b_columns,
                 pool.stats, pool.step_selected, layout.top_k, layout.omega,
                 layout.weighting == "softmax_topk", layout.rank, layout.always_rank,
                 self.numpy_views,
             ))  # fmt: skip
-        return self._kernel_layout
+        return self._kernel_args
 
     def forward(self, x: torch.Tensor, gemm: Gemm, reduce: Reduce | None) -> torch.Tensor:
+        # Python between two GEMMs runs with cold caches: each line here costs ~5 us (a torch
+        # op ~20), so the kernel's call is one line over numpy views made once
         base = gemm(x)
         tokens = x.shape[0]
         in_kernel = tokens <= self.kernel_tokens()  # B's products too
-        if in_kernel and reduce is None and not torch.compiler.is_compiling():
-            from remix_infer.ops.cpu_route import run_remix_rows  # numba: where it runs
-
-            run_remix_rows(x, base, *self.kernel_layout())  # the whole adapter in one call
+        if in_kernel and reduce is None and not is_compiling():  # the whole adapter, one call
+            args, kernels = self._kernel_args or self.kernel_args(), self.kernels
+            kernels.remix_rows(x.numpy(), base.numpy(), kernels.padding_rows(tokens), *args)
         else:
             self._adapter_by_op(x, base, reduce, in_kernel)
         pool = self.pool
@@ -160,8 +163,6 @@ class NumbaGroupedPath(PoolPath):
         """The adapter through the grouped op (what compiled graphs keep): from x in the kernel,
         or on oneDNN's products (a row-parallel shard's summed over the ranks first) with B in
         the kernel or on a GEMM."""
-        from remix_infer.ops.cpu_route import grouped_cpu  # numba: only where this path runs
-
         pool, layout, groups = self.pool, self.pool.layout, self.pool.slots
         tokens, s = x.shape[0], layout.num_parts
         from_x = in_kernel and reduce is None  # the whole adapter in one call
@@ -174,7 +175,7 @@ class NumbaGroupedPath(PoolPath):
             if pool.count_b and not in_kernel:
                 width = layout.num_loras * layout.rank + layout.always_rank
                 hidden = x.new_empty(s, tokens, width)
-        grouped_cpu(
+        self.kernels.grouped_cpu(
             inputs, self.slot_narrow, pool.router_bias, groups.index,
             self.slot_b_t if in_kernel and pool.count_b else None, self.b_columns, base, hidden,
             self.step_top_k[:tokens], pool.stats, pool.step_selected, layout.top_k, layout.omega,
