@@ -236,6 +236,7 @@ class RemixPool(nn.Module):
         self.capture_selections = False
         self.captured: list[torch.Tensor] = []
         self.path: PoolPath = make_path(self, grouped, max_step_tokens)
+        self._run_path = self.path.forward  # in __dict__: no nn.Module lookup a call
         self.prepare()
 
     def _grouped(self, asked: bool | None, num_slots: int, has_slots: bool, shared: bool) -> bool:
@@ -356,7 +357,7 @@ class RemixPool(nn.Module):
 
         gemm: x' -> x' @ fold_base_weight(W).T; reduce: sums a row-parallel shard's partial pool
         products over the ranks (None when the input is whole)."""
-        out = self.path.forward(x, gemm, reduce)  # not path(...): no module-call overhead
+        out = self._run_path(x, gemm, reduce)  # not path(...): no module-call overhead
         return out if bias is None else out.add_(bias)
 
     def token_slots(self, tokens: int) -> torch.Tensor | None:

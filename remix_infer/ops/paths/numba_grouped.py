@@ -33,8 +33,6 @@ class NumbaGroupedPath(PoolPath):
     routing scope is never grouped, so every pool here has its own router in float32)."""
 
     grouped = True
-    # None: by torch's threads (`kernel_tokens`); a number: the kernel up to that many tokens
-    kernel_max_tokens: int | None = None
 
     def __init__(self, pool: RemixPool, max_step_tokens: int) -> None:
         super().__init__(pool)
@@ -59,6 +57,7 @@ class NumbaGroupedPath(PoolPath):
         chosen = torch.zeros(max_step_tokens, s, layout.top_k, dtype=torch.long)
         self.register_buffer("step_top_k", chosen, persistent=False)
         self.threads = torch.get_num_threads()  # counted again by `prepare`
+        self.kernel_max_tokens = None  # (sets `_kernel_limit`)
         # the prepared products (SlotProducts), which the grouped ops find by this index
         self.narrow: list[Gemm] = []
         self.b: list[list[Gemm]] = []
@@ -94,8 +93,20 @@ class NumbaGroupedPath(PoolPath):
             [b[slots].transpose(1, 2).flatten(1) for b in self.slot_b], 1
         )
 
+    @property
+    def kernel_max_tokens(self) -> int | None:
+        """None: by torch's threads (`kernel_tokens`); a number: the kernel up to that many
+        tokens."""
+        return self._kernel_max
+
+    @kernel_max_tokens.setter
+    def kernel_max_tokens(self, value: int | None) -> None:
+        self._kernel_max = value
+        self._kernel_limit = self.kernel_tokens()  # what forward reads (one lookup a call)
+
     def prepare(self, make_gemm: Callable[[torch.Tensor], Gemm]) -> None:
         self.threads = torch.get_num_threads()
+        self._kernel_limit = self.kernel_tokens()
         c = self.pool.layout.num_slots
         self.narrow = [make_gemm(self.slot_narrow[i]) for i in range(c)]
         self.b = [[make_gemm(b[i]) for b in self.slot_b] for i in range(c)]
@@ -116,8 +127,8 @@ class NumbaGroupedPath(PoolPath):
         calls at d 1024); not measured with several threads (the 2-core machines here give
         vLLM's worker one). The threads are counted when the products are prepared (vLLM has
         set them by then; torch.compile cannot trace the count)."""
-        if self.kernel_max_tokens is not None:
-            return self.kernel_max_tokens
+        if self._kernel_max is not None:
+            return self._kernel_max
         return sys.maxsize if self.threads == 1 else 16
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's)
@@ -144,7 +155,7 @@ class NumbaGroupedPath(PoolPath):
         # op ~20), so the kernel's call is one line over numpy views made once
         base = gemm(x)
         tokens = x.shape[0]
-        in_kernel = tokens <= self.kernel_tokens()  # B's products too
+        in_kernel = tokens <= self._kernel_limit  # B's products too
         if in_kernel and reduce is None and not is_compiling():  # the whole adapter, one call
             args, kernels = self._kernel_args or self.kernel_args(), self.kernels
             kernels.remix_rows(x.numpy(), base.numpy(), kernels.padding_rows(tokens), *args)
