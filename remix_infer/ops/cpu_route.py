@@ -6,7 +6,7 @@ statistics row: selections, tokens, entropy, ESS, padding rows excluded; the ste
 selections) runs per token and part in one call, in one of two ways:
 
 - `grouped_cpu` from x (the grouped path, a whole projection's input): from x itself, in blocks
-  of up to 32 tokens of one slot. The router's n products first; then, per LoRA, the tokens
+  of up to BLOCK_TOKENS (64) tokens of one slot. The router's n products first; then, per LoRA, the tokens
   that chose it: its r A rows (k*r products a token, not n*r) and its B rows, added into the
   base output: k/n of the adapter's dense FLOPs, in no GEMM at all. Products run in register
   tiles of four tokens (by four rows for A, eight for B: each weight loaded once for four
@@ -42,7 +42,7 @@ _SUMS = {"reassoc", "nsz", "contract"}
 
 TILE = 4  # tokens x rows per register tile of the A and router products; tokens of B's
 B_ROWS = 8  # rows per register tile of the B products (a rank-8 LoRA's in one pass)
-BLOCK_TOKENS = 32  # tokens of one slot routed and multiplied together (their x and sums in L2)
+BLOCK_TOKENS = 64  # tokens of one slot routed and multiplied together (their x and sums in L2)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_SUMS)
