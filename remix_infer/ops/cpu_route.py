@@ -5,14 +5,15 @@ arithmetic, so the routing (top-k, largest first, ties to the lower index; gates
 statistics row: selections, tokens, entropy, ESS, padding rows excluded; the step's per-token
 selections) runs per token and part in one call, in one of two ways:
 
-- `grouped_cpu` from x (the grouped path, a whole projection's input): from x itself, in blocks
-  of up to BLOCK_TOKENS (64) tokens of one slot. The router's n products first; then, per LoRA, the tokens
-  that chose it: its r A rows (k*r products a token, not n*r) and its B rows, added into the
-  base output: k/n of the adapter's dense FLOPs, in no GEMM at all. Products run in register
-  tiles of four tokens (by four rows for A, eight for B: each weight loaded once for four
-  tokens), every product by the same code, so a token's result does not depend on its batch.
-- `route_cpu` and `grouped_cpu` otherwise: the products are given (the stacked GEMM's columns, or the
-  grouped path's narrow product, summed over ranks for a row-parallel shard); routes them,
+- `remix_rows` (the grouped path's eager call, and `grouped_cpu` from x when compiled): from x
+  itself, in blocks of up to 64 tokens of one slot. The router's n products first; then, per
+  LoRA, the tokens that chose it: its r A rows (k*r products a token, not n*r) and its B rows,
+  added straight into the base output: k/n of the adapter's dense FLOPs, in no GEMM at all.
+  Products run in register tiles of four tokens (by four rows for A, eight for B: each weight
+  loaded once for four tokens), every product by the same code, so a token's result does not
+  depend on its batch.
+- `route_cpu` and `grouped_cpu` otherwise: the products are given (the stacked GEMM's columns,
+  or the grouped path's narrow product, summed over ranks for a row-parallel shard); routes them,
   writes the gated hidden states part-major ([S, T, n*r], where a B product reads them) or
   adds the B products itself.
 
