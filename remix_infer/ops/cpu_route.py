@@ -24,6 +24,7 @@ custom ops (custom_op.py) so that vLLM's compiled graphs keep them.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -545,41 +546,54 @@ def grouped_cpu(
     shard); hidden [S, T, n*r + r0] (None: not written) gets the gated then the always-on
     hidden states, for B products run elsewhere. products: the path's registered index
     (ops/slots.py), which keeps the numpy views of the persistent tensors."""
-    if from_x:
-        layout = remix_rows_layout(
-            weights, router_bias, slots, b_t, out_columns, stats, step_selected, top_k, omega,
-            softmax_gates, rank, always_rank, registered(products).numpy_views,
-        )  # fmt: skip
-        x, given = inputs.detach().numpy(), out.detach().numpy()
-        remix_rows(x, given, padding_rows(x.shape[0]), selected.numpy(), *layout)
-        return
+    layout = remix_rows_layout(
+        weights, router_bias, slots, b_t, out_columns, stats, step_selected, top_k, omega,
+        softmax_gates, rank, always_rank, registered(products).numpy_views,
+    )  # fmt: skip
+    given, added = inputs.detach().numpy(), out.detach().numpy()
     tokens, parts = selected.shape[:2]
-    given = inputs.detach().numpy()
-    rows, bias, stats_v, step, slots_v, b_t_v, columns = _persistent(
-        (weights, router_bias, stats, step_selected, slots, b_t, out_columns),
-        (_NONE_3D, _NONE_2D, _NONE_2D, _NONE_3D, _NO_ROWS, _NONE_2D, _NO_ROWS),
-        registered(products).numpy_views,
-    )
-    lora_end = parts * rank * (stats.shape[1] - 3)
+    if from_x:
+        remix_rows(given, added, padding_rows(tokens), selected.numpy(), *layout)
+        return
+    lora_end = parts * rank * layout.n
     always_end = lora_end + parts * always_rank
     _route_rows(
         given[:, always_end:].reshape(tokens, parts, -1),
         given[:, :lora_end],
         given[:, lora_end:always_end],
-        bias,
+        layout.bias,
         top_k,
         omega,
         softmax_gates,
         hidden.numpy() if hidden is not None else _NONE_3D,
         selected.numpy(),
-        stats_v,
-        step,
+        layout.stats,
+        layout.step,
         padding_rows(tokens),
-        slots_v,
-        b_t_v,
-        columns,
-        out.detach().numpy(),
+        layout.slots,
+        layout.b_t,
+        layout.out_columns,
+        added,
     )
+
+
+class KernelLayout(NamedTuple):
+    """`remix_rows`'s arguments after x, out, padding and selected, in its order."""
+
+    weights: np.ndarray
+    parts: int
+    n: int
+    rank: int
+    always_rank: int
+    bias: np.ndarray
+    top_k: int
+    omega: float
+    softmax_gates: bool
+    stats: np.ndarray
+    step: np.ndarray
+    slots: np.ndarray
+    b_t: np.ndarray
+    out_columns: np.ndarray
 
 
 def remix_rows_layout(
@@ -596,10 +610,10 @@ def remix_rows_layout(
     rank: int,
     always_rank: int,
     views: NumpyViews,
-) -> tuple:
-    """The kernel's arguments that stay from call to call (grouped_cpu's, from x): numpy views
-    of the persistent tensors (kept in `views`) and the layout's numbers; a path that holds
-    them makes them once."""
+) -> KernelLayout:
+    """The kernels' arguments that stay from call to call: numpy views of the persistent
+    tensors (kept in `views`) and the layout's numbers; a path that holds them makes them
+    once."""
     rows, bias, stats_v, step, slots_v, b_t_v, columns = _persistent(
         (weights, router_bias, stats, step_selected, slots, b_t, out_columns),
         (_NONE_3D, _NONE_2D, _NONE_2D, _NONE_3D, _NO_ROWS, _NONE_2D, _NO_ROWS),
@@ -607,4 +621,6 @@ def remix_rows_layout(
     )
     parts, n = step_selected.shape[1], stats.shape[1] - 3
     routing = (bias, top_k, omega, softmax_gates)
-    return (rows, parts, n, rank, always_rank, *routing, stats_v, step, slots_v, b_t_v, columns)
+    return KernelLayout(
+        rows, parts, n, rank, always_rank, *routing, stats_v, step, slots_v, b_t_v, columns
+    )
