@@ -44,7 +44,7 @@ _SUMS = {"reassoc", "nsz", "contract"}
 
 TILE = 4  # tokens x rows per register tile of the A and router products; tokens of B's
 B_ROWS = 8  # rows per register tile of the B products (a rank-8 LoRA's in one pass)
-BLOCK_TOKENS = 64  # tokens of one slot routed and multiplied together (their x and sums in L2)
+BLOCK_TOKENS = 64  # tokens of one slot routed and multiplied together (x, output rows in L2)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_SUMS)

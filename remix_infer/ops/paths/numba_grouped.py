@@ -2,9 +2,9 @@
 the base product alone, and each token's adapter uses its own slot's weights only (the adapter
 FLOPs of one checkpoint, none for base-model tokens). Two ways, by step size (`kernel_tokens`):
 
-- ONE numba call from x (cpu_route.grouped_cpu, from x): per token, the router's products, top-k, then
-  only the k chosen LoRAs' A and B rows (k/n of the dense arithmetic), added into the base
-  product. Each slot's [A ; A0 ; P] rows wait in `slot_narrow`, its [B | B0]^T in `slot_b_t`.
+- ONE numba call from x (cpu_route.remix_rows in eager mode, the grouped_cpu op when
+  compiled): per token, the router's products, top-k, then only the k chosen LoRAs' A and B
+  rows (k/n of the dense arithmetic), added into the base product. Each slot's [A ; A0 ; P] rows wait in `slot_narrow`, its [B | B0]^T in `slot_b_t`.
 - Each slot's products as GEMMs of the binding's kernel (`prepare(make_gemm)`: in vLLM oneDNN
   with prepacked weights, the base GEMM's own library, on torch's threads), run by
   ops/slots.py's grouped ops on each slot's tokens: [A ; A0 ; P] (`slot_narrow`), one numba
@@ -54,7 +54,7 @@ class NumbaGroupedPath(PoolPath):
         bounds = torch.tensor(self._b_bounds, dtype=torch.int64, device=like.device)
         self.register_buffer("b_columns", bounds, persistent=False)
         # each step's top-k, written by the kernel in place (read back only to capture them)
-        chosen = torch.zeros(max_step_tokens, s, layout.top_k, dtype=torch.long)
+        chosen = torch.zeros(max_step_tokens, s, layout.top_k, dtype=torch.long, device=like.device)
         self.register_buffer("step_top_k", chosen, persistent=False)
         self.threads = torch.get_num_threads()  # counted again by `prepare`
         self.kernel_max_tokens = None  # (sets `_kernel_limit`)
@@ -121,7 +121,7 @@ class NumbaGroupedPath(PoolPath):
         thread (vLLM's CPU worker on a small host) every step: the kernel does k/n of the
         arithmetic and adds its B products straight into the output, and measured at or above
         the dense products at every size (Intel Xeon, d 1024 model shapes, base / layer: 0.87
-        against 0.85 at 512 tokens, 0.86 against 0.86 at 4096; docs/engine.md, "B added
+        against 0.85 at 512 tokens, 0.88 against 0.87 at 4096; docs/engine.md, "B added
         straight into the output"). With more threads, oneDNN's products share the work, and
         the kernel keeps the steps of up to 16 tokens (about the fixed cost of the products'
         calls at d 1024); not measured with several threads (the 2-core machines here give
