@@ -10,7 +10,7 @@ every token; ops/paths/numba_grouped.py), its stages in the order its forward ma
     adapter kernel    cpu_route.grouped_cpu     the whole adapter in one numba call: router
                                                 products, top-k, gates, the k chosen LoRAs'
                                                 A and B rows added to the base, statistics
-    kernel alone      cpu_route.remix_rows     the same, less the op's Python (numpy views)
+    kernel alone      cpu_route.remix_rows      the same, less the op's Python (numpy views)
 
 `--path stacked` (the one-slot engine's path before revision c1f9363), the stages of its torch
 forward (the oracle's) and the numba routing that the stacked CPU path runs instead of them:

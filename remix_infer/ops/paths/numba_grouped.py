@@ -4,7 +4,8 @@ FLOPs of one checkpoint, none for base-model tokens). Two ways, by step size (`k
 
 - ONE numba call from x (cpu_route.remix_rows in eager mode, the grouped_cpu op when
   compiled): per token, the router's products, top-k, then only the k chosen LoRAs' A and B
-  rows (k/n of the dense arithmetic), added into the base product. Each slot's [A ; A0 ; P] rows wait in `slot_narrow`, its [B | B0]^T in `slot_b_t`.
+  rows (k/n of the dense arithmetic), added into the base product. Each slot's [A ; A0 ; P]
+  rows wait in `slot_narrow`, its [B | B0]^T in `slot_b_t`.
 - Each slot's products as GEMMs of the binding's kernel (`prepare(make_gemm)`: in vLLM oneDNN
   with prepacked weights, the base GEMM's own library, on torch's threads), run by
   ops/slots.py's grouped ops on each slot's tokens: [A ; A0 ; P] (`slot_narrow`), one numba
